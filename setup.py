@@ -1,0 +1,37 @@
+"""Distribution `scratchlm`: the four top-level folders mapped into one package.
+
+The folders keep short names in the repository (``model/``, ``train/``, ...)
+but are installed as ``scratchlm.model``, ``scratchlm.train``, ... so nothing
+generic such as ``model`` lands in site-packages.
+"""
+
+from setuptools import setup
+
+PARTS = ("kernels", "model", "train", "tokenizer")
+
+setup(
+    name="scratchlm",
+    version="0.1.0",
+    description="A Llama-style language model from scratch, with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["scratchlm", *(f"scratchlm.{part}" for part in PARTS)],
+    package_dir={"scratchlm": "scratchlm", **{f"scratchlm.{part}": part for part in PARTS}},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "regex",
+        "einops",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": [
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "tiktoken",
+        ],
+    },
+    entry_points={"console_scripts": ["scratchlm = scratchlm.cli:main"]},
+)
