@@ -1,0 +1,3 @@
+from scratchlm.train.cli import main
+
+raise SystemExit(main())
