@@ -1,0 +1,309 @@
+"""The BPE tokenizer: text <-> token ids with a trained vocabulary and merges.
+
+Encoding, per pre-token (see :mod:`scratchlm.tokenizer.pretokenize`): start
+from its UTF-8 bytes, then repeatedly merge the adjacent pair whose merge was
+learned earliest (lowest rank), until no adjacent pair has a merge.
+
+>>> vocab = {i: bytes([i]) for i in range(256)}
+>>> vocab |= {256: b"<|endoftext|>", 257: b"ab", 258: b"abc"}
+>>> tokenizer = Tokenizer(vocab, [(b"a", b"b"), (b"ab", b"c")], ["<|endoftext|>"])
+>>> tokenizer.encode("abc ab<|endoftext|>")
+[258, 32, 257, 256]
+>>> tokenizer.decode([258, 256])
+'abc<|endoftext|>'
+
+Saved tokenizers are JSON (never pickle, which would run code on load)::
+
+    {
+      "format": "scratchlm-bpe-tokenizer",
+      "version": 1,
+      "vocab": {"0": "00", ..., "257": "6162"},   # id -> token bytes in hex
+      "merges": [["61", "62"], ["6162", "63"]],   # pairs of hex bytes, by rank
+      "special_tokens": ["<|endoftext|>"]          # strings; ids are in vocab
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from scratchlm.tokenizer.gpt2_files import load_gpt2_files
+from scratchlm.tokenizer.pretokenize import (
+    GPT2_PRETOKENIZE_REGEX,
+    last_safe_cut,
+    special_token_regex,
+    split_on_special_tokens,
+)
+
+SAVE_FORMAT = "scratchlm-bpe-tokenizer"
+SAVE_FORMAT_VERSION = 1
+# Most text repeats its pre-tokens (" the", ",", " of" ...), so each distinct
+# pre-token is merged once and remembered. The cache is emptied when it holds
+# this many entries, which bounds memory (~30 MB) on endless distinct input.
+_CACHE_MAX_ENTRIES = 1 << 17
+# encode_iterable gathers at least this many characters before looking for a
+# cut, so the per-call overhead of encode is paid per 64K characters, not per line.
+_STREAM_MIN_CHARS = 1 << 16
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer.
+
+    ``vocab`` maps id -> token bytes and must contain all 256 single bytes;
+    ``merges`` lists merged pairs, earliest (highest priority) first.
+    ``special_tokens`` are strings kept whole and never merged with their
+    neighbours; one whose bytes are already in ``vocab`` keeps that id, others
+    get new ids after the largest one. When overlapping special tokens could
+    match at one place, the longest wins. Without special tokens, a string
+    such as ``"<|endoftext|>"`` is encoded as ordinary text.
+    """
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: Sequence[tuple[bytes, bytes]],
+        special_tokens: Sequence[str] | None = None,
+    ):
+        self.vocab: dict[int, bytes] = {}
+        for token_id, token in vocab.items():
+            if not isinstance(token_id, int) or token_id < 0 or not isinstance(token, bytes):
+                raise ValueError(f"vocab must map non-negative int ids to bytes, got {token_id!r}: {token!r}")
+            self.vocab[token_id] = token
+        self._token_ids: dict[bytes, int] = {}
+        for token_id in sorted(self.vocab):
+            # If a token appears twice, the lower id encodes it.
+            self._token_ids.setdefault(self.vocab[token_id], token_id)
+        missing = [b for b in range(256) if bytes([b]) not in self._token_ids]
+        if missing:
+            raise ValueError(f"vocab must contain all 256 single bytes; missing byte values {missing[:10]}")
+        # Byte value -> its id (GPT-2's files number the bytes differently from 0..255).
+        self._byte_ids: list[int] = [self._token_ids[bytes([b])] for b in range(256)]
+
+        # (left id, right id) -> (rank, merged id): what encoding consults.
+        self.merges: list[tuple[bytes, bytes]] = []
+        self._merge_ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, (left, right) in enumerate(merges):
+            ids = (self._token_ids.get(left), self._token_ids.get(right), self._token_ids.get(left + right))
+            if None in ids:
+                raise ValueError(
+                    f"merges[{rank}] = {(left, right)!r} needs {left!r}, {right!r} and {left + right!r} in vocab"
+                )
+            self.merges.append((left, right))
+            self._merge_ranks.setdefault((ids[0], ids[1]), (rank, ids[2]))
+
+        self.special_token_ids: dict[str, int] = {}
+        for token in special_tokens or ():
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"special_tokens must hold non-empty strings, got {token!r}")
+            encoded = token.encode("utf-8")
+            if encoded not in self._token_ids:
+                new_id = max(self.vocab) + 1
+                self.vocab[new_id] = encoded
+                self._token_ids[encoded] = new_id
+            self.special_token_ids[token] = self._token_ids[encoded]
+        self.special_tokens: list[str] = list(self.special_token_ids)
+        self._special_regex = special_token_regex(self.special_tokens)
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id: the size an embedding table needs."""
+        return max(self.vocab) + 1
+
+    # ----------------------------------------------------------------- encode
+
+    def _merge_pretoken(self, piece: str) -> tuple[int, ...]:
+        """BPE on one pre-token: merge the lowest-rank adjacent pair until none is left.
+
+        All occurrences of the chosen pair are merged in one left-to-right
+        pass; this equals merging them one at a time, because the pair stays
+        the lowest-ranked one until its last occurrence is merged.
+        """
+        ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
+        ranks = self._merge_ranks
+        while len(ids) > 1:
+            best_rank, best_index = None, -1
+            for index in range(len(ids) - 1):
+                found = ranks.get((ids[index], ids[index + 1]))
+                if found is not None and (best_rank is None or found[0] < best_rank[0]):
+                    best_rank, best_index = found, index
+            if best_rank is None:
+                break
+            left, right = ids[best_index], ids[best_index + 1]
+            merged_id = best_rank[1]
+            # Merge every occurrence, starting at the first (no earlier one exists).
+            merged = ids[:best_index]
+            index = best_index
+            while index < len(ids):
+                if index + 1 < len(ids) and ids[index] == left and ids[index + 1] == right:
+                    merged.append(merged_id)
+                    index += 2
+                else:
+                    merged.append(ids[index])
+                    index += 1
+            ids = merged
+        return tuple(ids)
+
+    def _encode_ordinary(self, text: str, out: list[int]) -> None:
+        """Append the ids of ``text`` (no special tokens in it) to ``out``."""
+        cache = self._cache
+        for piece in GPT2_PRETOKENIZE_REGEX.findall(text):
+            ids = cache.get(piece)
+            if ids is None:
+                ids = self._merge_pretoken(piece)
+                if len(cache) >= _CACHE_MAX_ENTRIES:
+                    cache.clear()
+                cache[piece] = ids
+            out.extend(ids)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``.
+
+        >>> Tokenizer({i: bytes([i]) for i in range(256)}, []).encode("hi")
+        [104, 105]
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids: list[int] = []
+        parts = split_on_special_tokens(text, self._special_regex)
+        for index, part in enumerate(parts):
+            if index % 2:  # odd positions hold the special tokens themselves
+                ids.append(self.special_token_ids[part])
+            elif part:
+                self._encode_ordinary(part, ids)
+        return ids
+
+    def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
+        """Lazily encode an iterable of strings (e.g. an open text file).
+
+        Yields exactly ``encode("".join(iterable))`` while holding only a
+        bounded window of text: pieces are gathered until 64K characters, then
+        encoded up to the last safe cut (see
+        :func:`scratchlm.tokenizer.pretokenize.is_safe_cut`), and the rest is
+        kept for the next round. A pre-token or special token split across two
+        strings is therefore never cut. Memory grows beyond the window only
+        for text with no whitespace followed by a non-space for a long stretch.
+
+        >>> with open("corpus.txt") as f:  # doctest: +SKIP
+        ...     ids = list(tokenizer.encode_iterable(f))
+        """
+        pending: list[str] = []
+        pending_chars = 0
+        carried = ""
+        # Cut candidates in the carried text were already tried, except the
+        # last few, whose look-ahead was incomplete.
+        recheck_chars = max((len(token) for token in self.special_tokens), default=0) + 2
+        for chunk in iterable:
+            if not isinstance(chunk, str):
+                raise TypeError(f"encode_iterable expects strings, got {type(chunk).__name__}")
+            pending.append(chunk)
+            pending_chars += len(chunk)
+            if pending_chars < _STREAM_MIN_CHARS:
+                continue
+            # Joining here costs O(window), once per window, never quadratic.
+            search_from = max(0, len(carried) - recheck_chars)
+            text = carried + "".join(pending)
+            pending, pending_chars = [], 0
+            cut = last_safe_cut(text, self.special_tokens, search_from)
+            if cut == 0:
+                carried = text
+                continue
+            yield from self.encode(text[:cut])
+            carried = text[cut:]
+        yield from self.encode(carried + "".join(pending))
+
+    # ----------------------------------------------------------------- decode
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of the tokens ``ids``, concatenated.
+
+        >>> Tokenizer({i: bytes([i]) for i in range(256)}, []).decode_bytes([104, 105])
+        b'hi'
+        """
+        vocab = self.vocab
+        if not isinstance(ids, (list, tuple)):
+            ids = list(ids)  # an iterator would be used up before an error could name the bad id
+        try:
+            return b"".join([vocab[token_id] for token_id in ids])
+        except (KeyError, TypeError):
+            bad = next(i for i in ids if i not in vocab)
+            raise ValueError(f"token id {bad!r} is not in the vocabulary (ids are 0..{self.vocab_size - 1})") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the tokens ``ids``; bytes that are not valid UTF-8 become U+FFFD.
+
+        A token can hold part of a character (the first byte of "é"), so a
+        slice of ids may not decode cleanly; it is replaced, never an error.
+
+        >>> Tokenizer({i: bytes([i]) for i in range(256)}, []).decode([104, 0xC3])
+        'h\\ufffd'
+        """
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------ save / load
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the tokenizer as JSON (format in the module docstring), atomically."""
+        path = Path(path)
+        document = {
+            "format": SAVE_FORMAT,
+            "version": SAVE_FORMAT_VERSION,
+            "vocab": {str(token_id): token.hex() for token_id, token in sorted(self.vocab.items())},
+            "merges": [[left.hex(), right.hex()] for left, right in self.merges],
+            "special_tokens": self.special_tokens,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target and rename: a crash never leaves half a file.
+        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                json.dump(document, file, ensure_ascii=False, indent=1)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp_name, path)
+        finally:
+            if os.path.exists(temp_name):
+                os.unlink(temp_name)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Read a tokenizer written by :meth:`save`."""
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file)
+        if not isinstance(document, dict) or document.get("format") != SAVE_FORMAT:
+            raise ValueError(f"path {str(path)!r} is not a saved tokenizer (expected \"format\": {SAVE_FORMAT!r})")
+        if document.get("version") != SAVE_FORMAT_VERSION:
+            raise ValueError(
+                f"path {str(path)!r} has tokenizer format version {document.get('version')!r}; "
+                f"this code reads version {SAVE_FORMAT_VERSION}"
+            )
+        vocab = {int(token_id): bytes.fromhex(token) for token_id, token in document["vocab"].items()}
+        merges = [(bytes.fromhex(left), bytes.fromhex(right)) for left, right in document["merges"]]
+        return cls(vocab, merges, document["special_tokens"])
+
+    @classmethod
+    def from_files(
+        cls,
+        vocab_filepath: str | os.PathLike,
+        merges_filepath: str | os.PathLike,
+        special_tokens: Sequence[str] | None = None,
+    ) -> "Tokenizer":
+        """Load GPT-2-style files: ``encoder.json`` (token -> id) and the merges text file.
+
+        >>> gpt2 = Tokenizer.from_files("gpt2_vocab.json", "gpt2_merges.txt", ["<|endoftext|>"])  # doctest: +SKIP
+        >>> gpt2.encode("Hello world<|endoftext|>")  # doctest: +SKIP
+        [15496, 995, 50256]
+        """
+        vocab, merges = load_gpt2_files(vocab_filepath, merges_filepath)
+        return cls(vocab, merges, special_tokens)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+            f"special_tokens={self.special_tokens!r})"
+        )
