@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if f.default is dataclasses.MISSING:
             help_text += " (required, here or in --config)"
         if f.name == "resume":
-            parser.add_argument(flag, nargs="?", const=_RESUME_LATEST, default=argparse.SUPPRESS, metavar="CHECKPOINT", help=help_text)
+            parser.add_argument(
+                flag, nargs="?", const=_RESUME_LATEST, default=argparse.SUPPRESS, metavar="CHECKPOINT", help=help_text
+            )
         elif kind is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         else:

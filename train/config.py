@@ -72,7 +72,9 @@ class TrainConfig:
         1000, kind=int, help="save output_dir/checkpoint.pt every this many steps, and at the end (default 1000)"
     )
     seed: int = _setting(0, kind=int, help="seed for model init and batch sampling (default 0)")
-    device: str | None = _setting(None, kind=str, help="torch device, e.g. cpu, cuda, cuda:1 (default cuda if available)")
+    device: str | None = _setting(
+        None, kind=str, help="torch device, e.g. cpu, cuda, cuda:1 (default cuda if available)"
+    )
     kernels: str | dict = _setting(
         "auto",
         kind=str,

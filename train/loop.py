@@ -67,7 +67,10 @@ def _resolve_kernels(config: TrainConfig) -> dict[str, str]:
 
 
 def _read_resume_checkpoint(config: TrainConfig, model_config: ModelConfig) -> dict:
-    payload = read_checkpoint(config.resume)
+    try:
+        payload = read_checkpoint(config.resume)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise type(e)(f"--resume: {e}") from e
     where = repr(str(config.resume))
     stored = payload.get("model_config")
     if stored != model_config.to_dict():
@@ -261,6 +264,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
             else:
                 grad_norm = global_grad_norm(params)
             optimizer.step()
+            if device.type == "cuda":
+                # The update's kernels are still queued; wait so ms_per_step covers the whole step.
+                torch.cuda.synchronize(device)
             step = iteration + 1
             elapsed = time.perf_counter() - started
 
@@ -278,7 +284,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
             train_losses.append(loss_value)
             step_seconds.append(elapsed)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False
+            )
 
             if step % config.eval_interval == 0 or step == config.total_iters:
                 val_loss = evaluate()

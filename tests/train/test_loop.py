@@ -179,14 +179,15 @@ def _write_other_model_checkpoint(tmp_path):
     return str(other_dir / "run" / "checkpoint.pt")
 
 
+# fmt: off
 BAD_INPUTS = {
     "id >= vocab_size": ("train_data_path", _write_bad_vocab, ValueError, r"--train_data_path=.*holds id 68, but vocab_size is 64"),
     "short val file": ("val_data_path", _write_short, ValueError, r"--val_data_path=.*holds 16 tokens.*at least 17"),
     "wrong dtype": ("train_data_path", _write_float, ValueError, r"--train_data_path=.*float32.*expected a 1-D uint16"),
     "truncated data": ("val_data_path", _write_truncated, ValueError, r"--val_data_path=.*truncated or corrupt"),
     "missing data": ("train_data_path", lambda p: str(p / "absent.npy"), FileNotFoundError, r"--train_data_path=.*absent\.npy"),
-    "corrupt checkpoint": ("resume", _write_corrupt_checkpoint, ValueError, r"broken\.pt.*truncated, corrupt"),
-    "missing checkpoint": ("resume", lambda p: str(p / "nope.pt"), FileNotFoundError, r"nope\.pt.*does not exist"),
+    "corrupt checkpoint": ("resume", _write_corrupt_checkpoint, ValueError, r"--resume: checkpoint .*broken\.pt.*truncated, corrupt"),
+    "missing checkpoint": ("resume", lambda p: str(p / "nope.pt"), FileNotFoundError, r"--resume: checkpoint .*nope\.pt.*does not exist"),
     "other model's checkpoint": ("resume", _write_other_model_checkpoint, ValueError, r"different model.*'d_model': \(16, 32\)"),
     "unknown kernels": ("kernels", lambda p: "fastest", ValueError, r"--kernels='fastest'.*expected one of"),
     "unknown kernel op": ("kernels", lambda p: {"matmul": "torch"}, ValueError, r"--kernels=.*unknown ops \['matmul'\]"),
@@ -199,6 +200,7 @@ BAD_INPUTS = {
     "bad device": ("device", lambda p: "tpu", ValueError, r"--device='tpu'"),
     "negative lr": ("learning_rate", lambda p: -1e-3, ValueError, r"--learning_rate must be a finite number >= 0.0, got -0.001"),
 }
+# fmt: on
 if not torch.cuda.is_available():
     BAD_INPUTS["cuda without a GPU"] = ("device", lambda p: "cuda", ValueError, r"--device='cuda'.*no CUDA device")
 
