@@ -1,0 +1,126 @@
+"""Causal multi-head self-attention with RoPE, and the KV cache used in generation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from scratchlm.model.backends import KernelsSpec, get_op, resolve_kernels
+from scratchlm.model.layers import Linear, RotaryPositionEmbedding
+
+
+class LayerKVCache:
+    """Keys and values (after RoPE) of every token one attention layer has seen.
+
+    Tensors grow by concatenation along the sequence dim: simple, and cheap
+    next to the forward pass at the sizes this project generates.
+    """
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None  # (..., heads, cached_seq, d_head)
+        self.values: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Add this step's keys and values; return all of them so far."""
+        if self.keys is None or self.values is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat((self.keys, keys), dim=-2)
+            self.values = torch.cat((self.values, values), dim=-2)
+        return self.keys, self.values
+
+
+class KVCache:
+    """One ``LayerKVCache`` per transformer layer; pass it to ``TransformerLM.forward``.
+
+    With a cache, a forward pass only runs the new tokens: their positions
+    continue from ``length``, and attention also sees the cached keys.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerKVCache() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        """Number of tokens already processed."""
+        return self.layers[0].length if self.layers else 0
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Causal self-attention; heads are stacked along the rows of each projection.
+
+    Each of q_proj, k_proj, v_proj maps d_model -> num_heads * d_head =
+    d_model; rows h*d_head .. (h+1)*d_head - 1 belong to head h. RoPE turns q
+    and k (not v) when ``theta`` is given.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        max_seq_len: int | None = None,
+        theta: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        kernels: KernelsSpec = "reference",
+    ) -> None:
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model={d_model} with num_heads={num_heads}: expected d_model divisible by num_heads")
+        if theta is not None and max_seq_len is None:
+            raise ValueError("max_seq_len=None with theta set: expected max_seq_len, the size of the RoPE tables")
+        backends = resolve_kernels(kernels, device)
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.d_head = d_model // num_heads
+        self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.rope: RotaryPositionEmbedding | None = None
+        if theta is not None:
+            self.rope = RotaryPositionEmbedding(
+                theta, self.d_head, max_seq_len, device=device, dtype=dtype, backend=backends["rope"]
+            )
+        self._attention = get_op("attention", backends["attention"], device)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        # (..., seq, d_model) -> (..., heads, seq, d_head)
+        return x.unflatten(-1, (self.num_heads, self.d_head)).transpose(-3, -2)
+
+    def forward(
+        self,
+        x: Tensor,
+        token_positions: Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> Tensor:
+        """x (..., seq, d_model) -> (..., seq, d_model).
+
+        ``token_positions`` (..., seq) defaults to 0..seq-1, or to the
+        positions after the cached ones when ``kv_cache`` is given.
+        """
+        seq_len = x.shape[-2]
+        q = self._split_heads(self.q_proj(x))  # (..., heads, seq, d_head)
+        k = self._split_heads(self.k_proj(x))
+        v = self._split_heads(self.v_proj(x))
+
+        if self.rope is not None:
+            if token_positions is None:
+                start = 0 if kv_cache is None else kv_cache.length
+                token_positions = torch.arange(start, start + seq_len, device=x.device)  # (seq,)
+            # A heads dim so the positions broadcast over heads: (..., 1, seq).
+            head_positions = token_positions.unsqueeze(-2)
+            q = self.rope(q, head_positions)
+            k = self.rope(k, head_positions)
+
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (..., heads, cached + seq, d_head)
+
+        out = self._attention(q, k, v)  # (..., heads, seq, d_head)
+        out = out.transpose(-3, -2).flatten(-2)  # (..., seq, d_model)
+        return self.output_proj(out)

@@ -1,0 +1,138 @@
+"""The ``kernels=`` switch: which implementation computes each hot op.
+
+Four ops are swappable, each with one signature shared by every backend:
+
+    rmsnorm(x, weight, eps) -> y          x (..., d), weight (d,)
+    swiglu(a, b) -> silu(a) * b           same shapes
+    rope(x, cos, sin) -> x rotated        x (..., seq, d), cos/sin (..., seq, d/2)
+    attention(q, k, v) -> out             causal; q (..., q_seq, d), k/v (..., k_seq, d)
+
+Backends: "reference" (``scratchlm.model.functional``, written out by hand),
+"torch" (PyTorch's fused ops), "triton" (this project's kernels, not landed
+yet). A model resolves its ``kernels=`` argument once, at construction, into
+one function per op and keeps those; ``forward`` never asks which backend it
+is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from scratchlm.model import functional
+
+OPS = ("rmsnorm", "swiglu", "rope", "attention")
+BACKENDS = ("reference", "torch", "triton")
+KERNEL_CHOICES = (*BACKENDS, "auto")
+
+# What ``kernels=`` accepts: one choice for every op, or a choice per op
+# (ops left out of the dict get "auto").
+KernelsSpec = Union[str, Mapping[str, str]]
+
+
+class KernelsUnavailableError(ValueError, NotImplementedError):
+    """A valid backend whose implementation is not available (here: Triton, not written yet).
+
+    It is both a ValueError (bad ``--kernels`` value for this build) and a
+    NotImplementedError (the code is missing, not the user's input wrong).
+    """
+
+
+def _torch_rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    dtype = functional.compute_dtype(x.dtype)
+    return F.rms_norm(x.to(dtype), (x.shape[-1],), weight.to(dtype), eps).to(x.dtype)
+
+
+def _torch_swiglu(a: Tensor, b: Tensor) -> Tensor:
+    return F.silu(a) * b
+
+
+def _torch_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # PyTorch has no RoPE op. This form avoids the strided even/odd slices of
+    # the reference: x * cos + swap_pairs(x) * sin, where swap_pairs maps each
+    # pair (x0, x1) to (-x1, x0) and cos/sin are repeated to full width.
+    dtype = functional.compute_dtype(x.dtype)
+    pairs = x.to(dtype).unflatten(-1, (-1, 2))  # (..., seq, d/2, 2)
+    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1)  # (..., seq, d/2, 2)
+    cos = cos.to(dtype).unsqueeze(-1)  # (..., seq, d/2, 1)
+    sin = sin.to(dtype).unsqueeze(-1)
+    return (pairs * cos + swapped * sin).flatten(-2).to(x.dtype)
+
+
+def _torch_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    if q.shape[-2] == k.shape[-2]:
+        # is_causal lets PyTorch pick a flash/memory-efficient kernel that skips masked blocks.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # With a KV cache the queries are the last positions; is_causal would align
+    # them with the first keys instead, so pass the (bottom-right) mask explicitly.
+    mask = functional.causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# op name -> backend name -> implementation. A backend missing from an op's
+# table is not available for that op; adding the Triton kernels means adding
+# "triton" entries here and nothing else.
+_REGISTRY: dict[str, dict[str, Callable[..., Tensor]]] = {
+    "rmsnorm": {"reference": functional.rms_norm, "torch": _torch_rmsnorm},
+    "swiglu": {"reference": functional.swiglu_gate, "torch": _torch_swiglu},
+    "rope": {"reference": functional.apply_rope, "torch": _torch_rope},
+    "attention": {"reference": functional.causal_attention, "torch": _torch_attention},
+}
+
+
+def _auto_backend(device: torch.device | str | None) -> str:
+    """"torch" on CUDA, "reference" elsewhere (becomes "triton" on CUDA once the kernels land)."""
+    if device is None:
+        on_cuda = torch.cuda.is_available()
+    else:
+        on_cuda = torch.device(device).type == "cuda"
+    return "torch" if on_cuda else "reference"
+
+
+def _check_choice(choice: object, where: str) -> str:
+    if not isinstance(choice, str) or choice not in KERNEL_CHOICES:
+        raise ValueError(f"{where}={choice!r}: expected one of {list(KERNEL_CHOICES)} or a dict op -> one of those")
+    return choice
+
+
+def resolve_kernels(kernels: KernelsSpec = "auto", device: torch.device | str | None = None) -> dict[str, str]:
+    """Turn a ``kernels=`` value into one backend name per op, checking it is usable.
+
+    ``device`` decides what "auto" means (None: CUDA if available). Raises
+    ValueError for unknown ops or backends and ``KernelsUnavailableError`` for
+    a known backend that is not implemented yet.
+
+    >>> resolve_kernels("reference")
+    {'rmsnorm': 'reference', 'swiglu': 'reference', 'rope': 'reference', 'attention': 'reference'}
+    """
+    if isinstance(kernels, Mapping):
+        unknown = sorted(set(kernels) - set(OPS))
+        if unknown:
+            raise ValueError(f"kernels has unknown ops {unknown}; expected keys among {list(OPS)}")
+        choices = {op: _check_choice(kernels.get(op, "auto"), f"kernels[{op!r}]") for op in OPS}
+    else:
+        choice = _check_choice(kernels, "kernels")
+        choices = {op: choice for op in OPS}
+
+    auto = _auto_backend(device)
+    resolved = {op: auto if choice == "auto" else choice for op, choice in choices.items()}
+    for op, backend in resolved.items():
+        if backend not in _REGISTRY[op]:
+            raise KernelsUnavailableError(
+                f"kernels={kernels!r} asks for the {backend!r} backend of op {op!r}, which is not available "
+                f"in this build (the Triton kernels have not landed yet); "
+                f"expected one of {sorted(_REGISTRY[op])} for this op"
+            )
+    return resolved
+
+
+def get_op(op: str, backend: str = "reference", device: torch.device | str | None = None) -> Callable[..., Tensor]:
+    """The implementation of one op for one backend choice (any of ``KERNEL_CHOICES``)."""
+    if op not in _REGISTRY:
+        raise ValueError(f"op={op!r} is unknown; expected one of {list(OPS)}")
+    resolved = resolve_kernels({op: backend}, device)[op]
+    return _REGISTRY[op][resolved]

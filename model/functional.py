@@ -1,0 +1,105 @@
+"""The reference math, written out with plain tensor ops.
+
+These functions define what every faster path (PyTorch's fused ops, the Triton
+kernels) must compute. They favour clarity over speed, but still take care
+with the two numerical traps of a transformer: ``exp`` overflowing in softmax,
+and the sum of squares losing precision in 16-bit RMSNorm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit inputs, the input dtype otherwise (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def softmax(x: Tensor, dim: int) -> Tensor:
+    """exp(x) / sum(exp(x)) along ``dim``, stable for any finite input.
+
+    Subtracting the maximum first leaves the result unchanged (the factor
+    exp(-max) cancels) but keeps every exponent <= 0, so exp never overflows:
+    exp(89) is already inf in float32.
+    """
+    x_compute = x.to(compute_dtype(x.dtype))
+    shifted = x_compute - x_compute.amax(dim=dim, keepdim=True)
+    exp = torch.exp(shifted)
+    return (exp / exp.sum(dim=dim, keepdim=True)).to(x.dtype)
+
+
+def silu(x: Tensor) -> Tensor:
+    """x * sigmoid(x), the gate of SwiGLU."""
+    return x * torch.sigmoid(x)
+
+
+def scaled_dot_product_attention(Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(Q K^T / sqrt(d_k)) V, with ``mask`` True where a query may attend a key.
+
+    Shapes: Q (..., queries, d_k), K (..., keys, d_k), V (..., keys, d_v),
+    mask broadcastable to (..., queries, keys); returns (..., queries, d_v).
+    """
+    d_k = Q.shape[-1]
+    scores = Q @ K.transpose(-2, -1) / math.sqrt(d_k)  # (..., queries, keys)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask has dtype {mask.dtype}; expected torch.bool (True = may attend)")
+        # -inf makes exp() exactly 0, so a masked key gets no weight at all.
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = softmax(scores, dim=-1)
+    return weights @ V
+
+
+def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> Tensor:
+    """Boolean (num_queries, num_keys) mask, True where a query may attend a key.
+
+    The queries are the *last* ``num_queries`` positions of the key sequence
+    (they equal it, except when earlier keys come from a KV cache), so query i
+    sees keys 0 .. num_keys - num_queries + i.
+    """
+    ones = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device)
+    return torch.tril(ones, diagonal=num_keys - num_queries)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention through ``scaled_dot_product_attention``; (..., seq, d) in and out."""
+    mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    return scaled_dot_product_attention(q, k, v, mask)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, in float32, cast back.
+
+    Computing in float32 matters for bf16 inputs: squaring and averaging a few
+    thousand values with 8 mantissa bits would lose most of the digits.
+    """
+    dtype = compute_dtype(x.dtype)
+    x_compute = x.to(dtype)
+    inverse_rms = torch.rsqrt(x_compute.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
+    return (x_compute * inverse_rms * weight.to(dtype)).to(x.dtype)
+
+
+def swiglu_gate(a: Tensor, b: Tensor) -> Tensor:
+    """silu(a) * b: the elementwise middle of SwiGLU, between w1/w3 and w2."""
+    return silu(a) * b
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent feature pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given.
+
+    Shapes: x (..., seq, d); cos and sin broadcastable to (..., seq, d/2).
+    Pair i becomes (x0 cos - x1 sin, x0 sin + x1 cos), a 2-D rotation.
+    """
+    dtype = compute_dtype(x.dtype)
+    x_even = x[..., 0::2].to(dtype)  # (..., seq, d/2)
+    x_odd = x[..., 1::2].to(dtype)
+    cos = cos.to(dtype)
+    sin = sin.to(dtype)
+    rotated_even = x_even * cos - x_odd * sin
+    rotated_odd = x_even * sin + x_odd * cos
+    # Interleave back: stacking on a new last dim then flattening puts pair i at 2i, 2i+1.
+    return torch.stack((rotated_even, rotated_odd), dim=-1).flatten(-2).to(x.dtype)

@@ -1,0 +1,222 @@
+"""TransformerBlock and TransformerLM: the Llama-style decoder.
+
+    token_ids -> token_embeddings -> layers[0..L-1] -> ln_final -> lm_head -> logits
+
+Each block is pre-norm: x + attn(ln1(x)), then x + ffn(ln2(x)). Normalising
+the input of each sublayer, not its output, keeps the residual stream an
+untouched sum, which is what lets deep stacks train without warmup tricks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from scratchlm.model.attention import KVCache, LayerKVCache, MultiHeadSelfAttention
+from scratchlm.model.backends import KernelsSpec, resolve_kernels
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.layers import Embedding, Linear, RMSNorm, SwiGLU
+
+_DEFAULT_ROPE_THETA = 10000.0
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(x)); shape (..., seq, d_model) throughout."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        d_ff: int,
+        max_seq_len: int,
+        theta: float,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        kernels: KernelsSpec = "reference",
+    ) -> None:
+        super().__init__()
+        backends = resolve_kernels(kernels, device)
+        self.ln1 = RMSNorm(d_model, device=device, dtype=dtype, backend=backends["rmsnorm"])
+        self.attn = MultiHeadSelfAttention(
+            d_model, num_heads, max_seq_len, theta, device=device, dtype=dtype, kernels=backends
+        )
+        self.ln2 = RMSNorm(d_model, device=device, dtype=dtype, backend=backends["rmsnorm"])
+        self.ffn = SwiGLU(d_model, d_ff, device=device, dtype=dtype, backend=backends["swiglu"])
+
+    def forward(
+        self,
+        x: Tensor,
+        token_positions: Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.ln1(x), token_positions, kv_cache)
+        return x + self.ffn(self.ln2(x))
+
+
+class TransformerLM(nn.Module):
+    """A decoder-only language model: token ids (..., seq) -> next-token logits (..., seq, vocab).
+
+    Build it from the shape arguments or from a ``ModelConfig``:
+
+        TransformerLM(vocab_size=512, context_length=128, d_model=64, num_layers=2, num_heads=4, d_ff=192)
+        TransformerLM(ModelConfig.preset("debug"), kernels="torch")
+
+    ``kernels`` picks the implementation of the hot ops (see
+    ``scratchlm.model.backends``); it is resolved here, once, and the result
+    is kept in ``self.backends``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int | ModelConfig | None = None,
+        context_length: int | None = None,
+        d_model: int | None = None,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+        d_ff: int | None = None,
+        rope_theta: float = _DEFAULT_ROPE_THETA,
+        kernels: KernelsSpec = "auto",
+        *,
+        config: ModelConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = _build_config(
+            vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta, config
+        )
+        self.backends = resolve_kernels(kernels, device)
+        cfg = self.config
+        self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            TransformerBlock(
+                cfg.d_model,
+                cfg.num_heads,
+                cfg.d_ff,
+                cfg.context_length,
+                cfg.rope_theta,
+                device=device,
+                dtype=dtype,
+                kernels=self.backends,
+            )
+            for _ in range(cfg.num_layers)
+        )
+        self.ln_final = RMSNorm(cfg.d_model, device=device, dtype=dtype, backend=self.backends["rmsnorm"])
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
+
+    def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """token_ids (..., seq) integer -> logits (..., seq, vocab_size).
+
+        With ``kv_cache``, ``token_ids`` are the tokens after the cached ones;
+        the cache is extended in place.
+        """
+        seq_len = token_ids.shape[-1]
+        cached = 0 if kv_cache is None else kv_cache.length
+        self._check_input(token_ids, cached, kv_cache)
+        positions = torch.arange(cached, cached + seq_len, device=token_ids.device)  # (seq,)
+
+        x = self.token_embeddings(token_ids)  # (..., seq, d_model)
+        for index, layer in enumerate(self.layers):
+            layer_cache = None if kv_cache is None else kv_cache.layers[index]
+            x = layer(x, positions, layer_cache)
+        return self.lm_head(self.ln_final(x))  # (..., seq, vocab_size)
+
+    def _check_input(self, token_ids: Tensor, cached: int, kv_cache: KVCache | None) -> None:
+        if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+            raise ValueError(f"token_ids has dtype {token_ids.dtype}; expected an integer tensor (torch.long)")
+        if token_ids.dim() == 0 or token_ids.shape[-1] == 0:
+            raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}; expected (..., seq) with seq >= 1")
+        seq_len = token_ids.shape[-1]
+        if cached + seq_len > self.config.context_length:
+            where = f" after {cached} cached tokens" if cached else ""
+            raise ValueError(
+                f"token_ids has sequence length {seq_len}{where}; expected at most "
+                f"context_length={self.config.context_length} tokens in total"
+            )
+        if kv_cache is not None and len(kv_cache.layers) != len(self.layers):
+            raise ValueError(f"kv_cache has {len(kv_cache.layers)} layers; expected {len(self.layers)}")
+        # The range check reads the ids back to the host (a device sync), and a
+        # data-dependent branch would split a compiled graph, so compiled models
+        # skip it and rely on the embedding's own index check instead.
+        if not torch.compiler.is_compiling():
+            low, high = int(token_ids.min()), int(token_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"token_ids contains id {bad}; expected ids in [0, vocab_size={self.config.vocab_size})"
+                )
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty KV cache with one slot per layer, for incremental decoding."""
+        return KVCache(len(self.layers))
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` leaves out the token embedding table.
+
+        The embedding is a lookup with no FLOPs, which is why scaling laws and
+        ``flops_per_token`` count without it; lm_head is a real matmul and stays in.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.token_embeddings.weight.numel()
+        return total
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward): 6N + 12 * L * d_model * context.
+
+        6N: each non-embedding weight does a multiply-add (2 FLOPs) forward and
+        twice that backward. The second term is attention's QK^T and AV
+        matmuls over the full context (the PaLM appendix B estimate), used as
+        the numerator of MFU.
+        """
+        cfg = self.config
+        return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.num_layers * cfg.d_model * cfg.context_length
+
+    def extra_repr(self) -> str:
+        return f"backends={self.backends}"
+
+
+def _build_config(
+    vocab_size: int | ModelConfig | None,
+    context_length: int | None,
+    d_model: int | None,
+    num_layers: int | None,
+    num_heads: int | None,
+    d_ff: int | None,
+    rope_theta: float,
+    config: ModelConfig | None,
+) -> ModelConfig:
+    """The ModelConfig for either calling form of TransformerLM."""
+    if isinstance(vocab_size, ModelConfig):
+        if config is not None:
+            raise ValueError("TransformerLM got a ModelConfig both positionally and as config=; expected one")
+        config, vocab_size = vocab_size, None
+    shape = dict(
+        vocab_size=vocab_size,
+        context_length=context_length,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        d_ff=d_ff,
+    )
+    if config is not None:
+        given = sorted(name for name, value in shape.items() if value is not None)
+        if given:
+            raise ValueError(
+                f"TransformerLM got a ModelConfig and also {given}; expected one or the other "
+                f"(use ModelConfig.preset(name, **overrides) or dataclasses.replace to change fields)"
+            )
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"config={config!r}: expected a ModelConfig")
+        # Only a non-default rope_theta can be told apart from "not given".
+        if rope_theta != _DEFAULT_ROPE_THETA and rope_theta != config.rope_theta:
+            raise ValueError(
+                f"TransformerLM got rope_theta={rope_theta} and a ModelConfig with rope_theta={config.rope_theta}; "
+                f"expected the theta inside the config only"
+            )
+        return config
+    missing = sorted(name for name, value in shape.items() if value is None)
+    if missing:
+        raise ValueError(f"TransformerLM is missing {missing}; expected all shape arguments or a ModelConfig")
+    return ModelConfig(**shape, rope_theta=rope_theta)
