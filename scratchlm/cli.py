@@ -1,0 +1,145 @@
+"""The `scratchlm` command: one argparse tree over the package's parts.
+
+    scratchlm tokenizer train --input corpus.txt --vocab_size 10000 --output tok.json
+    scratchlm tokenize --tokenizer tok.json --input corpus.txt --output corpus.npy
+    scratchlm train --train_data_path train.npy --val_data_path val.npy ...
+    scratchlm generate --checkpoint out/checkpoint.pt --tokenizer tok.json --prompt "def "
+    scratchlm demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>"]
+
+
+def _add_tokenizer_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a byte-level BPE tokenizer on a text file")
+    p.add_argument("--input", required=True, type=Path, help="UTF-8 text file to learn merges from")
+    p.add_argument("--vocab_size", required=True, type=int, help="final vocabulary size: 256 bytes + specials + merges")
+    p.add_argument(
+        "--special_tokens",
+        nargs="*",
+        default=DEFAULT_SPECIAL_TOKENS,
+        help="special tokens, never split or merged across (default: <|endoftext|>)",
+    )
+    p.add_argument("--output", required=True, type=Path, help="where to write the tokenizer JSON")
+    p.add_argument("--num_processes", type=int, default=None, help="pre-tokenization workers (default: all cores)")
+    p.set_defaults(func=_run_tokenizer_train)
+
+
+def _run_tokenizer_train(args) -> int:
+    from scratchlm.tokenizer import Tokenizer, train_bpe
+
+    vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, num_processes=args.num_processes)
+    Tokenizer(vocab, merges, args.special_tokens).save(args.output)
+    print(f"tokenizer: {len(vocab)} tokens, {len(merges)} merges -> {args.output}")
+    return 0
+
+
+def _add_tokenize(subparsers) -> None:
+    p = subparsers.add_parser("tokenize", help="encode a text file into a token file (.npy) for training")
+    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer JSON written by `scratchlm tokenizer train`")
+    p.add_argument("--input", required=True, type=Path, help="UTF-8 text file to encode")
+    p.add_argument("--output", required=True, type=Path, help="token file to write (.npy, uint16 or uint32 ids)")
+    p.add_argument("--num_processes", type=int, default=None, help="encoding workers (default: all cores)")
+    p.set_defaults(func=_run_tokenize)
+
+
+def _run_tokenize(args) -> int:
+    from scratchlm.tokenizer import Tokenizer, encode_file
+
+    tokenizer = Tokenizer.load(args.tokenizer)
+    count = encode_file(tokenizer, args.input, args.output, num_processes=args.num_processes)
+    print(f"tokenize: {count} tokens -> {args.output}")
+    return 0
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="sample text from a trained checkpoint, streamed as it is produced")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint written by `scratchlm train`")
+    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer JSON the training data was encoded with")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max_tokens", type=int, default=200, help="most new tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 means greedy")
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass (1.0 disables it)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--kernels", default="auto", help="reference, torch, triton or auto")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    import torch
+
+    from scratchlm.model import stream
+    from scratchlm.tokenizer import Tokenizer
+    from scratchlm.train import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = Tokenizer.load(args.tokenizer)
+    model = load_model(args.checkpoint, device=device, kernels=args.kernels)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    for piece in stream(
+        model,
+        tokenizer,
+        args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        device=device,
+        generator=generator,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    from scratchlm.train import cli as train_cli
+
+    p = subparsers.add_parser("train", help="train a TransformerLM on token files")
+    train_cli.add_arguments(p)
+    p.set_defaults(func=train_cli.run)
+
+
+def _add_demo(subparsers) -> None:
+    from scratchlm import demo
+
+    p = subparsers.add_parser("demo", help="tokenizer + training + sampling end to end on text shipped with Python")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    tokenizer_parser = commands.add_parser("tokenizer", help="tokenizer tools")
+    _add_tokenizer_train(tokenizer_parser.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION"))
+    _add_tokenize(commands)
+    _add_train(commands)
+    _add_generate(commands)
+    _add_demo(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+        # Bad input is reported as one line naming what was wrong, not a traceback.
+        print(f"scratchlm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
