@@ -2,7 +2,8 @@
 
 Encoding, per pre-token (see :mod:`scratchlm.tokenizer.pretokenize`): start
 from its UTF-8 bytes, then repeatedly merge the adjacent pair whose merge was
-learned earliest (lowest rank), until no adjacent pair has a merge.
+learned earliest (lowest rank; leftmost among equals), until no adjacent pair
+has a merge.
 
 >>> vocab = {i: bytes([i]) for i in range(256)}
 >>> vocab |= {256: b"<|endoftext|>", 257: b"ab", 258: b"abc"}
@@ -31,6 +32,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from scratchlm.tokenizer.apply_merges import LONG_PIECE_BYTES, merge_by_rank, merge_by_rank_heap
 from scratchlm.tokenizer.gpt2_files import load_gpt2_files
 from scratchlm.tokenizer.pretokenize import (
     GPT2_PRETOKENIZE_REGEX,
@@ -117,36 +119,11 @@ class Tokenizer:
     # ----------------------------------------------------------------- encode
 
     def _merge_pretoken(self, piece: str) -> tuple[int, ...]:
-        """BPE on one pre-token: merge the lowest-rank adjacent pair until none is left.
-
-        All occurrences of the chosen pair are merged in one left-to-right
-        pass; this equals merging them one at a time, because the pair stays
-        the lowest-ranked one until its last occurrence is merged.
-        """
+        """BPE on one pre-token, from its bytes (rule in :mod:`scratchlm.tokenizer.apply_merges`)."""
         ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
-        ranks = self._merge_ranks
-        while len(ids) > 1:
-            best_rank, best_index = None, -1
-            for index in range(len(ids) - 1):
-                found = ranks.get((ids[index], ids[index + 1]))
-                if found is not None and (best_rank is None or found[0] < best_rank[0]):
-                    best_rank, best_index = found, index
-            if best_rank is None:
-                break
-            left, right = ids[best_index], ids[best_index + 1]
-            merged_id = best_rank[1]
-            # Merge every occurrence, starting at the first (no earlier one exists).
-            merged = ids[:best_index]
-            index = best_index
-            while index < len(ids):
-                if index + 1 < len(ids) and ids[index] == left and ids[index + 1] == right:
-                    merged.append(merged_id)
-                    index += 2
-                else:
-                    merged.append(ids[index])
-                    index += 1
-            ids = merged
-        return tuple(ids)
+        if len(ids) >= LONG_PIECE_BYTES:
+            return tuple(merge_by_rank_heap(ids, self._merge_ranks))
+        return tuple(merge_by_rank(ids, self._merge_ranks))
 
     def _encode_ordinary(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (no special tokens in it) to ``out``."""

@@ -306,3 +306,11 @@ def test_gpt2_encoding_matches_tiktoken_token_for_token(shared_data, name):
     # Without special tokens, "<|endoftext|>" is ordinary text for both.
     plain = Tokenizer.from_files(*gpt2_paths(shared_data))
     assert plain.encode(text) == encoding.encode_ordinary(text)
+
+
+def test_gpt2_long_pretokens_match_tiktoken(shared_data):
+    # Long pieces go through the heap-based merge loop.
+    encoding = offline_tiktoken(shared_data)
+    tokenizer = Tokenizer.from_files(*gpt2_paths(shared_data))
+    for text in (" " * 50_000, "a" * 20_000, "ab1" * 10_000, "x" + " \n" * 5000 + "y", "Ä" * 3000 + "中文" * 3000):
+        assert tokenizer.encode(text) == encoding.encode_ordinary(text)
