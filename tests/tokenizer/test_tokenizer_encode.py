@@ -314,3 +314,12 @@ def test_gpt2_long_pretokens_match_tiktoken(shared_data):
     tokenizer = Tokenizer.from_files(*gpt2_paths(shared_data))
     for text in (" " * 50_000, "a" * 20_000, "ab1" * 10_000, "x" + " \n" * 5000 + "y", "Ä" * 3000 + "中文" * 3000):
         assert tokenizer.encode(text) == encoding.encode_ordinary(text)
+
+
+def test_pretoken_cache_stays_bounded_and_is_only_a_cache(small_tokenizer, monkeypatch):
+    text = " ".join(f"word{i}" for i in range(500))
+    expected = Tokenizer(small_tokenizer.vocab, small_tokenizer.merges, [EOT]).encode(text)
+    monkeypatch.setattr(tokenizer_module, "_CACHE_MAX_ENTRIES", 10)
+    fresh = Tokenizer(small_tokenizer.vocab, small_tokenizer.merges, [EOT])
+    assert fresh.encode(text) == expected
+    assert 0 < len(fresh._cache) <= 10
