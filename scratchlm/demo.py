@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 SPECIAL_TOKENS = ["<|endoftext|>"]
-PROMPTS = ["The ", "To create a class, ", "If the exception "]
+PROMPTS = ["The", "To create a class,", "If the exception"]
 # One topic in ten goes to validation: ~8 documents, ~10% of the text.
 VALIDATION_EVERY = 10
 
@@ -30,7 +30,7 @@ VALIDATION_EVERY = 10
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("demo_out"), help="where corpus, tokenizer, token files and checkpoint go")
     parser.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary size")
-    parser.add_argument("--total_iters", type=int, default=600, help="training steps")
+    parser.add_argument("--total_iters", type=int, default=400, help="training steps")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per step")
     parser.add_argument("--context_length", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--max_tokens", type=int, default=60, help="tokens generated per sample")
