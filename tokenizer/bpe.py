@@ -35,7 +35,7 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from scratchlm.tokenizer.pretokenize import pretokenize, safe_byte_ranges
+from scratchlm.tokenizer.pretokenize import pretokenize, read_text_range, safe_byte_ranges
 
 NUM_BYTE_TOKENS = 256
 # Without an explicit num_processes, each worker should get at least this much
@@ -134,16 +134,7 @@ def count_pretokens(
 def _count_range(task: tuple[str, int, int, tuple[str, ...]]) -> Counter[str]:
     """Worker: count the pre-tokens in bytes ``[start, end)`` of a file."""
     path, start, end, special_tokens = task
-    with open(path, "rb") as file:
-        file.seek(start)
-        data = file.read(end - start)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"input_path {path!r} is not valid UTF-8 at byte {start + error.start}: {error.reason}"
-        ) from None
-    return Counter(pretokenize(text, special_tokens))
+    return Counter(pretokenize(read_text_range(path, start, end), special_tokens))
 
 
 class _Descending:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scratchlm.tokenizer.pretokenize import safe_byte_ranges
+from scratchlm.tokenizer.pretokenize import read_text_range, safe_byte_ranges
 from scratchlm.tokenizer.token_file import TokenFileWriter, token_dtype
 from scratchlm.tokenizer.tokenizer import Tokenizer
 
@@ -82,15 +82,7 @@ def encode_file(
 
 def _encode_range(tokenizer: Tokenizer, path: str, start: int, end: int, dtype: np.dtype) -> np.ndarray:
     """Encode bytes ``[start, end)`` of ``path``; ids as a compact array."""
-    with open(path, "rb") as file:
-        file.seek(start)
-        data = file.read(end - start)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"input_path {path!r} is not valid UTF-8 at byte {start + error.start}: {error.reason}"
-        ) from None
+    text = read_text_range(path, start, end)
     # A narrow array crosses the process boundary faster than a list of ints.
     return np.asarray(tokenizer.encode(text), dtype=dtype)
 

@@ -213,3 +213,19 @@ def safe_byte_ranges(
             end = size if cut is None else cut
             yield start, end
             start = end
+
+
+def read_text_range(path: str | os.PathLike, start: int, end: int) -> str:
+    """Bytes ``[start, end)`` of a UTF-8 file as text (a range from ``safe_byte_ranges``).
+
+    Invalid UTF-8 raises ValueError naming the file and the absolute byte offset.
+    """
+    with open(path, "rb") as file:
+        file.seek(start)
+        data = file.read(end - start)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"input_path {str(path)!r} is not valid UTF-8 at byte {start + error.start}: {error.reason}"
+        ) from None

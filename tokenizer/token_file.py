@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import ast
 import os
-import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+
+from scratchlm.atomic import atomic_write
 
 # A fixed 128-byte header (magic, version, length, padded dict) leaves room for
 # any 64-bit length, so the count can be written after the ids are streamed.
@@ -66,12 +68,10 @@ class TokenFileWriter:
         self.dtype = token_dtype(vocab_size)
         self.count = 0
         self._file = None
-        self._tmp_name: str | None = None
+        self._cleanup = ExitStack()
 
     def __enter__(self) -> "TokenFileWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._file = os.fdopen(fd, "wb")
+        self._file = self._cleanup.enter_context(atomic_write(self.path, "wb"))
         self._file.write(_header(self.dtype, 0))
         return self
 
@@ -92,20 +92,13 @@ class TokenFileWriter:
         self.count += arr.size
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        assert self._file is not None and self._tmp_name is not None
-        try:
-            if exc_type is None:
-                self._file.seek(0)
-                self._file.write(_header(self.dtype, self.count))
-                self._file.flush()
-                os.fsync(self._file.fileno())
-            self._file.close()
-            if exc_type is None:
-                os.replace(self._tmp_name, self.path)
-        finally:
-            if os.path.exists(self._tmp_name):
-                os.unlink(self._tmp_name)
-            self._file = None
+        assert self._file is not None
+        if exc_type is None:
+            # Now that the length is known, fill it into the header written first.
+            self._file.seek(0)
+            self._file.write(_header(self.dtype, self.count))
+        self._file = None
+        self._cleanup.__exit__(exc_type, exc, tb)
 
 
 def write_token_file(path: str | os.PathLike, ids, vocab_size: int) -> Path:

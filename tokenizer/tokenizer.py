@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from scratchlm.atomic import atomic_write
 from scratchlm.tokenizer.apply_merges import LONG_PIECE_BYTES, merge_by_rank, merge_by_rank_heap
 from scratchlm.tokenizer.gpt2_files import load_gpt2_files
 from scratchlm.tokenizer.pretokenize import (
@@ -233,18 +233,8 @@ class Tokenizer:
             "merges": [[left.hex(), right.hex()] for left, right in self.merges],
             "special_tokens": self.special_tokens,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside the target and rename: a crash never leaves half a file.
-        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                json.dump(document, file, ensure_ascii=False, indent=1)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp_name, path)
-        finally:
-            if os.path.exists(temp_name):
-                os.unlink(temp_name)
+        with atomic_write(path, "w", encoding="utf-8") as file:
+            json.dump(document, file, ensure_ascii=False, indent=1)
         return path
 
     @classmethod

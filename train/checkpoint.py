@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
+
+from scratchlm.atomic import atomic_write
 
 FORMAT = "scratchlm.checkpoint"
 VERSION = 1
@@ -107,18 +108,8 @@ def restore_generators(state: dict[str, Any], generators: dict[str, torch.Genera
 
 
 def _atomic_torch_save(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            # The data must be on disk before the rename makes it the checkpoint.
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_write(path, "wb") as f:
+        torch.save(payload, f)
 
 
 def save_checkpoint(

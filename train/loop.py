@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scratchlm.atomic import atomic_write
 from scratchlm.model import ModelConfig, TransformerLM, resolve_kernels
 from scratchlm.train.checkpoint import CheckpointError, apply_checkpoint, read_checkpoint, save_checkpoint
 from scratchlm.train.config import TrainConfig
@@ -108,14 +108,8 @@ def _check_output_dir(config: TrainConfig) -> Path:
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _open_metrics(path: Path, resume_iteration: int | None):
