@@ -174,7 +174,7 @@ def _encode_prompts(
     return encoded
 
 
-def _prepare(
+def _start(
     model: TransformerLM,
     tokenizer: TokenizerLike,
     prompts: list[str],
@@ -182,13 +182,27 @@ def _prepare(
     temperature: float,
     top_p: float,
     device: torch.device | str | None,
+    generator: torch.Generator | None,
     stop_token: str | None,
-) -> tuple[list[list[int]], int | None]:
+    use_kv_cache: bool,
+) -> tuple[Iterator[list[int | None]], int | None]:
+    """Check the arguments now (generate_ids is lazy) and return its steps and the stop id."""
     _check_sampling_args(max_tokens, temperature, top_p)
     if device is not None:
         model.to(device)
     stop_id = _stop_token_id(tokenizer, stop_token)
-    return _encode_prompts(model, tokenizer, prompts, stop_id), stop_id
+    prompt_ids = _encode_prompts(model, tokenizer, prompts, stop_id)
+    steps = generate_ids(
+        model,
+        prompt_ids,
+        max_tokens,
+        temperature,
+        top_p,
+        generator=generator,
+        stop_id=stop_id,
+        use_kv_cache=use_kv_cache,
+    )
+    return steps, stop_id
 
 
 def decode(
@@ -214,18 +228,10 @@ def decode(
     sampling reproducible; it must live on that device.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    prompt_ids, stop_id = _prepare(model, tokenizer, prompts, max_tokens, temperature, top_p, device, stop_token)
-    continuations: list[list[int]] = [[] for _ in prompts]
-    steps = generate_ids(
-        model,
-        prompt_ids,
-        max_tokens,
-        temperature,
-        top_p,
-        generator=generator,
-        stop_id=stop_id,
-        use_kv_cache=use_kv_cache,
+    steps, stop_id = _start(
+        model, tokenizer, prompts, max_tokens, temperature, top_p, device, generator, stop_token, use_kv_cache
     )
+    continuations: list[list[int]] = [[] for _ in prompts]
     for step in steps:
         for row, token in enumerate(step):
             if token is not None and token != stop_id:
@@ -255,16 +261,8 @@ def stream(
     """
     if not isinstance(prompt, str):
         raise ValueError(f"prompt is {type(prompt).__name__}; expected one str (use decode for a batch)")
-    prompt_ids, stop_id = _prepare(model, tokenizer, [prompt], max_tokens, temperature, top_p, device, stop_token)
-    steps = generate_ids(
-        model,
-        prompt_ids,
-        max_tokens,
-        temperature,
-        top_p,
-        generator=generator,
-        stop_id=stop_id,
-        use_kv_cache=use_kv_cache,
+    steps, stop_id = _start(
+        model, tokenizer, [prompt], max_tokens, temperature, top_p, device, generator, stop_token, use_kv_cache
     )
     return _stream_text(tokenizer, steps, stop_id)
 
