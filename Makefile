@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test clean
 
 setup: $(READY)
 
@@ -21,9 +21,6 @@ demo: $(READY)
 
 test: $(READY)
 	$(BIN)/python -m pytest -q tests
-
-bench: $(READY)
-	$(BIN)/python -m pytest -q benchmarks --benchmark-only
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out
