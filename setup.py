@@ -20,6 +20,8 @@ setup(
     package_dir={"scratchlm": "scratchlm", **{f"scratchlm.{part}": part for part in PARTS}},
     install_requires=[
         "torch>=2.4",
+        # Triton ships Linux wheels only; elsewhere the "triton" kernels are unavailable.
+        "triton; platform_system == 'Linux'",
         "numpy",
         "regex",
         "einops",

@@ -1,11 +1,20 @@
-"""Shared fixtures: the optional ../shared/data folder and deterministic seeds."""
+"""Shared fixtures: the optional ../shared/data folder and deterministic seeds.
+
+Without a GPU, Triton kernels run through Triton's interpreter on the CPU; it
+is chosen by an environment variable that must be set before Triton is first
+imported, so it is set here, before any test module loads.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -33,3 +33,26 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
             f"NaN actual/expected {int(torch.isnan(a).sum())}/{int(torch.isnan(e).sum())}, "
             f"inf actual/expected {int(torch.isinf(a).sum())}/{int(torch.isinf(e).sum())}"
         )
+
+
+def assert_within_torch_error(
+    actual: torch.Tensor, torch_same_dtype: torch.Tensor, reference: torch.Tensor, *, name: str = "tensor"
+) -> None:
+    """The three-way rule for low-precision outputs.
+
+    ``actual`` (the fast path in bf16/fp16) may be at most twice as far from
+    ``reference`` (float64 or float32 math) as PyTorch's own result in the same
+    dtype, ``torch_same_dtype``, is. A floor of one unit in the last place at
+    the largest reference magnitude keeps an exactly-rounded PyTorch result
+    from demanding a perfect kernel.
+    """
+    ref = reference.detach().to(torch.float64)
+    kernel_error = (actual.detach().to(torch.float64) - ref).abs().max().item()
+    torch_error = (torch_same_dtype.detach().to(torch.float64) - ref).abs().max().item()
+    floor = torch.finfo(actual.dtype).eps * ref.abs().max().item()
+    if not kernel_error <= 2 * torch_error + floor:
+        raise AssertionError(
+            f"{name}: max error {kernel_error:.3e} against the reference exceeds 2x PyTorch's own "
+            f"{actual.dtype} error {torch_error:.3e} (+ floor {floor:.1e}); "
+            f"NaN in actual: {int(torch.isnan(actual).sum())}"
+        )
