@@ -105,3 +105,15 @@ def test_traced_by_torch_compile_without_graph_breaks():
 def test_bad_input_is_refused(a, b, error, match):
     with pytest.raises(error, match=match):
         swiglu(a, b)
+
+
+@on_cuda_only
+def test_offsets_beyond_two_to_the_31_elements():
+    n = 2**31 + 4099  # int32 offsets would wrap before the end of this tensor
+    a = torch.empty(n, device="cuda", dtype=torch.bfloat16).fill_(1.5)
+    b = torch.empty(n, device="cuda", dtype=torch.bfloat16).fill_(2.0)
+    a[-3:] = torch.tensor([1.0, -2.0, 3.0], dtype=torch.bfloat16)
+    y = swiglu(a, b)
+    tail = F.silu(a[-3:].float()) * 2.0
+    assert_close(y[-3:], tail, atol=2e-2, rtol=2e-2, name="tail past 2^31")
+    assert_close(y[:2], F.silu(a[:2].float()) * 2.0, atol=2e-2, rtol=2e-2, name="head")
