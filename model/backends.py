@@ -8,16 +8,26 @@ Four ops are swappable, each with one signature shared by every backend:
     attention(q, k, v) -> out             causal; q (..., q_seq, d), k/v (..., k_seq, d)
 
 Backends: "reference" (``scratchlm.model.functional``, written out by hand),
-"torch" (PyTorch's fused ops), "triton" (this project's kernels, not landed
-yet). A model resolves its ``kernels=`` argument once, at construction, into
-one function per op and keeps those; ``forward`` never asks which backend it
-is on.
+"torch" (PyTorch's fused ops), "triton" (this project's kernels in
+``scratchlm.kernels``; attention stays on "torch" until the FlashAttention
+kernel lands). A model resolves its ``kernels=`` argument once, at
+construction, into one function per op and keeps those; ``forward`` never asks
+which backend it is on.
+
+The Triton kernels run on CUDA devices, and on the CPU only through Triton's
+interpreter (``TRITON_INTERPRET=1``, set before Triton is imported), which is
+how the tests check them; they are imported only when first asked for, so
+``scratchlm.model`` imports without Triton installed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Union
+
+import importlib
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +45,10 @@ KernelsSpec = Union[str, Mapping[str, str]]
 
 
 class KernelsUnavailableError(ValueError, NotImplementedError):
-    """A valid backend whose implementation is not available (here: Triton, not written yet).
+    """A valid backend that cannot run here (Triton without CUDA or without Triton installed).
 
-    It is both a ValueError (bad ``--kernels`` value for this build) and a
-    NotImplementedError (the code is missing, not the user's input wrong).
+    It is both a ValueError (bad ``--kernels`` value for this machine) and a
+    NotImplementedError (what is missing is not the user's input).
     """
 
 
@@ -73,24 +83,62 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class _TritonKernel:
+    """``scratchlm.kernels.<module>.<name>``, imported on first use (Triton is optional)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def load(self) -> Callable[..., Tensor]:
+        return getattr(importlib.import_module(f"scratchlm.kernels.{self.module}"), self.name)
+
+
 # op name -> backend name -> implementation. A backend missing from an op's
-# table is not available for that op; adding the Triton kernels means adding
-# "triton" entries here and nothing else.
-_REGISTRY: dict[str, dict[str, Callable[..., Tensor]]] = {
-    "rmsnorm": {"reference": functional.rms_norm, "torch": _torch_rmsnorm},
-    "swiglu": {"reference": functional.swiglu_gate, "torch": _torch_swiglu},
-    "rope": {"reference": functional.apply_rope, "torch": _torch_rope},
+# table is not available for that op.
+_REGISTRY: dict[str, dict[str, Callable[..., Tensor] | _TritonKernel]] = {
+    "rmsnorm": {
+        "reference": functional.rms_norm,
+        "torch": _torch_rmsnorm,
+        "triton": _TritonKernel("rmsnorm", "rmsnorm"),
+    },
+    "swiglu": {
+        "reference": functional.swiglu_gate,
+        "torch": _torch_swiglu,
+        "triton": _TritonKernel("swiglu", "swiglu"),
+    },
+    "rope": {
+        "reference": functional.apply_rope,
+        "torch": _torch_rope,
+        "triton": _TritonKernel("rope", "apply_rope"),
+    },
     "attention": {"reference": functional.causal_attention, "torch": _torch_attention},
 }
+# Where an op has no Triton kernel yet, "triton" means the fastest path there is.
+_TRITON_STAND_IN = "torch"
+
+
+def _triton_unavailable_reason(device: torch.device | str | None) -> str | None:
+    """Why the Triton kernels cannot run on ``device``, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton; Linux only)"
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            "Triton kernels need a CUDA device; on the CPU they run only through Triton's interpreter "
+            "(set TRITON_INTERPRET=1 before starting Python; slow, for testing)"
+        )
+    return None
 
 
 def _auto_backend(device: torch.device | str | None) -> str:
-    """"torch" on CUDA, "reference" elsewhere (becomes "triton" on CUDA once the kernels land)."""
+    """"triton" on CUDA (or "torch" there when Triton is missing), "reference" elsewhere."""
     if device is None:
         on_cuda = torch.cuda.is_available()
     else:
         on_cuda = torch.device(device).type == "cuda"
-    return "torch" if on_cuda else "reference"
+    if not on_cuda:
+        return "reference"
+    return "triton" if _triton_unavailable_reason(device) is None else "torch"
 
 
 def _check_choice(choice: object, where: str) -> str:
@@ -102,9 +150,10 @@ def _check_choice(choice: object, where: str) -> str:
 def resolve_kernels(kernels: KernelsSpec = "auto", device: torch.device | str | None = None) -> dict[str, str]:
     """Turn a ``kernels=`` value into one backend name per op, checking it is usable.
 
-    ``device`` decides what "auto" means (None: CUDA if available). Raises
-    ValueError for unknown ops or backends and ``KernelsUnavailableError`` for
-    a known backend that is not implemented yet.
+    ``device`` decides what "auto" means (None: CUDA if available) and whether
+    "triton" can run. Raises ValueError for unknown ops or backends and
+    ``KernelsUnavailableError`` for "triton" where it cannot run. "triton" for
+    an op without a Triton kernel (attention, for now) resolves to "torch".
 
     >>> resolve_kernels("reference")
     {'rmsnorm': 'reference', 'swiglu': 'reference', 'rope': 'reference', 'attention': 'reference'}
@@ -120,13 +169,13 @@ def resolve_kernels(kernels: KernelsSpec = "auto", device: torch.device | str | 
 
     auto = _auto_backend(device)
     resolved = {op: auto if choice == "auto" else choice for op, choice in choices.items()}
+    if "triton" in resolved.values():
+        reason = _triton_unavailable_reason(device)
+        if reason is not None:
+            raise KernelsUnavailableError(f"kernels={kernels!r} asks for the 'triton' backend, but {reason}")
     for op, backend in resolved.items():
-        if backend not in _REGISTRY[op]:
-            raise KernelsUnavailableError(
-                f"kernels={kernels!r} asks for the {backend!r} backend of op {op!r}, which is not available "
-                f"in this build (the Triton kernels have not landed yet); "
-                f"expected one of {sorted(_REGISTRY[op])} for this op"
-            )
+        if backend == "triton" and "triton" not in _REGISTRY[op]:
+            resolved[op] = _TRITON_STAND_IN
     return resolved
 
 
@@ -134,5 +183,5 @@ def get_op(op: str, backend: str = "reference", device: torch.device | str | Non
     """The implementation of one op for one backend choice (any of ``KERNEL_CHOICES``)."""
     if op not in _REGISTRY:
         raise ValueError(f"op={op!r} is unknown; expected one of {list(OPS)}")
-    resolved = resolve_kernels({op: backend}, device)[op]
-    return _REGISTRY[op][resolved]
+    implementation = _REGISTRY[op][resolve_kernels({op: backend}, device)[op]]
+    return implementation.load() if isinstance(implementation, _TritonKernel) else implementation

@@ -101,7 +101,7 @@ def test_forward_accepts_any_leading_dims():
     assert_close(logits[1, 2], model(token_ids[1, 2]), atol=1e-5, rtol=1e-5, name="leading dims")
 
 
-@pytest.mark.parametrize("kernels", ["reference", "torch"])
+@pytest.mark.parametrize("kernels", ["reference", "torch", "triton"])
 def test_kv_cache_forward_matches_full_forward(kernels):
     model = tiny_model(kernels)
     token_ids = torch.randint(0, TINY["vocab_size"], (2, 17))
@@ -117,10 +117,11 @@ def test_kv_cache_forward_matches_full_forward(kernels):
 # ---- the kernels= switch ------------------------------------------------------------
 
 
-def test_reference_and_torch_backends_agree_on_logits_and_gradients():
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_fast_backends_agree_with_reference_on_logits_and_gradients(kernels):
     reference = tiny_model("reference")
     randomise_norm_weights(reference)
-    fused = tiny_model("torch")
+    fused = tiny_model(kernels)
     fused.load_state_dict(reference.state_dict())
     token_ids = torch.randint(0, TINY["vocab_size"], (4, 24))
     targets = torch.randint(0, TINY["vocab_size"], (4, 24))
@@ -141,7 +142,7 @@ def test_bf16_backends_agree_with_float32_model():
     model32 = tiny_model("reference")
     token_ids = torch.randint(0, TINY["vocab_size"], (2, 16))
     expected = model32(token_ids)
-    for kernels in ("reference", "torch"):
+    for kernels in ("reference", "torch", "triton"):
         model16 = tiny_model(kernels, dtype=torch.bfloat16)
         model16.load_state_dict(model32.state_dict())
         logits = model16(token_ids)
@@ -152,7 +153,10 @@ def test_bf16_backends_agree_with_float32_model():
 def test_resolve_kernels_strings_and_auto():
     assert resolve_kernels("torch") == dict.fromkeys(("rmsnorm", "swiglu", "rope", "attention"), "torch")
     assert set(resolve_kernels("auto", device="cpu").values()) == {"reference"}
-    assert set(resolve_kernels("auto", device="cuda").values()) == {"torch"}
+    # On CUDA: the Triton kernels, with attention on PyTorch's until its kernel lands.
+    assert resolve_kernels("auto", device="cuda") == {
+        "rmsnorm": "triton", "swiglu": "triton", "rope": "triton", "attention": "torch"
+    }
     resolved = resolve_kernels({"rmsnorm": "torch", "attention": "reference"}, device="cpu")
     assert resolved == {"rmsnorm": "torch", "swiglu": "reference", "rope": "reference", "attention": "reference"}
 
@@ -190,10 +194,26 @@ def test_unknown_kernels_raise_value_error_listing_choices(kernels, named, liste
 
 
 @pytest.mark.parametrize("kernels", ["triton", {"attention": "triton"}])
-def test_triton_is_a_clear_error_for_now(kernels):
-    with pytest.raises(KernelsUnavailableError, match="triton") as error:
-        resolve_kernels(kernels)
+def test_triton_on_a_cpu_without_the_interpreter_is_a_clear_error(kernels, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KernelsUnavailableError, match="'triton' backend, but Triton kernels need a CUDA device") as error:
+        resolve_kernels(kernels, device="cpu")
     assert isinstance(error.value, ValueError) and isinstance(error.value, NotImplementedError)
+    assert resolve_kernels(kernels, device="cuda")["attention"] == "torch"
+
+
+def test_triton_uses_the_kernels_and_torch_attention():
+    from scratchlm.kernels.rmsnorm import rmsnorm
+    from scratchlm.kernels.rope import apply_rope
+    from scratchlm.kernels.swiglu import swiglu
+
+    model = tiny_model("triton")
+    assert model.backends == {"rmsnorm": "triton", "swiglu": "triton", "rope": "triton", "attention": "torch"}
+    block = model.layers[0]
+    assert block.ln1._rmsnorm is rmsnorm and model.ln_final._rmsnorm is rmsnorm
+    assert block.ffn._swiglu is swiglu
+    assert block.attn.rope._rope is apply_rope
+    assert block.attn._attention is get_op("attention", "torch")
 
 
 # ---- state dict, parameters, FLOPs -------------------------------------------------
@@ -314,20 +334,24 @@ def test_bad_token_ids_raise_value_errors_naming_the_problem():
 
 
 @pytest.mark.slow
-def test_model_compiles_as_one_graph():
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_model_compiles_as_one_graph(kernels):
     # aot_eager traces forward and backward like inductor would, without a C compiler.
-    model = tiny_model("torch")
+    model = tiny_model(kernels)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     token_ids = torch.randint(0, TINY["vocab_size"], (2, 16))
-    assert_close(compiled(token_ids), model(token_ids), atol=1e-6, rtol=1e-6, name="compiled logits")
+    logits = compiled(token_ids)
+    assert_close(logits, model(token_ids), atol=1e-6, rtol=1e-6, name="compiled logits")
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_auto_uses_torch_ops_and_matches_reference():
+def test_cuda_auto_uses_triton_kernels_and_matches_reference():
     reference = tiny_model("reference")
     model = TransformerLM(**TINY, kernels="auto", device="cuda")
     model.load_state_dict(reference.state_dict())
-    assert set(model.backends.values()) == {"torch"}
+    assert model.backends == {"rmsnorm": "triton", "swiglu": "triton", "rope": "triton", "attention": "torch"}
     token_ids = torch.randint(0, TINY["vocab_size"], (3, 32))
     expected = reference(token_ids)
     assert_close(model(token_ids.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4, name="cuda float32 logits")
