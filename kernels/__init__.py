@@ -1,6 +1,20 @@
 """scratchlm.kernels: fused Triton kernels with PyTorch autograd wrappers.
 
-Empty for now: the model's "reference" and "torch" paths are complete, and the
-Triton kernels (RMSNorm, SwiGLU, RoPE, FlashAttention-2) arrive here next,
-registered in ``scratchlm.model.backends`` as the "triton" backend.
+Each public function is a ``torch.autograd.Function`` whose forward and
+backward are Triton kernels, registered as PyTorch operators so that
+``torch.compile`` traces through them without graph breaks:
+
+- ``rmsnorm(x, weight, eps=1e-5)``: x (..., d), weight (d,)
+- ``swiglu(a, b)``: silu(a) * b, elementwise
+- ``apply_rope(x, cos, sin)``: x (..., seq, d); cos, sin (seq, d/2), adjacent pairs
+
+They run on CUDA devices, and on the CPU through Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before Triton is imported (slow; for tests).
+The model uses them with ``TransformerLM(..., kernels="triton")``.
 """
+
+from scratchlm.kernels.rmsnorm import rmsnorm
+from scratchlm.kernels.rope import apply_rope
+from scratchlm.kernels.swiglu import swiglu
+
+__all__ = ["apply_rope", "rmsnorm", "swiglu"]
