@@ -1,21 +1,38 @@
-"""The README's Python example runs as written (on the demo's corpus files)."""
+"""The README's Python examples run as written."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
+import torch
+
 from conftest import REPO_ROOT
 from scratchlm.demo import write_corpus
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+def _python_blocks() -> list[str]:
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    assert blocks, "README.md has no python example"
+    return re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+
+
+def test_readme_has_the_api_and_kernel_examples():
+    blocks = _python_blocks()
+    assert len(blocks) == 2, "update these tests when README examples are added or removed"
+    assert "TransformerLM" in blocks[0] and "scratchlm.kernels" in blocks[1]
+
+
+def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_corpus(tmp_path / "demo_out")  # the files the example reads, as `make demo` leaves them
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
-    printed = capsys.readouterr().out
-    assert "ModelConfig(" in printed
+    exec(compile(_python_blocks()[0], "README.md", "exec"), {"__name__": "readme_example"})
+    assert "ModelConfig(" in capsys.readouterr().out
     assert (tmp_path / "demo_out" / "tok1024.json").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel example allocates on a CUDA device")
+def test_readme_kernel_example_runs():
+    namespace = {"__name__": "readme_example"}
+    exec(compile(_python_blocks()[1], "README.md", "exec"), namespace)
+    assert namespace["q_rotated"].shape == namespace["q"].shape
+    assert namespace["x"].grad is not None and namespace["w"].grad is not None
