@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(READY)
 
@@ -21,6 +21,17 @@ demo: $(READY)
 
 test: $(READY)
 	$(BIN)/python -m pytest -q tests
+
+# Kernel microbenchmarks: benchmarks/bench_*.py (which `make test` never collects),
+# then benchmarks/report.py turns the JSON into kernels.md and kernels.png.
+# Without CUDA only small shapes and the reference/torch providers run.
+BENCH_RESULTS := benchmarks/results
+BENCH_PYTEST := -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' --benchmark-only
+BENCH_FILES := --json $(BENCH_RESULTS)/kernels.json --skips $(BENCH_RESULTS)/skipped.json
+bench: $(READY)
+	$(BIN)/python -m pytest benchmarks $(BENCH_PYTEST) \
+		--benchmark-json=$(BENCH_RESULTS)/kernels.json --skips-json=$(BENCH_RESULTS)/skipped.json
+	$(BIN)/python benchmarks/report.py $(BENCH_FILES) --out-dir $(BENCH_RESULTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

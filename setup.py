@@ -34,6 +34,8 @@ setup(
             "hypothesis",
             "tiktoken",
         ],
+        # `make bench` draws its plot with matplotlib (skipped with a note without it).
+        "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["scratchlm = scratchlm.cli:main"]},
 )

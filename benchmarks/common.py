@@ -1,0 +1,226 @@
+"""What every kernel benchmark shares: shapes, providers' skips, timing, bytes -> GB/s.
+
+Each ``bench_<op>.py`` builds, per provider, one callable that runs the op
+(forward, or forward + backward) and hands it to ``measure``, together with
+the number of bytes the op must move, counted by a formula written next to the
+op. ``measure`` records everything the report needs in pytest-benchmark's
+``extra_info``, so the JSON file alone is enough to rebuild the tables.
+
+Timing. pytest-benchmark times the callable with a wall clock, so the device
+is synchronised inside that callable; those numbers (mean, spread, rounds) are
+in the JSON's ``stats``. The number the report uses is a device-side timer:
+on CUDA ``triton.testing.do_bench`` (CUDA events, the L2 cache flushed before
+each repetition, median of about 100 ms of repetitions), which leaves the
+synchronisation round trip out; on the CPU, the least of ten wall-clock rounds (a CPU
+shared with other work only ever adds delay, so the minimum is the stable one).
+
+Environment variables: ``SCRATCHLM_BENCH_SHAPES`` = auto (full on CUDA,
+smoke on the CPU) | full | smoke, and ``SCRATCHLM_BENCH_DTYPE`` = bfloat16
+(default) | float16 | float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+
+PROVIDERS = ("reference", "torch", "compile", "triton", "liger")
+MODES = ("fwd", "fwd_bwd")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def dtype_under_test() -> torch.dtype:
+    name = os.environ.get("SCRATCHLM_BENCH_DTYPE", "bfloat16")
+    if name not in _DTYPES:
+        raise ValueError(f"SCRATCHLM_BENCH_DTYPE={name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def pick_shapes(full: Sequence[tuple[int, ...]], smoke: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The realistic shapes on CUDA, small ones on the CPU (so ``make bench`` runs anywhere)."""
+    choice = os.environ.get("SCRATCHLM_BENCH_SHAPES", "auto")
+    if choice not in ("auto", "full", "smoke"):
+        raise ValueError(f"SCRATCHLM_BENCH_SHAPES={choice!r}; expected 'auto', 'full' or 'smoke'")
+    if choice == "full" or (choice == "auto" and ON_CUDA):
+        return list(full)
+    return list(smoke)
+
+
+def shape_id(shape: tuple[int, ...]) -> str:
+    return "x".join(str(size) for size in shape)
+
+
+def require_provider(provider: str) -> None:
+    """Skip, with the reason, a provider whose numbers would mean nothing here."""
+    if provider == "triton" and not ON_CUDA:
+        pytest.skip(
+            "triton: no CUDA device; the Triton interpreter runs kernels in NumPy on the CPU, "
+            "so its time says nothing about the kernel"
+        )
+    if provider == "compile" and not ON_CUDA:
+        pytest.skip("compile: no CUDA device; torch.compile would time Inductor's CPU code, not the GPU path compared")
+    if provider == "liger":
+        if not ON_CUDA:
+            pytest.skip("liger: no CUDA device; Liger-Kernel's Triton kernels need one")
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            pytest.skip("liger: liger-kernel is not installed (pip install liger-kernel to compare with it)")
+
+
+def import_kernel(module: str, name: str) -> Callable[..., Any]:
+    """This project's kernel ``scratchlm.kernels.<module>.<name>``, or a skip while it has not landed."""
+    try:
+        return getattr(importlib.import_module(f"scratchlm.kernels.{module}"), name)
+    except (ImportError, AttributeError) as error:
+        pytest.skip(f"triton: scratchlm.kernels.{module}.{name} is not available ({error})")
+
+
+def compiled(reference: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile`` of the reference, specialised to this benchmark's shapes.
+
+    Dynamo keeps its compiled graphs on the function's code object, at most 8
+    of them (its recompile limit), then silently runs eagerly; 6 shapes x 2
+    modes would pass that. Resetting first gives every benchmark a fresh cache.
+    """
+    torch._dynamo.reset()
+    return torch.compile(reference, dynamic=False)
+
+
+def synchronize() -> None:
+    if ON_CUDA:
+        torch.cuda.synchronize()
+
+
+def forward_step(op: Callable[..., Any], args: Sequence[Any]) -> Callable[[], None]:
+    def step() -> None:
+        op(*args)
+
+    return step
+
+
+def forward_backward_step(
+    op: Callable[..., Any], args: Sequence[Any], wrt: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor]
+) -> Callable[[], None]:
+    """Forward, then the gradients of ``wrt`` given ``grad_outputs``.
+
+    ``torch.autograd.grad`` returns fresh gradients instead of adding into
+    ``.grad``, so no repetition pays for an extra read-modify-write.
+    """
+
+    def step() -> None:
+        outputs = op(*args)
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        torch.autograd.grad(outputs, wrt, grad_outputs)
+
+    return step
+
+
+@functools.cache
+def copy_bandwidth_gbps() -> float:
+    """This device's measured copy bandwidth: y.copy_(x), counting bytes read + written.
+
+    It is the practical ceiling for a memory-bound kernel (H100 SXM: about
+    3.0 TB/s of its 3.35 TB/s nominal), so "% of copy" says how close a kernel is.
+    """
+    nbytes = (1 << 30) if ON_CUDA else (1 << 25)  # 1 GiB, far beyond any L2; 32 MiB on the CPU
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).uniform_()
+    y = torch.empty_like(x)
+    seconds = device_time_ms(lambda: y.copy_(x)) / 1e3
+    return 2 * nbytes / seconds / 1e9
+
+
+def device_time_ms(step: Callable[[], Any], cpu_rounds: int = 10) -> float:
+    """Time of one call of ``step`` in milliseconds (see the module docstring)."""
+    if ON_CUDA:
+        import triton.testing
+
+        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+    times = []
+    for _ in range(cpu_rounds):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def peak_memory_bytes(step: Callable[[], Any]) -> int | None:
+    """Bytes allocated by one call beyond what was allocated before it (inputs excluded); None off CUDA."""
+    if not ON_CUDA:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def environment() -> dict[str, str]:
+    import triton
+
+    return {
+        "device_name": torch.cuda.get_device_name() if ON_CUDA else f"CPU ({os.cpu_count()} cores)",
+        "torch_version": torch.__version__,
+        "triton_version": triton.__version__,
+    }
+
+
+def measure(
+    benchmark: Any,
+    step: Callable[[], None],
+    *,
+    op: str,
+    provider: str,
+    mode: str,
+    shape: tuple[int, ...],
+    shape_label: str,
+    bytes_moved: int,
+    dtype: torch.dtype,
+    note: str = "",
+) -> None:
+    """Time ``step`` both ways, compute GB/s from ``bytes_moved``, record it all in ``extra_info``."""
+    step()  # the first call compiles (torch.compile, Triton's JIT); keep it out of every number
+    synchronize()
+    peak = peak_memory_bytes(step)
+    time_ms = device_time_ms(step)
+    gbps = bytes_moved / (time_ms / 1e3) / 1e9
+    copy_gbps = copy_bandwidth_gbps()
+    benchmark.extra_info.update(
+        {
+            "op": op,
+            "provider": provider,
+            "mode": mode,
+            "shape": list(shape),
+            "shape_label": shape_label,
+            "dtype": str(dtype).removeprefix("torch."),
+            "bytes_moved": bytes_moved,
+            "time_ms": time_ms,
+            "timer": "triton.testing.do_bench median (CUDA events)" if ON_CUDA else "wall clock, least of 10 rounds",
+            "gbps": gbps,
+            "copy_gbps": copy_gbps,
+            "fraction_of_copy": gbps / copy_gbps,
+            "peak_memory_bytes": peak,
+            "note": note,
+            **environment(),
+        }
+    )
+
+    def synchronised_step() -> None:
+        step()
+        synchronize()
+
+    rounds, warmup = (20, 3) if ON_CUDA else (3, 1)
+    benchmark.pedantic(synchronised_step, rounds=rounds, warmup_rounds=warmup, iterations=1)

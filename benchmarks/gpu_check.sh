@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: the kernel tests on CUDA, then the kernel
+# benchmarks and their report.
+#
+#   benchmarks/gpu_check.sh [COPY_TO]
+#
+# Writes benchmarks/results/: kernel_tests.log, bench.log, kernels.json (pytest-benchmark),
+# skipped.json, kernels.md, kernels_summary.json, kernels.png (8 files or fewer);
+# COPY_TO, when given, gets a copy of them.
+# PYTHON picks the interpreter: default .venv/bin/python when it exists, else python3.
+# No network is needed: when the interpreter cannot import scratchlm, the
+# checkout is installed editable without dependencies (torch, triton, pytest,
+# pytest-benchmark and matplotlib must already be there).
+# Exit status: the tests' when they fail, else the benchmarks', else the report's.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+RESULTS=benchmarks/results
+COPY_TO=${1:-}
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONUNBUFFERED=1
+# Compiled kernels only: the interpreter is for machines without a GPU.
+unset TRITON_INTERPRET
+mkdir -p "$RESULTS"
+
+if ! "$PYTHON" -c "import scratchlm.kernels" 2>/dev/null; then
+    echo "gpu_check: installing this checkout (editable, no dependencies)"
+    "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e . || exit 1
+fi
+"$PYTHON" - <<'EOF'
+import torch, triton
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (a CPU smoke run only)"
+print(f"gpu_check: torch {torch.__version__}, triton {triton.__version__}, CUDA device: {device}")
+EOF
+
+echo "gpu_check: kernel tests"
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$RESULTS/kernel_tests.log"
+tests_status=${PIPESTATUS[0]}
+
+echo "gpu_check: benchmarks"
+"$PYTHON" -m pytest benchmarks -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
+    --benchmark-only --benchmark-json="$RESULTS/kernels.json" --skips-json="$RESULTS/skipped.json" \
+    2>&1 | tee "$RESULTS/bench.log"
+bench_status=${PIPESTATUS[0]}
+
+"$PYTHON" benchmarks/report.py --json "$RESULTS/kernels.json" --skips "$RESULTS/skipped.json" --out-dir "$RESULTS"
+report_status=$?
+
+if [[ -n $COPY_TO ]]; then
+    mkdir -p "$COPY_TO"
+    for name in kernel_tests.log bench.log kernels.json skipped.json kernels.md kernels_summary.json kernels.png; do
+        if [[ -f $RESULTS/$name ]]; then cp "$RESULTS/$name" "$COPY_TO/"; fi
+    done
+fi
+
+echo "gpu_check: kernel tests exit $tests_status, benchmarks exit $bench_status, report exit $report_status"
+for status in "$tests_status" "$bench_status" "$report_status"; do
+    if [[ $status -ne 0 ]]; then exit "$status"; fi
+done
