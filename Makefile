@@ -5,6 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
+BENCH_READY := $(VENV)/.bench-ready
 
 .PHONY: setup demo test bench clean
 
@@ -28,7 +29,11 @@ test: $(READY)
 BENCH_RESULTS := benchmarks/results
 BENCH_PYTEST := -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' --benchmark-only
 BENCH_FILES := --json $(BENCH_RESULTS)/kernels.json --skips $(BENCH_RESULTS)/skipped.json
-bench: $(READY)
+$(BENCH_READY): $(READY)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+bench: $(BENCH_READY)
 	$(BIN)/python -m pytest benchmarks $(BENCH_PYTEST) \
 		--benchmark-json=$(BENCH_RESULTS)/kernels.json --skips-json=$(BENCH_RESULTS)/skipped.json
 	$(BIN)/python benchmarks/report.py $(BENCH_FILES) --out-dir $(BENCH_RESULTS)
