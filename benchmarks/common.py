@@ -1,10 +1,12 @@
-"""What every kernel benchmark shares: shapes, providers' skips, timing, bytes -> GB/s.
+"""What every kernel benchmark shares: shapes, providers' skips, timing, bytes -> GB/s, FLOPs -> TFLOP/s.
 
 Each ``bench_<op>.py`` builds, per provider, one callable that runs the op
 (forward, or forward + backward) and hands it to ``measure``, together with
-the number of bytes the op must move, counted by a formula written next to the
-op. ``measure`` records everything the report needs in pytest-benchmark's
-``extra_info``, so the JSON file alone is enough to rebuild the tables.
+the number of bytes the op must move (memory-bound kernels) or the number of
+floating-point operations it must do (attention), counted by a formula written
+next to the op. ``measure`` records everything the report needs in
+pytest-benchmark's ``extra_info``, so the JSON file alone is enough to rebuild
+the tables.
 
 Timing. pytest-benchmark times the callable with a wall clock, so the device
 is synchronised inside that callable; those numbers (mean, spread, rounds) are
@@ -187,17 +189,31 @@ def measure(
     mode: str,
     shape: tuple[int, ...],
     shape_label: str,
-    bytes_moved: int,
     dtype: torch.dtype,
+    bytes_moved: int | None = None,
+    flops: int | None = None,
     note: str = "",
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Time ``step`` both ways, compute GB/s from ``bytes_moved``, record it all in ``extra_info``."""
+    """Time ``step`` both ways and record it all in ``extra_info``.
+
+    Give ``bytes_moved`` for a memory-bound op (recorded as GB/s and the
+    fraction of copy bandwidth) or ``flops`` for a compute-bound one (recorded
+    as TFLOP/s); ``extra`` adds fields of the op's own (e.g. attention's
+    sequence length) for the report.
+    """
+    if (bytes_moved is None) == (flops is None):
+        raise ValueError(f"measure: give exactly one of bytes_moved ({bytes_moved}) and flops ({flops})")
     step()  # the first call compiles (torch.compile, Triton's JIT); keep it out of every number
     synchronize()
     peak = peak_memory_bytes(step)
     time_ms = device_time_ms(step)
-    gbps = bytes_moved / (time_ms / 1e3) / 1e9
     copy_gbps = copy_bandwidth_gbps()
+    if bytes_moved is not None:
+        gbps = bytes_moved / (time_ms / 1e3) / 1e9
+        throughput = {"bytes_moved": bytes_moved, "gbps": gbps, "fraction_of_copy": gbps / copy_gbps}
+    else:
+        throughput = {"flops": flops, "tflops": flops / (time_ms / 1e3) / 1e12}
     benchmark.extra_info.update(
         {
             "op": op,
@@ -206,14 +222,13 @@ def measure(
             "shape": list(shape),
             "shape_label": shape_label,
             "dtype": str(dtype).removeprefix("torch."),
-            "bytes_moved": bytes_moved,
             "time_ms": time_ms,
             "timer": "triton.testing.do_bench median (CUDA events)" if ON_CUDA else "wall clock, least of 10 rounds",
-            "gbps": gbps,
+            **throughput,
             "copy_gbps": copy_gbps,
-            "fraction_of_copy": gbps / copy_gbps,
             "peak_memory_bytes": peak,
             "note": note,
+            **(extra or {}),
             **environment(),
         }
     )

@@ -6,9 +6,11 @@
 
 Writes ``kernels_summary.json`` (one row per op x mode x shape x provider, with
 speedups), ``kernels.md`` (a table per op and mode: provider x shape -> time,
-GB/s, % of copy bandwidth, peak memory, speedup over each other provider) and
-``kernels.png`` (GB/s per shape, a line per provider; skipped with a note when
-matplotlib is not installed). Everything comes from each benchmark's
+GB/s and % of copy bandwidth, or TFLOP/s for attention, peak memory, speedup
+over each other provider), ``kernels.png`` (GB/s per shape of the memory-bound
+kernels, a line per provider) and ``attention.png`` (attention's TFLOP/s
+against N, a panel per mode and head_dim); the plots are skipped with a note
+when matplotlib is not installed. Everything comes from each benchmark's
 ``extra_info``, written by ``benchmarks/common.py``.
 """
 
@@ -20,13 +22,32 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROVIDER_ORDER = ("reference", "torch", "compile", "triton", "liger")
-MODE_TITLES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
+PROVIDER_ORDER = (
+    "reference",
+    "torch",
+    "compile",
+    "sdpa_math",
+    "sdpa_flash",
+    "sdpa_efficient",
+    "sdpa_cudnn",
+    "triton",
+    "liger",
+)
+MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwd_bwd": "forward + backward"}
 
 
 def load_rows(path: Path) -> list[dict]:
     data = json.loads(path.read_text(encoding="utf-8"))
-    return [bench["extra_info"] for bench in data.get("benchmarks", []) if "gbps" in bench.get("extra_info", {})]
+    return [
+        bench["extra_info"]
+        for bench in data.get("benchmarks", [])
+        if {"gbps", "tflops"} & bench.get("extra_info", {}).keys()
+    ]
+
+
+def compute_bound(members: list[dict]) -> bool:
+    """True for a group measured in TFLOP/s (attention), False for GB/s."""
+    return "tflops" in members[0]
 
 
 def group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -37,7 +58,12 @@ def group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     for key, members in groups.items():
         shape_order = list(dict.fromkeys(row["shape_label"] for row in members))
         members.sort(key=lambda row: (shape_order.index(row["shape_label"]), provider_rank(row["provider"])))
-    return dict(sorted(groups.items()))
+    return dict(sorted(groups.items(), key=lambda item: (item[0][0], mode_rank(item[0][1]))))
+
+
+def mode_rank(mode: str) -> int:
+    modes = list(MODE_TITLES)
+    return modes.index(mode) if mode in modes else len(modes)
 
 
 def provider_rank(provider: str) -> int:
@@ -67,16 +93,21 @@ def format_speedup(row: dict, other: str) -> str:
 
 def markdown_table(members: list[dict]) -> list[str]:
     providers = sorted({row["provider"] for row in members}, key=provider_rank)
-    header = ["shape", "provider", "time (ms)", "GB/s", "% of copy", "peak MiB", *(f"vs {name}" for name in providers)]
+    throughput = ["TFLOP/s"] if compute_bound(members) else ["GB/s", "% of copy"]
+    header = ["shape", "provider", "time (ms)", *throughput, "peak MiB", *(f"vs {name}" for name in providers)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in members:
         speedups = [format_speedup(row, other) for other in providers]
+        if compute_bound(members):
+            # 3 significant digits: hundreds of TFLOP/s on a GPU, hundredths on a CPU smoke run.
+            rates = [f"{row['tflops']:.3g}"]
+        else:
+            rates = [f"{row['gbps']:.1f}", f"{100 * row['fraction_of_copy']:.1f}"]
         cells = [
             row["shape_label"],
             row["provider"],
             f"{row['time_ms']:.4f}",
-            f"{row['gbps']:.1f}",
-            f"{100 * row['fraction_of_copy']:.1f}",
+            *rates,
             format_bytes(row["peak_memory_bytes"]),
             *speedups,
         ]
@@ -99,6 +130,12 @@ def markdown_report(groups: dict[tuple[str, str], list[dict]], skips: list[dict]
         "- peak MiB: memory allocated by one call beyond its inputs (torch.cuda.max_memory_allocated); "
         "n/a off CUDA",
     ]
+    if any(compute_bound(members) for members in groups.values()):
+        lines.insert(
+            -2,
+            "- TFLOP/s (attention, causal): FLOPs by formula / time; forward 4 B H N^2 D / 2, backward 2.5x "
+            "the forward, forward + backward 3.5x (benchmarks/bench_attention.py); shape B x H x N x D",
+        )
     notes = sorted({(row["op"], row["provider"], row["note"]) for members in groups.values() for row in members})
     for op, provider, note in notes:
         if note:
@@ -114,8 +151,8 @@ def markdown_report(groups: dict[tuple[str, str], list[dict]], skips: list[dict]
     return "\n".join(lines) + "\n"
 
 
-def plot(groups: dict[tuple[str, str], list[dict]], path: Path) -> bool:
-    """GB/s per shape, one panel per op and mode; False (with a printed note) without matplotlib."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a printed note) without matplotlib."""
     try:
         import matplotlib
 
@@ -123,6 +160,17 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("report: matplotlib is not installed, so no plot (pip install matplotlib, or the 'bench' extra)")
+        return None
+    return plt
+
+
+def plot(groups: dict[tuple[str, str], list[dict]], path: Path) -> bool:
+    """GB/s per shape, one panel per memory-bound op and mode; False without matplotlib or such ops."""
+    groups = {key: members for key, members in groups.items() if not compute_bound(members)}
+    if not groups:
+        return False
+    plt = pyplot()
+    if plt is None:
         return False
     ops = sorted({op for op, _ in groups})
     modes = [mode for mode in MODE_TITLES if any(m == mode for _, m in groups)]
@@ -146,6 +194,43 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: Path) -> bool:
             axis.legend(fontsize=7)
     first = next(iter(groups.values()))[0]
     figure.suptitle(f"scratchlm kernels on {first['device_name']} ({first['dtype']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_attention(groups: dict[tuple[str, str], list[dict]], path: Path) -> bool:
+    """TFLOP/s against N, a panel per head_dim (rows) and mode (columns), a line per provider."""
+    rows = [row for members in groups.values() if compute_bound(members) for row in members]
+    if not rows:
+        return False
+    plt = pyplot()
+    if plt is None:
+        return False
+    head_dims = sorted({row["head_dim"] for row in rows})
+    modes = sorted({row["mode"] for row in rows}, key=mode_rank)
+    figure, axes = plt.subplots(
+        len(head_dims), len(modes), figsize=(5.5 * len(modes), 3.8 * len(head_dims)), squeeze=False
+    )
+    for i, head_dim in enumerate(head_dims):
+        for j, mode in enumerate(modes):
+            axis = axes[i][j]
+            mine = [row for row in rows if row["head_dim"] == head_dim and row["mode"] == mode]
+            for provider in sorted({row["provider"] for row in mine}, key=provider_rank):
+                points = sorted((row["seq_len"], row["tflops"]) for row in mine if row["provider"] == provider)
+                axis.plot(*zip(*points), marker="o", label=provider)
+            lengths = sorted({row["seq_len"] for row in mine})
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(lengths, [str(n) for n in lengths], fontsize=8)
+            axis.minorticks_off()
+            axis.set_title(f"attention, {MODE_TITLES.get(mode, mode)}, head_dim {head_dim}")
+            axis.set_xlabel("sequence length N (batch x N fixed)")
+            axis.set_ylabel("TFLOP/s")
+            axis.set_ylim(bottom=0)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+    figure.suptitle(f"causal attention on {rows[0]['device_name']} ({rows[0]['dtype']})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -181,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     written = ["kernels.md", "kernels_summary.json"]
     if plot(groups, args.out_dir / "kernels.png"):
         written.append("kernels.png")
+    if plot_attention(groups, args.out_dir / "attention.png"):
+        written.append("attention.png")
     print(f"report: wrote {', '.join(written)} in {args.out_dir}")
     return 0
 

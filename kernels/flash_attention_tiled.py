@@ -1,0 +1,303 @@
+"""FlashAttention-2, tile by tile, in plain PyTorch: the readable twin of the Triton kernel.
+
+Nothing here is fast. Each iteration of the outer loops below is what one Triton
+program does in ``flash_attention.py``; reading this file first makes that
+kernel's index arithmetic easy to follow, and the tests use it as a second
+reference whose memory behaviour is that of the kernel.
+
+The function. Per (batch, head), with Q (Nq, D), K and V (Nk, D) and a scale
+c (default D^-1/2):
+
+    S = c Q K^T                 (Nq, Nk)  scores
+    P = softmax(S) by rows      (Nq, Nk)
+    O = P V                     (Nq, D)
+
+The explicit version (``model.functional.causal_attention``) stores S and P:
+Nq x Nk numbers per head, 2 GiB in float32 for 32 heads of a 4096-token
+sequence. FlashAttention never forms them. It walks over tiles of Bm queries
+by Bn keys and keeps only state the size of O, so memory grows as N D, not N^2,
+and on a GPU the tile lives in on-chip SRAM instead of a round trip to HBM.
+
+Forward: the online softmax. A query tile Q_i (Bm, D) visits the key tiles
+K_j, V_j (Bn, D) one after another and keeps, per query row, the largest score
+seen so far m, the sum l of exp(score - m) over the keys seen so far, and an
+unnormalised float32 accumulator A = sum over keys of exp(score - m) v (Bm, D).
+For the next tile, S_ij = c Q_i K_j^T (Bm, Bn), and
+
+    m_new = max(m, rowmax(S_ij))
+    alpha = exp(m - m_new)            what was summed against the old max, rescaled
+    P~    = exp(S_ij - m_new)         every exponent <= 0: exp never overflows
+    l     = alpha l + rowsum(P~)
+    A     = alpha A + P~ V_j
+    m     = m_new
+
+After the last tile every term of l and A has been shifted by the same final
+m, so O_i = A / l is exactly softmax(S) V, and the row's logsumexp is
+L_i = m + log l. Two FlashAttention-2 choices show: the division by l waits
+until the end (one division per row instead of one per tile), and the query
+tile is the outer loop, so on a GPU one program owns one Q_i, its m, l, A and
+its output rows, with no communication between programs.
+
+Causal masking, aligned bottom-right: query i may attend key j iff
+j <= i + (Nk - Nq), since the queries are the last Nq positions of the key
+sequence (the same as the lower triangle when Nq = Nk). A tile whose first key
+lies beyond what its last query may see is entirely masked: it is skipped,
+never computed, which is half the work when Nq = Nk. A tile whose last key is
+visible to its first query needs no mask at all; only the tiles the diagonal
+crosses get -inf written into the masked scores. When Nq > Nk the first
+Nq - Nk queries see no key: their l is 0, their output is defined as 0 and
+their logsumexp as -inf, and every exp is guarded so that -inf - (-inf) never
+makes a NaN.
+
+Backward. Saved: Q, K, V, O and L, which is Nq numbers per head (float32;
+float64 for float64 inputs) instead of the Nq x Nk matrix P. Given dO:
+
+    dV = P^T dO
+    dP = dO V^T
+    dS = P * (dP - delta)             delta_i = sum_j P_ij dP_ij
+    dQ = c dS K
+    dK = c dS^T Q
+
+dS is the softmax Jacobian applied row by row: dS_ij = P_ij (dP_ij -
+sum_k P_ik dP_ik). The sum needs no P: sum_k P_ik (dO_i . V_k) = dO_i . O_i, so
+delta = rowsum(dO * O) is one dot product per row, computed once before the
+loops. P itself is recomputed tile by tile as exp(S_ij - L_i), exact in one
+step because L is the logsumexp of the whole row (no running max needed).
+The loop order flips: key tiles outer, so a program owns dK_j and dV_j and
+accumulates them over the query tiles that see its keys; dQ_i then receives a
+contribution from every key tile (on a GPU: atomic adds or a separate pass;
+here a += into a float32 buffer). The causal skip is mirrored: a key tile
+starts at the first query tile that sees its first key.
+
+Memory: beyond inputs and outputs, L, delta and the float32 gradient
+buffers (all O(N D)); the largest temporary is one (batch, Bm, Bn) tile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+NEG_INF = float("-inf")
+
+
+def _visible(q_start: int, q_end: int, k_start: int, k_end: int, offset: int, device: torch.device) -> Tensor | None:
+    """(Bm, Bn) mask, True where query row may attend key column; None when the whole tile is visible.
+
+    Query i sees key j iff j <= i + offset, offset = Nk - Nq. The least any
+    row of the tile sees is q_start + offset; if the tile's last key is within
+    that, no entry is masked.
+    """
+    if k_end - 1 <= q_start + offset:
+        return None
+    rows = torch.arange(q_start, q_end, device=device)[:, None]  # (Bm, 1)
+    cols = torch.arange(k_start, k_end, device=device)[None, :]  # (1, Bn)
+    return cols <= rows + offset
+
+
+def tiled_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, block_m: int, block_n: int
+) -> tuple[Tensor, Tensor]:
+    """(o, lse) for q (B, Nq, D), k and v (B, Nk, D), all in the compute dtype; lse is (B, Nq)."""
+    batch, num_queries, head_dim = q.shape
+    num_keys = k.shape[1]
+    offset = num_keys - num_queries
+    o = torch.empty_like(q)
+    lse = torch.empty(batch, num_queries, dtype=q.dtype, device=q.device)
+    for q_start in range(0, num_queries, block_m):  # one GPU program per (batch x head, query tile)
+        q_end = min(q_start + block_m, num_queries)
+        rows = q_end - q_start
+        q_tile = q[:, q_start:q_end]  # (B, Bm, D)
+        row_max = torch.full((batch, rows), NEG_INF, dtype=q.dtype, device=q.device)  # m
+        row_sum = torch.zeros(batch, rows, dtype=q.dtype, device=q.device)  # l
+        acc = torch.zeros(batch, rows, head_dim, dtype=q.dtype, device=q.device)  # A
+        # Causal: the tile's last query sees keys < q_end + offset; later tiles are skipped.
+        k_stop = max(0, min(num_keys, q_end + offset)) if causal else num_keys
+        for k_start in range(0, k_stop, block_n):
+            k_end = min(k_start + block_n, num_keys)
+            scores = (q_tile @ k[:, k_start:k_end].transpose(1, 2)) * scale  # (B, Bm, Bn)
+            if causal:
+                mask = _visible(q_start, q_end, k_start, k_end, offset, q.device)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, NEG_INF)
+            new_max = torch.maximum(row_max, scores.amax(dim=-1))  # (B, Bm)
+            # A row that has met only masked keys keeps max -inf; shifting it by 0
+            # instead gives exp(-inf) = 0 where exp(-inf - (-inf)) would be NaN.
+            shift = torch.where(torch.isneginf(new_max), 0.0, new_max)
+            p = torch.exp(scores - shift[..., None])  # (B, Bm, Bn), P~
+            alpha = torch.exp(row_max - shift)  # (B, Bm); 0 while nothing was summed
+            row_sum = alpha * row_sum + p.sum(dim=-1)
+            acc = alpha[..., None] * acc + p @ v[:, k_start:k_end]  # (B, Bm, D)
+            row_max = new_max
+        # A row that saw a key has l >= 1 (its largest term is exp(0)); l = 0 means no key.
+        has_keys = row_sum > 0
+        o[:, q_start:q_end] = acc / torch.where(has_keys, row_sum, 1.0)[..., None]  # acc is 0 there
+        lse[:, q_start:q_end] = torch.where(has_keys, row_max + torch.log(row_sum), NEG_INF)
+    return o, lse
+
+
+def tiled_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    causal: bool,
+    scale: float,
+    block_m: int,
+    block_n: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from the saved o (B, Nq, D) and lse (B, Nq), all in the compute dtype."""
+    num_queries, num_keys = q.shape[1], k.shape[1]
+    offset = num_keys - num_queries
+    delta = (do * o).sum(dim=-1)  # (B, Nq): rowsum(dO * O) = rowsum(P * dP)
+    # Rows without keys have lse -inf and only -inf scores: shift them by 0 (exp(-inf) = 0).
+    lse_shift = torch.where(torch.isneginf(lse), 0.0, lse)
+    dq = torch.zeros_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    for k_start in range(0, num_keys, block_n):  # one GPU program per (batch x head, key tile)
+        k_end = min(k_start + block_n, num_keys)
+        k_tile, v_tile = k[:, k_start:k_end], v[:, k_start:k_end]  # (B, Bn, D)
+        dk_acc = torch.zeros_like(k_tile)
+        dv_acc = torch.zeros_like(v_tile)
+        # Causal: query i sees key k_start iff i >= k_start - offset; earlier query tiles are skipped.
+        first_query = max(0, k_start - offset) if causal else 0
+        for q_start in range(first_query // block_m * block_m, num_queries, block_m):
+            q_end = min(q_start + block_m, num_queries)
+            q_tile, do_tile = q[:, q_start:q_end], do[:, q_start:q_end]  # (B, Bm, D)
+            scores = (q_tile @ k_tile.transpose(1, 2)) * scale  # (B, Bm, Bn), as in the forward
+            if causal:
+                mask = _visible(q_start, q_end, k_start, k_end, offset, q.device)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, NEG_INF)
+            p = torch.exp(scores - lse_shift[:, q_start:q_end, None])  # P recomputed, exact
+            dv_acc += p.transpose(1, 2) @ do_tile  # (B, Bn, D)
+            dp = do_tile @ v_tile.transpose(1, 2)  # (B, Bm, Bn)
+            ds = p * (dp - delta[:, q_start:q_end, None])  # (B, Bm, Bn)
+            dq[:, q_start:q_end] += scale * (ds @ k_tile)  # (B, Bm, D)
+            dk_acc += scale * (ds.transpose(1, 2) @ q_tile)  # (B, Bn, D)
+        dk[:, k_start:k_end] = dk_acc
+        dv[:, k_start:k_end] = dv_acc
+    return dq, dk, dv
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit and float32 inputs, float64 for float64 (used by the gradcheck test)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class TiledAttentionFunction(torch.autograd.Function):
+    """Flattens leading dims to one batch dim, computes in float32 (or float64), casts back."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, block_m: int, block_n: int):
+        compute = _compute_dtype(q.dtype)
+        batch, num_queries, num_keys, head_dim = math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], q.shape[-1]
+        q3 = q.reshape(batch, num_queries, head_dim).to(compute)  # (B, Nq, D)
+        k3 = k.reshape(batch, num_keys, head_dim).to(compute)  # (B, Nk, D)
+        v3 = v.reshape(batch, num_keys, head_dim).to(compute)
+        o, lse = tiled_forward(q3, k3, v3, causal, scale, block_m, block_n)
+        o = o.to(q.dtype).reshape(q.shape)
+        lse = lse.reshape(q.shape[:-1])
+        # Like the kernel: O is kept in the output dtype, only the logsumexp in float32.
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.settings = (causal, scale, block_m, block_n)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        compute = _compute_dtype(q.dtype)
+        batch, num_queries, num_keys, head_dim = math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], q.shape[-1]
+
+        def as_3d(tensor: Tensor, length: int) -> Tensor:
+            return tensor.reshape(batch, length, head_dim).to(compute)
+
+        dq, dk, dv = tiled_backward(
+            as_3d(q, num_queries),
+            as_3d(k, num_keys),
+            as_3d(v, num_keys),
+            as_3d(o, num_queries),
+            lse.reshape(batch, num_queries),
+            as_3d(do, num_queries),
+            *ctx.settings,
+        )
+        return (
+            dq.to(q.dtype).reshape(q.shape),
+            dk.to(k.dtype).reshape(k.shape),
+            dv.to(v.dtype).reshape(v.shape),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _check_inputs(q: object, k: object, v: object, block_m: object, block_n: object) -> None:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {tensor.dtype}; expected one of float32, bfloat16, float16, float64")
+        if tensor.dim() < 2:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected (..., seq, head_dim)")
+    for name, tensor in (("k", k), ("v", v)):
+        if tensor.device != q.device:
+            raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}; expected one device")
+        if tensor.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but q has {q.dtype}; expected the same dtype")
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected the same leading dims and head_dim"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; expected the same shape")
+    for name, block in (("block_m", block_m), ("block_n", block_n)):
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"{name} is {block!r}; expected a positive int")
+
+
+def flash_attention_tiled_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """(o, lse): attention and the logsumexp of each query's scores, shape (..., Nq).
+
+    lse is float32 (float64 for float64 inputs), -inf for a query with no key
+    to attend; it carries no gradient.
+    """
+    _check_inputs(q, k, v, block_m, block_n)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return TiledAttentionFunction.apply(q, k, v, bool(causal), scale, block_m, block_n)
+
+
+def flash_attention_tiled(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> Tensor:
+    """softmax(scale q k^T) v by FlashAttention-2's tiles, never forming the Nq x Nk matrix.
+
+    q (..., Nq, D); k and v (..., Nk, D) with the same leading dims, D, device
+    and dtype (float32, bfloat16, float16, or float64). ``scale`` defaults to
+    D^-1/2; ``causal`` masks bottom-right (query i sees key j iff
+    j <= i + Nk - Nq); a query with no key gets output 0. Computes in float32
+    (float64 for float64 inputs), returns q's dtype. ``block_m`` x ``block_n``
+    is the tile, queries x keys; any sizes, dividing the lengths or not.
+    """
+    return flash_attention_tiled_with_lse(q, k, v, causal, scale, block_m, block_n)[0]

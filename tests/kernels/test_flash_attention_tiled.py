@@ -1,0 +1,272 @@
+"""The pure-PyTorch tiled FlashAttention-2 against explicit softmax attention in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from helpers import assert_close, assert_within_torch_error
+from scratchlm.kernels.flash_attention_tiled import (
+    flash_attention_tiled,
+    flash_attention_tiled_with_lse,
+    tiled_backward,
+    tiled_forward,
+)
+from scratchlm.model.functional import causal_attention, causal_mask
+
+LEADING = (2, 3)  # batch, heads
+HEAD_DIM = 24
+# (Nq, Nk): equal, odd, single; Nq < Nk (queries after a KV cache); Nq > Nk (the
+# first Nq - Nk queries see no key when causal).
+LENGTHS = [(1, 1), (17, 17), (97, 97), (128, 128), (130, 130), (17, 97), (1, 130), (97, 17), (130, 1)]
+# (block_m, block_n): 16 and 32 divide 128 but not 17, 97 or 130.
+BLOCKS = [(16, 16), (32, 16), (16, 32)]
+# dtype, atol, rtol of the output and gradients against float64 math.
+EXACT_DTYPES = [(torch.float64, 1e-12, 1e-10), (torch.float32, 3e-5, 1e-4)]
+NAMES = ("o", "dq", "dk", "dv")
+
+
+def _inputs(num_queries, num_keys, dtype, leading=LEADING, head_dim=HEAD_DIM):
+    q = torch.randn(*leading, num_queries, head_dim, dtype=dtype)
+    k = torch.randn(*leading, num_keys, head_dim, dtype=dtype)
+    v = torch.randn(*leading, num_keys, head_dim, dtype=dtype)
+    do = torch.randn(*leading, num_queries, head_dim, dtype=dtype)
+    return q, k, v, do
+
+
+def _reference(q, k, v, do, causal, scale, dtype):
+    """Explicit softmax attention in ``dtype`` by autograd: (o, lse, dq, dk, dv).
+
+    A query with no key gets output 0 and lse -inf: its scores are replaced
+    by zeros before the softmax and its weights by zeros after, so that no
+    NaN reaches the gradients either.
+    """
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., Nq, Nk)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
+    has_keys = torch.isfinite(scores).any(dim=-1, keepdim=True)
+    weights = torch.softmax(torch.where(has_keys, scores, 0.0), dim=-1) * has_keys
+    o = weights @ v
+    o.backward(do.to(dtype))
+    return o.detach(), torch.logsumexp(scores.detach(), dim=-1), q.grad, k.grad, v.grad
+
+
+def _run_tiled(q, k, v, do, causal=True, scale=None, block_m=64, block_n=64):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o, lse = flash_attention_tiled_with_lse(q, k, v, causal, scale, block_m, block_n)
+    o.backward(do)
+    return o.detach(), lse, q.grad, k.grad, v.grad
+
+
+def _assert_all_close(got, want, atol, rtol, label=""):
+    o, lse, *grads = got
+    want_o, want_lse, *want_grads = want
+    assert_close(o, want_o, atol=atol, rtol=rtol, name=f"o{label}")
+    assert_close(lse, want_lse, atol=atol, rtol=rtol, name=f"lse{label}")
+    for g, w, name in zip(grads, want_grads, NAMES[1:]):
+        assert_close(g, w, atol=atol, rtol=rtol, name=f"{name}{label}")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", EXACT_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block_m, block_n", BLOCKS)
+@pytest.mark.parametrize("num_queries, num_keys", LENGTHS)
+def test_matches_float64_reference(num_queries, num_keys, block_m, block_n, causal, dtype, atol, rtol):
+    q, k, v, do = _inputs(num_queries, num_keys, dtype)
+    got = _run_tiled(q, k, v, do, causal, None, block_m, block_n)
+    assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[2:])
+    assert got[1].dtype == dtype and got[1].shape == (*LEADING, num_queries)  # float32 lse, float64 for float64
+    _assert_all_close(got, _reference(q, k, v, do, causal, None, torch.float64), atol, rtol)
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.3, 2.0])
+@pytest.mark.parametrize("causal", [True, False])
+def test_custom_scale(scale, causal):
+    q, k, v, do = _inputs(45, 70, torch.float64)
+    got = _run_tiled(q, k, v, do, causal, scale, 16, 32)
+    _assert_all_close(got, _reference(q, k, v, do, causal, scale, torch.float64), 1e-12, 1e-10)
+
+
+@pytest.mark.parametrize("block_m, block_n", [(64, 64), (256, 7), (1, 1), (13, 200)])
+def test_block_sizes_larger_smaller_and_odd(block_m, block_n):
+    q, k, v, do = _inputs(50, 61, torch.float64, leading=(2,))
+    got = _run_tiled(q, k, v, do, True, None, block_m, block_n)
+    _assert_all_close(got, _reference(q, k, v, do, True, None, torch.float64), 1e-12, 1e-10)
+
+
+@pytest.mark.parametrize("num_queries, num_keys", [(64, 64), (40, 100)])
+def test_agrees_with_the_models_causal_attention(num_queries, num_keys):
+    q, k, v, _ = _inputs(num_queries, num_keys, torch.float64)
+    assert_close(
+        flash_attention_tiled(q, k, v, block_m=16, block_n=16),
+        causal_attention(q, k, v),
+        atol=1e-12,
+        rtol=1e-10,
+        name="o vs model.functional.causal_attention",
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("num_queries, num_keys", [(97, 97), (17, 97), (130, 17)])
+def test_low_precision_within_torch_error(num_queries, num_keys, causal, dtype):
+    q, k, v, do = _inputs(num_queries, num_keys, dtype)
+    q = q * 2  # sharper softmax rows: bigger differences between exact and 16-bit math
+    got = _run_tiled(q, k, v, do, causal, None, 32, 16)
+    want = _reference(q, k, v, do, causal, None, torch.float64)
+    torch_same_dtype = _reference(q, k, v, do, causal, None, dtype)
+    assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[2:])
+    assert got[1].dtype == torch.float32
+    # The logsumexp is float32 math on 16-bit inputs: only float32 rounding away from float64.
+    assert_close(got[1], want[1], atol=1e-4, rtol=1e-5, name=f"lse {dtype}")
+    for index, name in zip((0, 2, 3, 4), NAMES):
+        assert_within_torch_error(got[index], torch_same_dtype[index], want[index], name=f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("num_keys", [0, 1, 5])
+def test_queries_without_keys_give_zero_not_nan(num_keys):
+    num_queries = 20
+    q, k, v, do = _inputs(num_queries, num_keys, torch.float32)
+    o, lse, dq, dk, dv = _run_tiled(q, k, v, do, True, None, 8, 4)
+    for tensor, name in ((o, "o"), (dq, "dq"), (dk, "dk"), (dv, "dv")):
+        assert not tensor.isnan().any(), f"{name} holds NaN"
+    empty = num_queries - num_keys  # causal: queries 0 .. Nq - Nk - 1 see no key
+    assert torch.equal(o[..., :empty, :], torch.zeros_like(o[..., :empty, :]))
+    assert torch.equal(dq[..., :empty, :], torch.zeros_like(dq[..., :empty, :]))
+    assert torch.isneginf(lse[..., :empty]).all() and torch.isfinite(lse[..., empty:]).all()
+    _assert_all_close((o, lse, dq, dk, dv), _reference(q, k, v, do, True, None, torch.float64), 3e-5, 1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_no_keys_at_all(causal):
+    q, k, v, do = _inputs(6, 0, torch.float32)
+    o, lse, dq, dk, dv = _run_tiled(q, k, v, do, causal)
+    assert torch.equal(o, torch.zeros_like(o)) and torch.equal(dq, torch.zeros_like(dq))
+    assert torch.isneginf(lse).all() and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_no_queries():
+    q, k, v, do = _inputs(0, 9, torch.float32)
+    o, lse, dq, dk, dv = _run_tiled(q, k, v, do)
+    assert o.shape == q.shape and lse.shape == (*LEADING, 0)
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
+
+
+@pytest.mark.parametrize(
+    "num_queries, num_keys, causal", [(5, 5, True), (5, 7, True), (7, 4, True), (5, 7, False)]
+)
+def test_gradcheck_float64(num_queries, num_keys, causal):
+    q, k, v, _ = _inputs(num_queries, num_keys, torch.float64, leading=(1, 2), head_dim=3)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def attention(q, k, v):
+        return flash_attention_tiled(q, k, v, causal, 0.8, 2, 3)
+
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+@pytest.mark.parametrize("leading", [(), (2, 2, 3)])
+def test_any_leading_dims(leading):
+    q, k, v, do = _inputs(33, 40, torch.float64, leading=leading)
+    got = _run_tiled(q, k, v, do, True, None, 16, 16)
+    _assert_all_close(got, _reference(q, k, v, do, True, None, torch.float64), 1e-12, 1e-10)
+
+
+def test_non_contiguous_inputs_and_inputs_untouched():
+    # The layout a model produces before moving heads forward: (batch, seq, heads, D).
+    q = torch.randn(2, 37, 3, HEAD_DIM, dtype=torch.float64).transpose(1, 2)
+    k = torch.randn(2, 50, 3, HEAD_DIM, dtype=torch.float64).transpose(1, 2)
+    v = torch.randn(2, 3, 50, 2 * HEAD_DIM, dtype=torch.float64)[..., ::2]
+    do = torch.randn(2, 3, 37, HEAD_DIM, dtype=torch.float64)
+    before = [t.clone() for t in (q, k, v, do)]
+    got = _run_tiled(q, k, v, do, True, None, 16, 16)
+    _assert_all_close(got, _reference(q, k, v, do, True, None, torch.float64), 1e-12, 1e-10)
+    assert all(torch.equal(t, b) for t, b in zip((q, k, v, do), before))
+
+
+class _TensorRecorder(TorchFunctionMode):
+    """Counts matrix products and records the largest tensor any torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.matmuls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in (torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul):
+            self.matmuls += 1
+        for tensor in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return result
+
+
+def _forward_backward_recorded(q, k, v, causal, block_m, block_n):
+    """Run the tiled forward and backward under recorders: (forward recorder, backward recorder)."""
+    scale = q.shape[-1] ** -0.5
+    with _TensorRecorder() as forward:
+        o, lse = tiled_forward(q, k, v, causal, scale, block_m, block_n)
+    with _TensorRecorder() as backward:
+        tiled_backward(q, k, v, o, lse, torch.randn_like(o), causal, scale, block_m, block_n)
+    return forward, backward
+
+
+def test_never_materialises_the_full_score_matrix():
+    n, head_dim, block = 256, 8, 32
+    q, k, v = (torch.randn(1, n, head_dim) for _ in range(3))
+    forward, backward = _forward_backward_recorded(q, k, v, True, block, block)
+    # Largest allowed: an (N, D) tensor (2048 here) or a tile (1024); N x N is 65536.
+    assert forward.largest <= n * head_dim and backward.largest <= n * head_dim
+    # The recorder does see an N x N matrix where one exists (so this test can fail).
+    with _TensorRecorder() as explicit:
+        causal_attention(q, k, v)
+    assert explicit.largest >= n * n
+
+
+@pytest.mark.parametrize(
+    "num_queries, num_keys, block_m, block_n",
+    [(128, 128, 32, 32), (64, 128, 32, 32), (128, 48, 16, 32), (100, 100, 16, 24), (30, 130, 8, 16)],
+)
+def test_causal_tiles_above_the_diagonal_are_skipped(num_queries, num_keys, block_m, block_n):
+    mask = causal_mask(num_queries, num_keys)
+    needed = sum(
+        bool(mask[i : i + block_m, j : j + block_n].any())
+        for i in range(0, num_queries, block_m)
+        for j in range(0, num_keys, block_n)
+    )
+    all_tiles = -(-num_queries // block_m) * -(-num_keys // block_n)
+    assert needed < all_tiles  # the shapes are chosen so that skipping is visible
+    q = torch.randn(1, num_queries, 8)
+    k, v = torch.randn(1, num_keys, 8), torch.randn(1, num_keys, 8)
+    forward, backward = _forward_backward_recorded(q, k, v, True, block_m, block_n)
+    # Per computed tile: S = Q K^T and P V forward; S, P^T dO, dO V^T, dS K, dS^T Q backward.
+    assert forward.matmuls == 2 * needed
+    assert backward.matmuls == 5 * needed
+    non_causal_forward, _ = _forward_backward_recorded(q, k, v, False, block_m, block_n)
+    assert non_causal_forward.matmuls == 2 * all_tiles
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((torch.ones(2, 4, dtype=torch.int64),) * 3, {}, TypeError, "q has dtype torch.int64"),
+        ((torch.ones(2, 4), torch.ones(2, 4, dtype=torch.float16), torch.ones(2, 4)), {}, TypeError,
+         "k has dtype torch.float16 but q has torch.float32"),
+        ((torch.ones(4),) * 3, {}, ValueError, r"q has shape \(4,\); expected \(\.\.\., seq, head_dim\)"),
+        ((torch.ones(2, 3, 4), torch.ones(3, 3, 4), torch.ones(3, 3, 4)), {}, ValueError,
+         r"k has shape \(3, 3, 4\) but q has \(2, 3, 4\)"),
+        ((torch.ones(3, 4), torch.ones(3, 5), torch.ones(3, 5)), {}, ValueError, "same leading dims and head_dim"),
+        ((torch.ones(3, 4), torch.ones(3, 4), torch.ones(2, 4)), {}, ValueError,
+         r"v has shape \(2, 4\) but k has \(3, 4\)"),
+        ((torch.ones(3, 4),) * 3, {"block_m": 0}, ValueError, "block_m is 0; expected a positive int"),
+        ((torch.ones(3, 4),) * 3, {"block_n": 16.0}, ValueError, "block_n is 16.0"),
+        (([1.0],) * 3, {}, TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_is_refused(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        flash_attention_tiled(*args, **kwargs)
