@@ -5,7 +5,7 @@
 #   benchmarks/gpu_check.sh [COPY_TO]
 #
 # Writes benchmarks/results/: kernel_tests.log, bench.log, kernels.json (pytest-benchmark),
-# skipped.json, kernels.md, kernels_summary.json, kernels.png (8 files or fewer);
+# skipped.json, kernels.md, kernels_summary.json, kernels.png, attention.png (9 files or fewer);
 # COPY_TO, when given, gets a copy of them.
 # PYTHON picks the interpreter: default .venv/bin/python when it exists, else python3.
 # No network is needed: when the interpreter cannot import scratchlm, the
@@ -50,7 +50,7 @@ report_status=$?
 
 if [[ -n $COPY_TO ]]; then
     mkdir -p "$COPY_TO"
-    for name in kernel_tests.log bench.log kernels.json skipped.json kernels.md kernels_summary.json kernels.png; do
+    for name in kernel_tests.log bench.log kernels.json skipped.json kernels.md kernels_summary.json kernels.png attention.png; do
         if [[ -f $RESULTS/$name ]]; then cp "$RESULTS/$name" "$COPY_TO/"; fi
     done
 fi
