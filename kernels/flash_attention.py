@@ -1,0 +1,572 @@
+"""FlashAttention-2, causal or not: o = softmax(scale * q k^T + mask) v, tile by tile.
+
+Forward, for one block of queries (rows i) against key tiles j = 0, 1, ...,
+with scores s = scale * q k^T kept in log2 units (scale * log2(e) is folded
+in, so exp2 replaces exp), the online softmax keeps per row a running max m,
+a running sum l and a float32 accumulator acc:
+
+    m_new = max(m, rowmax(s_j))
+    p_j   = exp2(s_j - m_new)
+    l     = l * exp2(m - m_new) + rowsum(p_j)
+    acc   = acc * exp2(m - m_new) + p_j v_j
+
+and at the end o = acc / l and logsumexp = ln(2) * (m + log2(l)). Causal
+masking is aligned bottom-right: query i sees key j iff j <= i + (Nk - Nq).
+Key tiles entirely above the diagonal are never visited (the loop stops at
+the last key the block's last query sees); tiles entirely below it run
+without a mask; only the diagonal tiles (and a ragged last tile) mask.
+
+Backward, with P = softmax(S), S = scale * Q K^T and dO the output gradient:
+
+    dV = P^T dO
+    dP = dO V^T
+    dS = P * (dP - delta),   delta = rowsum(dP * P) = rowsum(dO * O)
+    dQ = scale * dS K,       dK = scale * dS^T Q
+
+A preprocessing kernel computes delta in float32. dK and dV come from one
+kernel (a program per key block, looping over the query blocks at or after
+the diagonal), dQ from another (a program per query block, looping over key
+blocks), so every gradient element is written by exactly one program: no
+atomics, bitwise-identical gradients from run to run.
+
+Memory trick: the N x N score matrix is never stored. The forward saves O and
+one float32 logsumexp per query row (O(N) extra memory); the backward
+recomputes each tile of P as exp2(s - logsumexp * log2(e)), exact without a
+running max because the logsumexp already normalises it. Rows that see no key
+(only when Nq > Nk, causal) give o = 0, logsumexp = -inf and zero gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from scratchlm.kernels._registration import INTERPRETING, check_float_tensor, check_same, kernel_op, launch
+
+LOG2_E = 1.4426950408889634
+# Head dims are padded to BLOCK_D = next_power_of_2(D) (at least 16, the
+# smallest tl.dot); past 256 the tiles no longer fit a GPU's registers.
+MAX_HEAD_DIM = 256
+# Under the interpreter every tile op is a numpy call: small blocks keep the
+# tests fast and exercise the diagonal and ragged-tile paths on short sequences.
+INTERPRETER_BLOCKS = (16, 16)  # (BLOCK_M, BLOCK_N)
+# Autotuning candidates for the forward; pruned per head dim and dtype below.
+FORWARD_BLOCK_M = (64, 128)
+FORWARD_BLOCK_N = (32, 64, 128)
+FORWARD_WARPS = (4, 8)
+FORWARD_STAGES = (2, 3, 4)
+# Two defects of Triton's interpreter (3.9) with bfloat16, worked around only
+# under it: tl.dot multiplies bfloat16 operands as their raw 16-bit patterns,
+# and float32 -> bfloat16 casts truncate where a GPU rounds to nearest even.
+# Under the interpreter, dot operands are widened to float32 and downcasts
+# are rounded by hand (and kept in float32); on a GPU both compile away.
+_INTERPRETER_WORKAROUNDS = tl.constexpr(INTERPRETING)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """a @ b (+ acc) with float32 accumulation; float32 operands stay IEEE float32, not TF32."""
+    if _INTERPRETER_WORKAROUNDS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """float32 x rounded to DTYPE (to nearest, ties to even), as a GPU's x.to(DTYPE) does."""
+    if _INTERPRETER_WORKAROUNDS and DTYPE == tl.bfloat16:
+        # Round the float32 bits at bit 16, ties to even; -65536 = 0xFFFF0000
+        # keeps the 16 bits a bfloat16 has. Stores of the result are exact.
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _fwd_key_tiles(
+    acc, l_i, m_i, q,
+    k_head, v_head,
+    stride_kn, stride_vn,
+    offs_m, offs_d, d_mask,
+    start, end, k_len, causal_offset, qk_scale_log2,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The online-softmax update of one query block over key tiles [start, end)."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
+        k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), None) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            allowed = (offs_n < k_len)[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no visible key so far keeps m = -inf; subtracting 0
+            # instead makes its p and its rescale factor exp2(-inf) = 0, not NaN.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = m_new
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot(_round_to(p, v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh, stride_om, stride_lse_h,
+    q_len, k_len, head_dim, q_len_bucket, k_len_bucket, qk_scale_log2,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One program per (query block, batch*head); int64 so head offsets never wrap.
+    pid = tl.program_id(0).to(tl.int64)
+    n_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    head = pid // n_m_blocks
+    # The last query blocks see the most keys under a causal mask: start them first.
+    start_m = (n_m_blocks - 1 - pid % n_m_blocks).to(tl.int32) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    q_mask = (offs_m < q_len)[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+
+    causal_offset = k_len - q_len  # query i sees key j iff j <= i + causal_offset
+    if CAUSAL:
+        # Keys j <= start_m + causal_offset are visible to every row of the block.
+        full_end = tl.maximum(tl.minimum(start_m + causal_offset + 1, k_len), 0) // BLOCK_N * BLOCK_N
+        end = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_offset, k_len), 0)
+    else:
+        full_end = k_len // BLOCK_N * BLOCK_N
+        end = k_len
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_head = k_ptr + head * stride_kh
+    v_head = v_ptr + head * stride_vh
+    acc, l_i, m_i = _fwd_key_tiles(
+        acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
+        0, full_end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=False, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_key_tiles(
+        acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
+        full_end, end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=True, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+
+    # Rows that saw no key have l = 0 and m = -inf: output 0, logsumexp -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # ln(2): back to natural log
+    o_ptrs = o_ptr + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, _round_to(o, o_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(lse_ptr + head * stride_lse_h + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _flash_attention_bwd_preprocess_kernel(
+    o_ptr, do_ptr, delta_ptr,
+    stride_oh, stride_om, stride_doh, stride_dom, stride_delta_h,
+    q_len, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(dO * O) in float32, the softmax backward's row correction."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    head = pid // n_m_blocks
+    offs_m = (pid % n_m_blocks).to(tl.int32) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :]
+    o = tl.load(o_ptr + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_ptr + head * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + head * stride_delta_h + offs_m, delta, mask=offs_m < q_len)
+
+
+@triton.jit
+def _lse_log2(lse):
+    """The logsumexp in log2 units, with rows that see no key (-inf) set to +inf so their p = exp2(s - inf) = 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _dkdv_query_tiles(
+    dk, dv, k, v,
+    q_head, do_head, lse_head, delta_head,
+    stride_qm, stride_dom,
+    offs_n, offs_d, d_mask,
+    start, end, q_len, causal_offset, qk_scale_log2,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Accumulate one key block's dK (unscaled) and dV over query tiles [start, end), transposed: (keys, queries)."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < q_len
+        q_mask = m_valid[:, None] & d_mask[None, :]
+        q = tl.load(q_head + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_head + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+        # Rows past q_len load q = dO = 0 with logsumexp = delta = 0: their p is 1, their contributions exactly 0.
+        lse_log2 = _lse_log2(tl.load(lse_head + offs_m, mask=m_valid, other=0.0))
+        delta = tl.load(delta_head + offs_m, mask=m_valid, other=0.0)
+        s_t = _dot(k, tl.trans(q), None) * qk_scale_log2
+        if MASKED:
+            s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse_log2[None, :])
+        dv = _dot(_round_to(p_t, do.dtype), do, dv)
+        dp_t = _dot(v, tl.trans(do), None)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(_round_to(ds_t, q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _flash_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_dom,
+    stride_lse_h, stride_dkh, stride_dkn, stride_dvh, stride_dvn,
+    q_len, k_len, head_dim, qk_scale_log2, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One program per (key block, batch*head); lse and delta share a layout.
+    pid = tl.program_id(0).to(tl.int64)
+    n_n_blocks = tl.cdiv(k_len, BLOCK_N)
+    head = pid // n_n_blocks
+    start_n = (pid % n_n_blocks).to(tl.int32) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    # Keys past k_len load as 0; their dK and dV rows are computed but never stored.
+
+    causal_offset = k_len - q_len
+    if CAUSAL:
+        # Query i sees key j iff i >= j - causal_offset: blocks before the
+        # first such query are skipped; queries from start_n + BLOCK_N - 1 -
+        # causal_offset on see the whole key block and need no mask.
+        start = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+        full_start = (tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        start = 0
+        full_start = 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_head = q_ptr + head * stride_qh
+    do_head = do_ptr + head * stride_doh
+    lse_head = lse_ptr + head * stride_lse_h
+    delta_head = delta_ptr + head * stride_lse_h
+    dk, dv = _dkdv_query_tiles(
+        dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
+        start, tl.minimum(full_start, q_len), q_len, causal_offset, qk_scale_log2, MASKED=True, BLOCK_M=BLOCK_M,
+    )  # fmt: skip
+    dk, dv = _dkdv_query_tiles(
+        dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
+        full_start, q_len, q_len, causal_offset, qk_scale_log2, MASKED=False, BLOCK_M=BLOCK_M,
+    )  # fmt: skip
+    tl.store(dk_ptr + head * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             _round_to(dk * scale, dk_ptr.dtype.element_ty), mask=kv_mask)  # fmt: skip
+    tl.store(dv_ptr + head * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             _round_to(dv, dv_ptr.dtype.element_ty), mask=kv_mask)  # fmt: skip
+
+
+@triton.jit
+def _dq_key_tiles(
+    dq, q, do, lse_log2, delta,
+    k_head, v_head,
+    stride_kn, stride_vn,
+    offs_m, offs_d, d_mask,
+    start, end, k_len, causal_offset, qk_scale_log2,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Accumulate one query block's dQ (unscaled) over key tiles [start, end)."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
+        k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), None) * qk_scale_log2
+        if MASKED:
+            # Keys past k_len must go too: their p = exp2(-lse) is not 0 and may overflow.
+            allowed = (offs_n < k_len)[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            s = tl.where(allowed, s, float("-inf"))
+        p = tl.exp2(s - lse_log2[:, None])
+        dp = _dot(do, tl.trans(v), None)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(_round_to(ds, k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _flash_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_dom,
+    stride_lse_h, stride_dqh, stride_dqm,
+    q_len, k_len, head_dim, qk_scale_log2, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    n_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    head = pid // n_m_blocks
+    start_m = (n_m_blocks - 1 - pid % n_m_blocks).to(tl.int32) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    m_valid = offs_m < q_len
+    q_mask = m_valid[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + head * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+    lse_log2 = _lse_log2(tl.load(lse_ptr + head * stride_lse_h + offs_m, mask=m_valid, other=0.0))
+    delta = tl.load(delta_ptr + head * stride_lse_h + offs_m, mask=m_valid, other=0.0)
+
+    causal_offset = k_len - q_len
+    if CAUSAL:
+        full_end = tl.maximum(tl.minimum(start_m + causal_offset + 1, k_len), 0) // BLOCK_N * BLOCK_N
+        end = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_offset, k_len), 0)
+    else:
+        full_end = k_len // BLOCK_N * BLOCK_N
+        end = k_len
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_head = k_ptr + head * stride_kh
+    v_head = v_ptr + head * stride_vh
+    dq = _dq_key_tiles(
+        dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
+        0, full_end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=False, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    dq = _dq_key_tiles(
+        dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
+        full_end, end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=True, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    tl.store(dq_ptr + head * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             _round_to(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)  # fmt: skip
+
+
+def _fits_forward(block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int, element_size: int,
+                  shared_memory: int) -> bool:  # fmt: skip
+    """Whether a forward config fits: shared memory for the pipelined K/V tiles, registers for the accumulator."""
+    # q once, K and V tiles once per pipeline stage.
+    tiles_bytes = (block_m + 2 * block_n * num_stages) * block_d * element_size
+    # float32 accumulator plus the (BLOCK_M, BLOCK_N) scores, per thread: past
+    # ~128 values the compiler spills to local memory.
+    values_per_thread = (block_m * block_d + block_m * block_n) / (32 * num_warps)
+    # 8 warps on a 64 x 32 tile leave each warp too little work.
+    too_small_for_8_warps = num_warps == 8 and block_m * block_n < 64 * 64
+    return tiles_bytes <= shared_memory and values_per_thread <= 128 and not too_small_for_8_warps
+
+
+def forward_configs(block_d: int, element_size: int, shared_memory: int) -> list[triton.Config]:
+    """The forward's autotuning candidates for one padded head dim, dtype size and GPU shared-memory size."""
+    configs = [
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+        for block_m in FORWARD_BLOCK_M
+        for block_n in FORWARD_BLOCK_N
+        for num_warps in FORWARD_WARPS
+        for num_stages in FORWARD_STAGES
+        if _fits_forward(block_m, block_n, num_warps, num_stages, block_d, element_size, shared_memory)
+    ]
+    # Nothing fits only for float32 at head dim 256 on a small-memory GPU: one unpipelined small tile.
+    return configs or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1)]
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_autotuner(block_d: int, element_size: int, shared_memory: int):
+    # One autotuner per (padded head dim, dtype size): its configs are pruned
+    # ahead of time, so torch.compile sees a plain configs + key autotune.
+    # The key holds power-of-two length buckets, not the lengths: decoding
+    # with a growing KV cache must not re-tune at every new key length.
+    return triton.autotune(
+        configs=forward_configs(block_d, element_size, shared_memory),
+        key=["q_len_bucket", "k_len_bucket", "head_dim", "CAUSAL"],
+    )(_flash_attention_fwd_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def backward_settings(block_d: int, element_size: int) -> dict:
+    """Fixed backward launch settings: (BLOCK_M, BLOCK_N, warps, stages) by padded head dim and dtype size.
+
+    The backward holds two float32 accumulators of (block, BLOCK_D) per
+    program (dK and dV, or dQ next to q and dO), about twice the forward's
+    register state, so it cannot reuse the forward's tuned blocks; these are
+    fixed, so a shape always launches (and rounds) the same way.
+    """
+    if block_d <= 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    if block_d <= 128:
+        # float32 q/dO tiles of 64 x 128 would take 64 KiB per stage: halve them.
+        return {"BLOCK_M": 64 if element_size == 2 else 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@kernel_op("flash_attention_fwd", fake=_fwd_fake)
+def flash_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, logsumexp) for q (heads, Nq, D), k and v (heads, Nk, D), each with a unit last-dim stride.
+
+    o is contiguous in q's dtype; logsumexp is float32 (heads, Nq), natural log.
+    """
+    heads, q_len, head_dim = q.shape
+    k_len = k.shape[1]
+    o = q.new_empty(q.shape)
+    lse = torch.empty(heads, q_len, device=q.device, dtype=torch.float32)
+    if heads == 0 or q_len == 0:
+        return o, lse
+    block_d = _block_d(head_dim)
+    if INTERPRETING:
+        block_m, block_n = INTERPRETER_BLOCKS
+        kernel, settings = _flash_attention_fwd_kernel, {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
+    else:
+        kernel, settings = _forward_autotuner(block_d, q.element_size(), _shared_memory(q.device.index or 0)), {}
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]) * heads,)
+
+    launch(kernel)[grid](
+        q, k, v, o, lse,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        lse.stride(0),
+        q_len, k_len, head_dim, triton.next_power_of_2(q_len), triton.next_power_of_2(k_len), scale * LOG2_E,
+        CAUSAL=causal, BLOCK_D=block_d, **settings,
+    )  # fmt: skip
+    return o, lse
+
+
+def _bwd_fake(q, k, v, o, lse, do, causal: bool, scale: float):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@kernel_op("flash_attention_bwd", fake=_bwd_fake)
+def flash_attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, from the forward's inputs, o and logsumexp and the output gradient do."""
+    heads, q_len, head_dim = q.shape
+    k_len = k.shape[1]
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    if heads == 0 or q_len == 0 or k_len == 0:  # no query or no key: nothing flows anywhere
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = _block_d(head_dim)
+    if INTERPRETING:
+        s = {"BLOCK_M": INTERPRETER_BLOCKS[0], "BLOCK_N": INTERPRETER_BLOCKS[1], "num_warps": 4, "num_stages": 1}
+    else:
+        s = backward_settings(block_d, q.element_size())
+    block_m, block_n = s["BLOCK_M"], s["BLOCK_N"]
+    launch_options = {"num_warps": s["num_warps"], "num_stages": s["num_stages"]}
+    delta = torch.empty_like(lse)
+    launch(_flash_attention_bwd_preprocess_kernel)[(triton.cdiv(q_len, block_m) * heads,)](
+        o, do, delta,
+        o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+        q_len, head_dim,
+        BLOCK_M=block_m, BLOCK_D=block_d, **launch_options,
+    )  # fmt: skip
+    launch(_flash_attention_bwd_dkdv_kernel)[(triton.cdiv(k_len, block_n) * heads,)](
+        q, k, v, do, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        q_len, k_len, head_dim, scale * LOG2_E, scale,
+        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch_options,
+    )  # fmt: skip
+    launch(_flash_attention_bwd_dq_kernel)[(triton.cdiv(q_len, block_m) * heads,)](
+        q, k, v, do, lse, delta, dq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        lse.stride(0), dq.stride(0), dq.stride(1),
+        q_len, k_len, head_dim, scale * LOG2_E, scale,
+        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch_options,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _as_heads(x: torch.Tensor) -> torch.Tensor:
+    """x (..., N, D) as (heads, N, D) with a unit last-dim stride; a view whenever the leading dims merge."""
+    x = x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+        q3, k3, v3 = _as_heads(q), _as_heads(k), _as_heads(v)
+        o, lse = flash_attention_fwd(q3, k3, v3, causal, scale)
+        ctx.save_for_backward(q3, k3, v3, o, lse)
+        ctx.causal, ctx.scale, ctx.k_shape = causal, scale, k.shape
+        return o.view(q.shape)
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        q3, k3, v3, o, lse = ctx.saved_tensors
+        dq, dk, dv = flash_attention_bwd(q3, k3, v3, o, lse, _as_heads(do), ctx.causal, ctx.scale)
+        return dq.view(do.shape), dk.view(ctx.k_shape), dv.view(ctx.k_shape), None, None
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(scale * q k^T + causal mask) v, FlashAttention-2 in Triton, forward and backward.
+
+    ``q``: (..., Nq, D); ``k``, ``v``: (..., Nk, D) with q's leading dims, D,
+    device and dtype (float32, bfloat16 or float16), any layout. With
+    ``causal`` query i attends key j iff j <= i + (Nk - Nq) (bottom-right
+    aligned: the queries are the last Nq positions, as when decoding with a
+    KV cache); a query that sees no key outputs 0. ``scale`` defaults to
+    D ** -0.5. Computes in float32 and returns (..., Nq, D) in q's dtype,
+    contiguous; only a float32 logsumexp per query row is kept for backward.
+    """
+    check_float_tensor("q", q)
+    check_float_tensor("k", k)
+    check_float_tensor("v", v)
+    check_same("k", k, "q", q)
+    check_same("v", v, "q", q)
+    if q.dim() < 2:
+        raise ValueError(f"q has shape {tuple(q.shape)}; expected (..., seq, head_dim) with at least 2 dims")
+    if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected "
+            f"({', '.join(str(n) for n in q.shape[:-2])}{', ' if q.dim() > 2 else ''}Nk, {q.shape[-1]})"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; expected the same shape")
+    head_dim = q.shape[-1]
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q has head_dim {head_dim}; expected 1 to {MAX_HEAD_DIM}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal is {causal!r}; expected True or False")
+    if scale is None:
+        scale = head_dim**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale is {scale!r}; expected a finite number or None (head_dim ** -0.5)")
+    if q.device.type != "cuda" and not INTERPRETING:
+        raise ValueError(f"q is on {q.device}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
+    return FlashAttentionFunction.apply(q, k, v, causal, float(scale))
