@@ -9,8 +9,7 @@ Four ops are swappable, each with one signature shared by every backend:
 
 Backends: "reference" (``scratchlm.model.functional``, written out by hand),
 "torch" (PyTorch's fused ops), "triton" (this project's kernels in
-``scratchlm.kernels``; attention stays on "torch" until the FlashAttention
-kernel lands). A model resolves its ``kernels=`` argument once, at
+``scratchlm.kernels``, FlashAttention-2 for attention). A model resolves its ``kernels=`` argument once, at
 construction, into one function per op and keeps those; ``forward`` never asks
 which backend it is on.
 
@@ -111,10 +110,13 @@ _REGISTRY: dict[str, dict[str, Callable[..., Tensor] | _TritonKernel]] = {
         "torch": _torch_rope,
         "triton": _TritonKernel("rope", "apply_rope"),
     },
-    "attention": {"reference": functional.causal_attention, "torch": _torch_attention},
+    "attention": {
+        "reference": functional.causal_attention,
+        "torch": _torch_attention,
+        # Causal by default, aligned bottom-right when a KV cache makes q shorter than k.
+        "triton": _TritonKernel("flash_attention", "flash_attention"),
+    },
 }
-# Where an op has no Triton kernel yet, "triton" means the fastest path there is.
-_TRITON_STAND_IN = "torch"
 
 
 def _triton_unavailable_reason(device: torch.device | str | None) -> str | None:
@@ -152,8 +154,7 @@ def resolve_kernels(kernels: KernelsSpec = "auto", device: torch.device | str | 
 
     ``device`` decides what "auto" means (None: CUDA if available) and whether
     "triton" can run. Raises ValueError for unknown ops or backends and
-    ``KernelsUnavailableError`` for "triton" where it cannot run. "triton" for
-    an op without a Triton kernel (attention, for now) resolves to "torch".
+    ``KernelsUnavailableError`` for "triton" where it cannot run.
 
     >>> resolve_kernels("reference")
     {'rmsnorm': 'reference', 'swiglu': 'reference', 'rope': 'reference', 'attention': 'reference'}
@@ -173,9 +174,6 @@ def resolve_kernels(kernels: KernelsSpec = "auto", device: torch.device | str | 
         reason = _triton_unavailable_reason(device)
         if reason is not None:
             raise KernelsUnavailableError(f"kernels={kernels!r} asks for the 'triton' backend, but {reason}")
-    for op, backend in resolved.items():
-        if backend == "triton" and "triton" not in _REGISTRY[op]:
-            resolved[op] = _TRITON_STAND_IN
     return resolved
 
 

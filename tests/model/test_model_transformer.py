@@ -153,10 +153,7 @@ def test_bf16_backends_agree_with_float32_model():
 def test_resolve_kernels_strings_and_auto():
     assert resolve_kernels("torch") == dict.fromkeys(("rmsnorm", "swiglu", "rope", "attention"), "torch")
     assert set(resolve_kernels("auto", device="cpu").values()) == {"reference"}
-    # On CUDA: the Triton kernels, with attention on PyTorch's until its kernel lands.
-    assert resolve_kernels("auto", device="cuda") == {
-        "rmsnorm": "triton", "swiglu": "triton", "rope": "triton", "attention": "torch"
-    }
+    assert set(resolve_kernels("auto", device="cuda").values()) == {"triton"}
     resolved = resolve_kernels({"rmsnorm": "torch", "attention": "reference"}, device="cpu")
     assert resolved == {"rmsnorm": "torch", "swiglu": "reference", "rope": "reference", "attention": "reference"}
 
@@ -199,21 +196,22 @@ def test_triton_on_a_cpu_without_the_interpreter_is_a_clear_error(kernels, monke
     with pytest.raises(KernelsUnavailableError, match="'triton' backend, but Triton kernels need a CUDA device") as error:
         resolve_kernels(kernels, device="cpu")
     assert isinstance(error.value, ValueError) and isinstance(error.value, NotImplementedError)
-    assert resolve_kernels(kernels, device="cuda")["attention"] == "torch"
+    assert resolve_kernels(kernels, device="cuda")["attention"] == "triton"
 
 
-def test_triton_uses_the_kernels_and_torch_attention():
+def test_triton_uses_the_kernels():
+    from scratchlm.kernels.flash_attention import flash_attention
     from scratchlm.kernels.rmsnorm import rmsnorm
     from scratchlm.kernels.rope import apply_rope
     from scratchlm.kernels.swiglu import swiglu
 
     model = tiny_model("triton")
-    assert model.backends == {"rmsnorm": "triton", "swiglu": "triton", "rope": "triton", "attention": "torch"}
+    assert set(model.backends.values()) == {"triton"}
     block = model.layers[0]
     assert block.ln1._rmsnorm is rmsnorm and model.ln_final._rmsnorm is rmsnorm
     assert block.ffn._swiglu is swiglu
     assert block.attn.rope._rope is apply_rope
-    assert block.attn._attention is get_op("attention", "torch")
+    assert block.attn._attention is flash_attention
 
 
 # ---- state dict, parameters, FLOPs -------------------------------------------------
@@ -351,7 +349,7 @@ def test_cuda_auto_uses_triton_kernels_and_matches_reference():
     reference = tiny_model("reference")
     model = TransformerLM(**TINY, kernels="auto", device="cuda")
     model.load_state_dict(reference.state_dict())
-    assert model.backends == {"rmsnorm": "triton", "swiglu": "triton", "rope": "triton", "attention": "torch"}
+    assert set(model.backends.values()) == {"triton"}
     token_ids = torch.randint(0, TINY["vocab_size"], (3, 32))
     expected = reference(token_ids)
     assert_close(model(token_ids.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4, name="cuda float32 logits")
