@@ -54,10 +54,11 @@ MAX_HEAD_DIM = 256
 # Under the interpreter every tile op is a numpy call: small blocks keep the
 # tests fast and exercise the diagonal and ragged-tile paths on short sequences.
 INTERPRETER_BLOCKS = (16, 16)  # (BLOCK_M, BLOCK_N)
-# Autotuning candidates for the forward; pruned per head dim and dtype below.
-FORWARD_BLOCK_M = (64, 128)
+# Autotuning candidates for the forward, (BLOCK_M, num_warps) x BLOCK_N x
+# stages, pruned per head dim and dtype below to 14-21 configs (each one a
+# compile on first use). Four pipeline stages only for the smallest key tiles.
+FORWARD_QUERY_TILES = ((64, 4), (64, 8), (128, 8))
 FORWARD_BLOCK_N = (32, 64, 128)
-FORWARD_WARPS = (4, 8)
 FORWARD_STAGES = (2, 3, 4)
 # Two defects of Triton's interpreter (3.9) with bfloat16, worked around only
 # under it: tl.dot multiplies bfloat16 operands as their raw 16-bit patterns,
@@ -363,18 +364,17 @@ def _fits_forward(block_m: int, block_n: int, num_warps: int, num_stages: int, b
     # float32 accumulator plus the (BLOCK_M, BLOCK_N) scores, per thread: past
     # ~128 values the compiler spills to local memory.
     values_per_thread = (block_m * block_d + block_m * block_n) / (32 * num_warps)
-    # 8 warps on a 64 x 32 tile leave each warp too little work.
-    too_small_for_8_warps = num_warps == 8 and block_m * block_n < 64 * 64
-    return tiles_bytes <= shared_memory and values_per_thread <= 128 and not too_small_for_8_warps
+    # 8 warps on 64 query rows pay off only when 4 would hold too many values (D >= 128).
+    wasteful = (num_warps == 8 and block_m == 64 and block_d < 128) or (num_stages == 4 and block_n > 32)
+    return tiles_bytes <= shared_memory and values_per_thread <= 128 and not wasteful
 
 
 def forward_configs(block_d: int, element_size: int, shared_memory: int) -> list[triton.Config]:
     """The forward's autotuning candidates for one padded head dim, dtype size and GPU shared-memory size."""
     configs = [
         triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-        for block_m in FORWARD_BLOCK_M
+        for block_m, num_warps in FORWARD_QUERY_TILES
         for block_n in FORWARD_BLOCK_N
-        for num_warps in FORWARD_WARPS
         for num_stages in FORWARD_STAGES
         if _fits_forward(block_m, block_n, num_warps, num_stages, block_d, element_size, shared_memory)
     ]
@@ -399,20 +399,37 @@ def _shared_memory(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def backward_settings(block_d: int, element_size: int) -> dict:
-    """Fixed backward launch settings: (BLOCK_M, BLOCK_N, warps, stages) by padded head dim and dtype size.
+def _backward_shared_bytes(block_m: int, block_n: int, num_stages: int, block_d: int, element_size: int) -> int:
+    """A bound on a backward kernel's shared memory: the streamed pair of tiles per pipeline stage plus
+    room for layout conversions of the held pair. Compiled for sm_90 by Triton 3.9 the kernels use less
+    (66 KiB of the 128 bounded for bf16 at D = 128, 132 KiB of 192 for float32 at D = 256)."""
+    return (2 * block_m * num_stages + 2 * (block_m + block_n)) * block_d * element_size
+
+
+def backward_settings(block_d: int, element_size: int, shared_memory: int) -> dict:
+    """Fixed backward launch settings by padded head dim, dtype size and GPU shared memory per block.
 
     The backward holds two float32 accumulators of (block, BLOCK_D) per
     program (dK and dV, or dQ next to q and dO), about twice the forward's
-    register state, so it cannot reuse the forward's tuned blocks; these are
-    fixed, so a shape always launches (and rounds) the same way.
+    register state, so it cannot reuse the forward's tuned blocks. These are
+    fixed, so a shape always launches (and rounds) the same way on one GPU;
+    where the tiles would not fit (float32, or small-memory GPUs) fewer
+    stages, then smaller blocks.
     """
     if block_d <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    if block_d <= 128:
-        # float32 q/dO tiles of 64 x 128 would take 64 KiB per stage: halve them.
-        return {"BLOCK_M": 64 if element_size == 2 else 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 2
+    elif block_d <= 128:
+        block_m, block_n, num_warps, num_stages = (64 if element_size == 2 else 32), 64, 8, 2
+    else:
+        block_m, block_n, num_warps, num_stages = 32, 32, 8, 1
+    while _backward_shared_bytes(block_m, block_n, num_stages, block_d, element_size) > shared_memory:
+        if num_stages > 1:
+            num_stages -= 1
+        elif max(block_m, block_n) > 16:
+            block_m, block_n = (block_m // 2, block_n) if block_m >= block_n else (block_m, block_n // 2)
+        else:
+            break
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
 def _block_d(head_dim: int) -> int:
@@ -482,7 +499,7 @@ def flash_attention_bwd(
     if INTERPRETING:
         s = {"BLOCK_M": INTERPRETER_BLOCKS[0], "BLOCK_N": INTERPRETER_BLOCKS[1], "num_warps": 4, "num_stages": 1}
     else:
-        s = backward_settings(block_d, q.element_size())
+        s = backward_settings(block_d, q.element_size(), _shared_memory(q.device.index or 0))
     block_m, block_n = s["BLOCK_M"], s["BLOCK_N"]
     launch_options = {"num_warps": s["num_warps"], "num_stages": s["num_stages"]}
     delta = torch.empty_like(lse)

@@ -136,18 +136,35 @@ def test_matches_float64_reference(case, dtype):
             assert_within_torch_error(g, t, w, name=f"{name} {dtype}")
 
 
+# Query/key length pairs whose diagonal offset Nk - Nq takes the residues
+# that move the loop bounds across a block edge: 0, +-1, +-2, 14, 15, 17, 30, 31 mod 16 or 32.
+OFFSET_SWEEP = [(20, 20), (20, 21), (20, 22), (20, 34), (20, 35), (20, 37), (20, 50), (20, 51),
+                (21, 20), (22, 20), (37, 5), (51, 20)]  # fmt: skip
+
+
 @interpreter_only
-@pytest.mark.parametrize("blocks", [(32, 16), (16, 32), (64, 16)])
-@pytest.mark.parametrize("case", [((1, 1, 37, 16), 70, True), ((1, 1, 70, 16), 37, True), ((1, 1, 50, 16), 50, True)],
-                         ids=_case_id)  # fmt: skip
-def test_unequal_query_and_key_blocks(monkeypatch, blocks, case):
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32)])
+def test_causal_loop_bounds_for_every_diagonal_offset(monkeypatch, blocks):
     # The diagonal loop bounds are computed from the query block in the forward
     # and dQ kernels and from the key block in the dK/dV kernel: they must hold
-    # when the two block sizes differ, as the GPU's tuned configs do.
+    # for every offset, and when the two block sizes differ as the GPU's tuned configs do.
     monkeypatch.setattr(flash_module, "INTERPRETER_BLOCKS", blocks)
-    q_shape, k_len, causal = case
-    q, k, v, do = _inputs(q_shape, k_len, torch.float32)
-    _assert_float32_close(_run_kernel(q, k, v, do, causal), _reference(q, k, v, do, causal), f" blocks {blocks}")
+    for q_len, k_len in OFFSET_SWEEP:
+        q, k, v, do = _inputs((1, 1, q_len, 16), k_len, torch.float32)
+        label = f" blocks {blocks}, Nq={q_len}, Nk={k_len}"
+        _assert_float32_close(_run_kernel(q, k, v, do, True), _reference(q, k, v, do, True), label)
+
+
+def test_bfloat16_outputs_round_to_nearest():
+    # Two identical keys: p = (1/2, 1/2) exactly, so o = (v0 + v1) / 2 is exact
+    # in float32 and the stored bfloat16 must be that value rounded to nearest
+    # (as torch rounds), not truncated.
+    q = torch.randn(1, 8, 32, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(1, 1, 32, device=DEVICE, dtype=torch.bfloat16).expand(1, 2, 32)
+    v = torch.randn(1, 2, 32, device=DEVICE, dtype=torch.bfloat16)
+    o = flash_attention(q, k, v, causal=False)
+    want = ((v[:, 0].float() + v[:, 1].float()) / 2).to(torch.bfloat16).expand(1, 8, 32)
+    assert torch.equal(o, want)
 
 
 @pytest.mark.parametrize("scale", [0.3, 1])
@@ -260,15 +277,26 @@ def test_forward_configs_fit_the_head_dim(block_d, element_size, shared_memory):
         assert tiles <= shared_memory or c.num_stages == 1
         # A 128 x 128 float32 accumulator needs 8 warps (64 values per thread).
         assert block_m * block_d <= 64 * 32 * c.num_warps
-    if block_d == 16:  # small tiles: everything fits but 8 warps on tiny tiles
-        assert len(configs) == 30
+    if block_d == 16:  # small tiles: everything fits but 8 warps on 64 rows and 4 stages past 32 keys
+        assert len(configs) == 14
 
 
 def test_backward_settings_rule():
-    assert backward_settings(64, 2) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    assert backward_settings(128, 2) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    assert backward_settings(128, 4)["BLOCK_M"] == 32
-    assert backward_settings(256, 2) == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    h100, a100, consumer = 232448, 166912, 101376  # shared memory per block, bytes
+    assert backward_settings(64, 2, h100) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    assert backward_settings(128, 2, h100) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    assert backward_settings(128, 4, h100)["BLOCK_M"] == 32
+    assert backward_settings(256, 2, h100) == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    # Smaller GPUs: fewer stages first, then smaller blocks.
+    assert backward_settings(128, 2, consumer) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
+    assert backward_settings(256, 4, a100) == {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    for block_d in (16, 32, 64, 128, 256):
+        for element_size in (2, 4):
+            for shared_memory in (h100, a100, consumer):
+                s = backward_settings(block_d, element_size, shared_memory)
+                need = flash_module._backward_shared_bytes(s["BLOCK_M"], s["BLOCK_N"], s["num_stages"], block_d,
+                                                           element_size)  # fmt: skip
+                assert need <= shared_memory, (block_d, element_size, shared_memory)
 
 
 @pytest.mark.parametrize(
