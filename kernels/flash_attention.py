@@ -90,6 +90,28 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len):
+    """Rows ``offs_n`` of k and v, (BLOCK_N, BLOCK_D) each; zeros past k_len and past the head dim."""
+    kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
+    k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """scale * q k^T in log2 units, (BLOCK_M, BLOCK_N); with MASKED, keys past k_len
+    or (causal) after a query's diagonal are -inf."""
+    s = _dot(q, tl.trans(k), None) * qk_scale_log2
+    if MASKED:
+        allowed = (offs_n < k_len)[None, :]
+        if CAUSAL:
+            allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        s = tl.where(allowed, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_key_tiles(
     acc, l_i, m_i, q,
     k_head, v_head,
@@ -101,15 +123,9 @@ def _fwd_key_tiles(
     """The online-softmax update of one query block over key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
-        k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), None) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
+        k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len)
+        s = _scores(q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, CAUSAL, MASKED)
         if MASKED:
-            allowed = (offs_n < k_len)[None, :]
-            if CAUSAL:
-                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-            s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no visible key so far keeps m = -inf; subtracting 0
             # instead makes its p and its rescale factor exp2(-inf) = 0, not NaN.
@@ -295,16 +311,9 @@ def _dq_key_tiles(
     """Accumulate one query block's dQ (unscaled) over key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
-        k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), None) * qk_scale_log2
-        if MASKED:
-            # Keys past k_len must go too: their p = exp2(-lse) is not 0 and may overflow.
-            allowed = (offs_n < k_len)[None, :]
-            if CAUSAL:
-                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-            s = tl.where(allowed, s, float("-inf"))
+        k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len)
+        # Keys past k_len are masked too: their p = exp2(0 - lse) is not 0 and may overflow.
+        s = _scores(q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, CAUSAL, MASKED)
         p = tl.exp2(s - lse_log2[:, None])
         dp = _dot(do, tl.trans(v), None)
         ds = p * (dp - delta[:, None])
