@@ -26,6 +26,7 @@ test: $(READY)
 # Kernel microbenchmarks: benchmarks/bench_*.py (which `make test` never collects),
 # then benchmarks/report.py turns the JSON into kernels.md and kernels.png.
 # Without CUDA only small shapes and the reference/torch providers run.
+# bench_tokenizer.py is a plain script: tokenizer speed vs tiktoken and HF tokenizers.
 BENCH_RESULTS := benchmarks/results
 BENCH_PYTEST := -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' --benchmark-only
 BENCH_FILES := --json $(BENCH_RESULTS)/kernels.json --skips $(BENCH_RESULTS)/skipped.json
@@ -37,6 +38,7 @@ bench: $(BENCH_READY)
 	$(BIN)/python -m pytest benchmarks $(BENCH_PYTEST) \
 		--benchmark-json=$(BENCH_RESULTS)/kernels.json --skips-json=$(BENCH_RESULTS)/skipped.json
 	$(BIN)/python benchmarks/report.py $(BENCH_FILES) --out-dir $(BENCH_RESULTS)
+	$(BIN)/python benchmarks/bench_tokenizer.py --out $(BENCH_RESULTS)/tokenizer.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

@@ -34,8 +34,9 @@ setup(
             "hypothesis",
             "tiktoken",
         ],
-        # `make bench` draws its plot with matplotlib (skipped with a note without it).
-        "bench": ["pytest-benchmark", "matplotlib"],
+        # `make bench` draws its plot with matplotlib (skipped with a note without it);
+        # bench_tokenizer.py compares training with Hugging Face's tokenizers.
+        "bench": ["pytest-benchmark", "matplotlib", "tokenizers"],
     },
     entry_points={"console_scripts": ["scratchlm = scratchlm.cli:main"]},
 )

@@ -1,0 +1,304 @@
+"""Tokenizer speed next to tiktoken and Hugging Face ``tokenizers``, in one run.
+
+Four measurements, each against the library that sets its target:
+
+* encode: ``Tokenizer.encode`` with GPT-2's files on python-docs.txt, one
+  process, vs tiktoken's ``encode_ordinary`` built offline from the same files
+  (single thread). The ids must be identical. Our time includes filling the
+  pre-token cache from empty. Target: >= 0.5x tiktoken's MB/s.
+* encode_file: ``encode_file`` over ``--processes`` workers on the corpus
+  repeated ``--file-copies`` times, vs the same tiktoken single-thread rate.
+  The file must equal the one written by one process. Target: >= 1.0x.
+* train: ``train_bpe`` to ``--vocab-size`` vs HF's byte-level ``BpeTrainer``
+  (same corpus, vocab size and special token). Trained twice, with one and
+  with ``--processes`` workers; the merges must be equal. Target: <= 2x HF's time.
+* multilingual: round trip and tiktoken agreement on multilingual.txt.
+
+Peak memory is the resident-set high-water mark (VmHWM), reset before each
+step through /proc/self/clear_refs; worker processes report theirs through
+``getrusage(RUSAGE_CHILDREN)`` (the largest child so far). This is a plain
+script, never a test: it prints a table and writes JSON, and never fails on a
+missed target.
+
+    python benchmarks/bench_tokenizer.py --data-dir /work/shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scratchlm.tokenizer import GPT2_PRETOKENIZE_PATTERN, Tokenizer, encode_file, read_token_file, train_bpe
+from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
+
+EOT = "<|endoftext|>"
+MIB = 1 << 20
+
+
+def reset_peak_memory() -> None:
+    """Reset this process's VmHWM (Linux >= 4.0); harmless where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mib() -> float:
+    """This process's resident-set high-water mark since the last reset, in MiB."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def children_peak_memory_mib() -> float:
+    """The largest resident-set peak of any finished child process, in MiB."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def timed(function, *args, **kwargs):
+    """``(result, seconds, peak MiB)`` of one call."""
+    reset_peak_memory()
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    seconds = time.perf_counter() - start
+    return result, seconds, peak_memory_mib()
+
+
+def offline_tiktoken(vocab_path: Path, merges_path: Path):
+    """tiktoken's GPT-2 encoding built from the local files (no download)."""
+    import tiktoken
+
+    encoder = json.loads(vocab_path.read_text(encoding="utf-8"))
+    ranks = {decode_gpt2_token(token): rank for token, rank in encoder.items() if token != EOT}
+    return tiktoken.Encoding(
+        name="gpt2-offline",
+        pat_str=GPT2_PRETOKENIZE_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={EOT: encoder[EOT]},
+    )
+
+
+def measure_encode(tokenizer: Tokenizer, encoding, text: str, megabytes: float) -> dict:
+    tokenizer._cache.clear()  # measure from a cold cache, as a fresh process would start
+    ours, our_seconds, our_peak = timed(tokenizer.encode, text)
+    theirs, their_seconds, their_peak = timed(encoding.encode_ordinary, text)
+    return {
+        "megabytes": megabytes,
+        "tokens": len(ours),
+        "identical_to_tiktoken": ours == theirs,
+        "scratchlm_seconds": our_seconds,
+        "scratchlm_mb_per_s": megabytes / our_seconds,
+        "scratchlm_peak_mib": our_peak,
+        "tiktoken_seconds": their_seconds,
+        "tiktoken_mb_per_s": megabytes / their_seconds,
+        "tiktoken_peak_mib": their_peak,
+        "ratio": their_seconds / our_seconds,
+        "target_ratio": 0.5,
+    }
+
+
+def measure_encode_file(tokenizer: Tokenizer, corpus: Path, copies: int, processes: int, tiktoken_mb_per_s: float,
+                      work_dir: Path) -> dict:
+    big = work_dir / "corpus_repeated.txt"
+    data = corpus.read_bytes()
+    with open(big, "wb") as file:
+        for _ in range(copies):
+            file.write(data)
+            file.write(b"\n")
+    del data
+    megabytes = big.stat().st_size / 1e6
+    parallel_path, single_path = work_dir / "parallel.npy", work_dir / "single.npy"
+    count, seconds, parent_peak = timed(encode_file, tokenizer, big, parallel_path, num_processes=processes)
+    worker_peak = children_peak_memory_mib()
+    _, single_seconds, single_peak = timed(encode_file, tokenizer, big, single_path, num_processes=1)
+    identical = np.array_equal(read_token_file(parallel_path), read_token_file(single_path))
+    return {
+        "megabytes": megabytes,
+        "tokens": count,
+        "processes": processes,
+        "identical_to_one_process": bool(identical),
+        "scratchlm_seconds": seconds,
+        "scratchlm_mb_per_s": megabytes / seconds,
+        "parent_peak_mib": parent_peak,
+        "largest_worker_peak_mib": worker_peak,
+        "one_process_seconds": single_seconds,
+        "one_process_mb_per_s": megabytes / single_seconds,
+        "one_process_peak_mib": single_peak,
+        "tiktoken_mb_per_s": tiktoken_mb_per_s,
+        "ratio": (megabytes / seconds) / tiktoken_mb_per_s,
+        "target_ratio": 1.0,
+    }
+
+
+def train_hf(corpus: Path, vocab_size: int):
+    """HF tokenizers' byte-level BPE, set up like train_bpe: GPT-2 regex, all 256 bytes."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train([str(corpus)], trainer)
+    return hf
+
+
+def measure_train(corpus: Path, vocab_size: int, processes: int) -> dict:
+    result = {"vocab_size": vocab_size, "processes": processes}
+    (vocab, merges), seconds, peak = timed(train_bpe, corpus, vocab_size, [EOT], num_processes=processes)
+    (_, merges_one), one_seconds, one_peak = timed(train_bpe, corpus, vocab_size, [EOT], num_processes=1)
+    result |= {
+        "merges": len(merges),
+        "same_merges_for_1_and_n_processes": merges == merges_one,
+        "scratchlm_seconds": seconds,
+        "scratchlm_peak_mib": peak,
+        "scratchlm_worker_peak_mib": children_peak_memory_mib(),
+        "one_process_seconds": one_seconds,
+        "one_process_peak_mib": one_peak,
+    }
+    try:
+        hf, hf_seconds, hf_peak = timed(train_hf, corpus, vocab_size)
+    except ImportError:
+        return result | {"hf_tokenizers": "not installed (pip install tokenizers)"}
+    return result | {
+        "hf_vocab_size": hf.get_vocab_size(),
+        "hf_seconds": hf_seconds,
+        "hf_peak_mib": hf_peak,
+        "ratio": seconds / hf_seconds,
+        "target_ratio": 2.0,
+    }
+
+
+def measure_multilingual(tokenizer: Tokenizer, encoding, text: str, megabytes: float) -> dict:
+    tokenizer._cache.clear()
+    ours, seconds, _ = timed(tokenizer.encode, text)
+    theirs, their_seconds, _ = timed(encoding.encode_ordinary, text)
+    return {
+        "megabytes": megabytes,
+        "tokens": len(ours),
+        "round_trips": tokenizer.decode(ours) == text,
+        "identical_to_tiktoken": ours == theirs,
+        "scratchlm_mb_per_s": megabytes / seconds,
+        "tiktoken_mb_per_s": megabytes / their_seconds,
+        "ratio": their_seconds / seconds,
+    }
+
+
+def print_table(results: dict) -> None:
+    rows = [("step", "ours", "reference", "ratio", "target", "met", "check", "peak MiB")]
+    encode = results["encode"]
+    rows.append((
+        "encode (MB/s)", f"{encode['scratchlm_mb_per_s']:.2f}", f"{encode['tiktoken_mb_per_s']:.2f} tiktoken",
+        f"{encode['ratio']:.2f}x", ">= 0.5x", str(encode["ratio"] >= 0.5),
+        f"ids equal: {encode['identical_to_tiktoken']}", f"{encode['scratchlm_peak_mib']:.0f}",
+    ))
+    if "encode_file" in results:
+        big = results["encode_file"]
+        rows.append((
+            f"encode_file x{big['processes']} (MB/s)", f"{big['scratchlm_mb_per_s']:.2f}",
+            f"{big['tiktoken_mb_per_s']:.2f} tiktoken", f"{big['ratio']:.2f}x", ">= 1.0x", str(big["ratio"] >= 1.0),
+            f"same as 1 proc: {big['identical_to_one_process']}",
+            f"{big['parent_peak_mib']:.0f} + {big['largest_worker_peak_mib']:.0f}/worker",
+        ))
+    if "train" in results:
+        train = results["train"]
+        hf = f"{train['hf_seconds']:.1f} HF" if "hf_seconds" in train else "n/a"
+        ratio = f"{train['ratio']:.2f}x" if "ratio" in train else "n/a"
+        rows.append((
+            f"train {train['vocab_size']} (s)", f"{train['scratchlm_seconds']:.1f}", hf, ratio, "<= 2.0x",
+            str(train.get("ratio", float("inf")) <= 2.0),
+            f"merges same: {train['same_merges_for_1_and_n_processes']}", f"{train['scratchlm_peak_mib']:.0f}",
+        ))
+    multi = results["multilingual"]
+    rows.append((
+        "multilingual (MB/s)", f"{multi['scratchlm_mb_per_s']:.2f}", f"{multi['tiktoken_mb_per_s']:.2f} tiktoken",
+        f"{multi['ratio']:.2f}x", "exact", str(multi["round_trips"] and multi["identical_to_tiktoken"]),
+        f"round trip: {multi['round_trips']}, ids equal: {multi['identical_to_tiktoken']}", "",
+    ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SCRATCHLM_DATA", "/work/shared/data")),
+                        help="folder holding python-docs.txt, multilingual.txt, gpt2_vocab.json, gpt2_merges.txt")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="worker processes for encode_file and train_bpe (default: all cores)")
+    parser.add_argument("--file-copies", type=int, default=4,
+                        help="encode_file runs on python-docs.txt repeated this many times")
+    parser.add_argument("--vocab-size", type=int, default=10_000, help="vocabulary size for the training comparison")
+    parser.add_argument("--skip-train", action="store_true", help="leave out the (slowest) training comparison")
+    parser.add_argument("--skip-encode-file", action="store_true", help="leave out the encode_file comparison")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tokenizer.json",
+                        help="where to write the JSON results")
+    args = parser.parse_args()
+
+    corpus = args.data_dir / "python-docs.txt"
+    needed = [corpus, args.data_dir / "multilingual.txt", args.data_dir / "gpt2_vocab.json",
+              args.data_dir / "gpt2_merges.txt"]
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        print(f"--data-dir {str(args.data_dir)!r} lacks {missing}; nothing to measure", file=sys.stderr)
+        return
+
+    import tiktoken
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "tiktoken": tiktoken.__version__,
+        }
+    }
+    try:
+        import tokenizers
+        results["machine"]["tokenizers"] = tokenizers.__version__
+    except ImportError:
+        pass
+
+    tokenizer = Tokenizer.from_files(args.data_dir / "gpt2_vocab.json", args.data_dir / "gpt2_merges.txt", [EOT])
+    encoding = offline_tiktoken(args.data_dir / "gpt2_vocab.json", args.data_dir / "gpt2_merges.txt")
+
+    raw = corpus.read_bytes()
+    results["encode"] = measure_encode(tokenizer, encoding, raw.decode("utf-8"), len(raw) / 1e6)
+    raw = (args.data_dir / "multilingual.txt").read_bytes()
+    results["multilingual"] = measure_multilingual(tokenizer, encoding, raw.decode("utf-8"), len(raw) / 1e6)
+    del raw
+    if not args.skip_encode_file:
+        with tempfile.TemporaryDirectory() as work_dir:
+            results["encode_file"] = measure_encode_file(
+                tokenizer, corpus, args.file_copies, args.processes,
+                results["encode"]["tiktoken_mb_per_s"], Path(work_dir),
+            )
+    if not args.skip_train:
+        results["train"] = measure_train(corpus, args.vocab_size, args.processes)
+
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
