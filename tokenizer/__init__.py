@@ -12,7 +12,7 @@ Ids 0..255 are the single bytes, then the special tokens, then merged tokens
 
 from scratchlm.tokenizer.bpe import train_bpe
 from scratchlm.tokenizer.file_encoding import encode_file
-from scratchlm.tokenizer.gpt2_files import gpt2_bytes_to_unicode, load_gpt2_files
+from scratchlm.tokenizer.gpt2_files import gpt2_bytes_to_unicode, load_gpt2_files, save_gpt2_files
 from scratchlm.tokenizer.pretokenize import GPT2_PRETOKENIZE_PATTERN
 from scratchlm.tokenizer.token_file import TokenFileWriter, read_token_file, token_dtype, write_token_file
 from scratchlm.tokenizer.tokenizer import Tokenizer
@@ -25,6 +25,7 @@ __all__ = [
     "gpt2_bytes_to_unicode",
     "load_gpt2_files",
     "read_token_file",
+    "save_gpt2_files",
     "token_dtype",
     "train_bpe",
     "write_token_file",

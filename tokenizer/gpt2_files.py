@@ -1,4 +1,4 @@
-"""Reading GPT-2's tokenizer files (``encoder.json`` and ``vocab.bpe``/merges).
+"""Reading and writing GPT-2's tokenizer files (``encoder.json`` and ``vocab.bpe``/merges).
 
 GPT-2 stores tokens as printable strings: each byte is mapped to one Unicode
 character so that spaces and control bytes survive a text file. The printable
@@ -18,6 +18,9 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
+from pathlib import Path
+
+from scratchlm.atomic import atomic_write
 
 # Bytes GPT-2 keeps as the character with the same code point.
 _PRINTABLE_BYTE_RANGES = ((ord("!"), ord("~")), (ord("¡"), ord("¬")), (ord("®"), ord("ÿ")))
@@ -84,3 +87,42 @@ def load_gpt2_files(
                 )
             merges.append((decode_gpt2_token(parts[0]), decode_gpt2_token(parts[1])))
     return vocab, merges
+
+
+def encode_gpt2_token(token: bytes) -> str:
+    """Turn token bytes (``b" the"``) into GPT-2's printable string (``"Ġthe"``).
+
+    >>> encode_gpt2_token(b" the")
+    'Ġthe'
+    """
+    table = gpt2_bytes_to_unicode()
+    return "".join(table[byte] for byte in token)
+
+
+def save_gpt2_files(
+    vocab: dict[int, bytes],
+    merges: list[tuple[bytes, bytes]],
+    vocab_filepath: str | os.PathLike,
+    merges_filepath: str | os.PathLike,
+) -> None:
+    """Write ``encoder.json`` (token -> id) and a merges file that :func:`load_gpt2_files` reads back.
+
+    Every token, special tokens included, goes through GPT-2's byte -> character
+    table, so ``<|endoftext|>`` is written as itself and ``b" the"`` as ``Ġthe``.
+    The merges file starts with GPT-2's ``#version: 0.2`` line.
+    """
+    encoder: dict[str, int] = {}
+    for token_id, token in sorted(vocab.items()):
+        name = encode_gpt2_token(token)
+        if name in encoder:
+            raise ValueError(
+                f"vocab holds {token!r} twice (ids {encoder[name]} and {token_id}); "
+                "encoder.json maps each token to one id"
+            )
+        encoder[name] = token_id
+    with atomic_write(Path(vocab_filepath), "w", encoding="utf-8") as file:
+        json.dump(encoder, file, ensure_ascii=False)
+    with atomic_write(Path(merges_filepath), "w", encoding="utf-8") as file:
+        file.write(f"{_VERSION_HEADER}: 0.2\n")
+        for left, right in merges:
+            file.write(f"{encode_gpt2_token(left)} {encode_gpt2_token(right)}\n")

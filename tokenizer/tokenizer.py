@@ -33,7 +33,8 @@ from pathlib import Path
 
 from scratchlm.atomic import atomic_write
 from scratchlm.tokenizer.apply_merges import LONG_PIECE_BYTES, merge_by_rank, merge_by_rank_heap
-from scratchlm.tokenizer.gpt2_files import load_gpt2_files
+from scratchlm.tokenizer.gpt2_files import load_gpt2_files, save_gpt2_files
+from scratchlm.tokenizer.hf_files import save_hf_tokenizer
 from scratchlm.tokenizer.pretokenize import (
     GPT2_PRETOKENIZE_REGEX,
     last_safe_cut,
@@ -268,6 +269,21 @@ class Tokenizer:
         """
         vocab, merges = load_gpt2_files(vocab_filepath, merges_filepath)
         return cls(vocab, merges, special_tokens)
+
+    def save_gpt2_files(self, vocab_filepath: str | os.PathLike, merges_filepath: str | os.PathLike) -> None:
+        """Write GPT-2-style ``encoder.json`` and merges files, which :meth:`from_files` reads back.
+
+        The special tokens are in ``encoder.json`` but not marked special
+        there: pass them again to :meth:`from_files`.
+
+        >>> tokenizer.save_gpt2_files("encoder.json", "vocab.bpe")  # doctest: +SKIP
+        >>> Tokenizer.from_files("encoder.json", "vocab.bpe", tokenizer.special_tokens)  # doctest: +SKIP
+        """
+        save_gpt2_files(self.vocab, self.merges, vocab_filepath, merges_filepath)
+
+    def save_hf(self, path: str | os.PathLike) -> Path:
+        """Write a ``tokenizer.json`` for Hugging Face ``tokenizers`` (see :mod:`scratchlm.tokenizer.hf_files`)."""
+        return save_hf_tokenizer(path, self.vocab, self.merges, self.special_token_ids)
 
     def __repr__(self) -> str:
         return (
