@@ -20,7 +20,7 @@ step through /proc/self/clear_refs; worker processes report theirs through
 script, never a test: it prints a table and writes JSON, and never fails on a
 missed target.
 
-    python benchmarks/bench_tokenizer.py --data-dir /work/shared/data
+    python benchmarks/bench_tokenizer.py --data-dir ../shared/data
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from scratchlm.tokenizer import GPT2_PRETOKENIZE_PATTERN, Tokenizer, encode_file
 from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
 
 EOT = "<|endoftext|>"
+# The team's shared corpora live beside the repository checkout.
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 MIB = 1 << 20
 
 
@@ -241,7 +243,7 @@ def print_table(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SCRATCHLM_DATA", "/work/shared/data")),
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SCRATCHLM_DATA", DEFAULT_DATA_DIR)),
                         help="folder holding python-docs.txt, multilingual.txt, gpt2_vocab.json, gpt2_merges.txt")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="worker processes for encode_file and train_bpe (default: all cores)")
