@@ -121,7 +121,8 @@ class Tokenizer:
 
     def _merge_pretoken(self, piece: str) -> tuple[int, ...]:
         """BPE on one pre-token, from its bytes (rule in :mod:`scratchlm.tokenizer.apply_merges`)."""
-        ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
+        encoded = piece.encode("utf-8")
+        ids = [self._byte_ids[b] for b in encoded]
         if len(ids) >= LONG_PIECE_BYTES:
             return tuple(merge_by_rank_heap(ids, self._merge_ranks))
         return tuple(merge_by_rank(ids, self._merge_ranks))
@@ -129,14 +130,17 @@ class Tokenizer:
     def _encode_ordinary(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (no special tokens in it) to ``out``."""
         cache = self._cache
+        # Bound methods held in locals: this loop runs once per pre-token
+        # (~2.5M times for 11 MB), where each attribute lookup saved counts.
+        cached, extend = cache.get, out.extend
         for piece in GPT2_PRETOKENIZE_REGEX.findall(text):
-            ids = cache.get(piece)
+            ids = cached(piece)
             if ids is None:
                 ids = self._merge_pretoken(piece)
                 if len(cache) >= _CACHE_MAX_ENTRIES:
                     cache.clear()
                 cache[piece] = ids
-            out.extend(ids)
+            extend(ids)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``.
