@@ -33,6 +33,8 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "tiktoken",
+            # The tokenizer's tokenizer.json export is tested by loading it with HF's library.
+            "tokenizers",
         ],
         # `make bench` draws its plot with matplotlib (skipped with a note without it);
         # bench_tokenizer.py compares training with Hugging Face's tokenizers.
