@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from scratchlm.model.attention import KVCache, LayerKVCache, MultiHeadSelfAttention
 from scratchlm.model.backends import KernelsSpec, resolve_kernels
@@ -65,7 +66,14 @@ class TransformerLM(nn.Module):
     ``kernels`` picks the implementation of the hot ops (see
     ``scratchlm.model.backends``); it is resolved here, once, and the result
     is kept in ``self.backends``.
+
+    ``activation_checkpointing = True`` makes training forwards keep only each
+    block's input and recompute the block during backward: activation memory
+    drops from O(layers * activations per block) to O(layers * d_model) plus one
+    block's worth, for roughly a third more compute.
     """
+
+    activation_checkpointing: bool = False
 
     def __init__(
         self,
@@ -105,24 +113,30 @@ class TransformerLM(nn.Module):
         self.ln_final = RMSNorm(cfg.d_model, device=device, dtype=dtype, backend=self.backends["rmsnorm"])
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
 
-    def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None, *, check_ids: bool = True) -> Tensor:
         """token_ids (..., seq) integer -> logits (..., seq, vocab_size).
 
         With ``kv_cache``, ``token_ids`` are the tokens after the cached ones;
-        the cache is extended in place.
+        the cache is extended in place. ``check_ids=False`` skips the check
+        that every id is below vocab_size, which reads the ids back to the host
+        and so waits for the GPU; the training loop passes it for data it has
+        already checked.
         """
         seq_len = token_ids.shape[-1]
         cached = 0 if kv_cache is None else kv_cache.length
-        self._check_input(token_ids, cached, kv_cache)
+        self._check_input(token_ids, cached, kv_cache, check_ids)
         positions = torch.arange(cached, cached + seq_len, device=token_ids.device)  # (seq,)
 
         x = self.token_embeddings(token_ids)  # (..., seq, d_model)
+        recompute = self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
-            layer_cache = None if kv_cache is None else kv_cache.layers[index]
-            x = layer(x, positions, layer_cache)
+            if recompute:
+                x = checkpoint(layer, x, positions, use_reentrant=False)
+            else:
+                x = layer(x, positions, None if kv_cache is None else kv_cache.layers[index])
         return self.lm_head(self.ln_final(x))  # (..., seq, vocab_size)
 
-    def _check_input(self, token_ids: Tensor, cached: int, kv_cache: KVCache | None) -> None:
+    def _check_input(self, token_ids: Tensor, cached: int, kv_cache: KVCache | None, check_ids: bool) -> None:
         if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
             raise ValueError(f"token_ids has dtype {token_ids.dtype}; expected an integer tensor (torch.long)")
         if token_ids.dim() == 0 or token_ids.shape[-1] == 0:
@@ -139,7 +153,7 @@ class TransformerLM(nn.Module):
         # The range check reads the ids back to the host (a device sync), and a
         # data-dependent branch would split a compiled graph, so compiled models
         # skip it and rely on the embedding's own index check instead.
-        if not torch.compiler.is_compiling():
+        if check_ids and not torch.compiler.is_compiling():
             low, high = int(token_ids.min()), int(token_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high

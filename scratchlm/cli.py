@@ -3,7 +3,7 @@
     scratchlm tokenizer train --input corpus.txt --vocab_size 10000 --output tok.json
     scratchlm tokenize --tokenizer tok.json --input corpus.txt --output corpus.npy
     scratchlm train --train_data_path train.npy --val_data_path val.npy ...
-    scratchlm generate --checkpoint out/checkpoint.pt --tokenizer tok.json --prompt "def "
+    scratchlm generate --checkpoint out --tokenizer tok.json --prompt "def "
     scratchlm demo
 """
 
@@ -60,7 +60,12 @@ def _run_tokenize(args) -> int:
 
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample text from a trained checkpoint, streamed as it is produced")
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint written by `scratchlm train`")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="checkpoint file written by `scratchlm train`, or its run folder (the newest checkpoint)",
+    )
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer JSON the training data was encoded with")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max_tokens", type=int, default=200, help="most new tokens to generate")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,7 +47,8 @@ def test_tokenize_writes_the_ids_of_the_saved_tokenizer(pipeline):
 
 def test_generate_streams_a_seeded_continuation(pipeline, capsys):
     args = [
-        "generate", "--checkpoint", str(pipeline["run"] / "checkpoint.pt"), "--tokenizer", str(pipeline["tokenizer"]),
+        # A run folder stands for its newest checkpoint.
+        "generate", "--checkpoint", str(pipeline["run"]), "--tokenizer", str(pipeline["tokenizer"]),
         "--prompt", "The quick", "--max_tokens", "12", "--seed", "3", "--device", "cpu",
     ]
     capsys.readouterr()
@@ -85,4 +87,4 @@ def test_demo_runs_end_to_end_and_reports_its_last_line(tmp_path):
     assert match, last
     before, after, checkpoint = float(match[1]), float(match[2]), match[3]
     assert after < before
-    assert checkpoint.endswith("checkpoint.pt") and (tmp_path / "demo" / "run" / "checkpoint.pt").is_file()
+    assert checkpoint == str(tmp_path / "demo" / "run" / "checkpoint_00000004.pt") and Path(checkpoint).is_file()

@@ -21,12 +21,18 @@ A checkpoint is a ``torch.save``'d dict of plain data only, so it loads with
 Saving to a path writes a temporary file in the same folder and renames it over
 the target with ``os.replace`` (atomic on POSIX and Windows), so a crash while
 saving leaves the previous checkpoint untouched and no partial file.
+
+A training run keeps its checkpoints in its output folder as
+``checkpoint_<step, 8 digits>.pt``; ``newest_checkpoint`` finds the latest one
+that reads back whole and ``prune_checkpoints`` keeps the newest K.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import IO, Any
 
@@ -129,20 +135,41 @@ def save_checkpoint(
     when the model has one. ``generators`` are extra ``torch.Generator``s, by
     name, whose states are saved too (the training loop's batch sampler).
     """
-    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
-        raise ValueError(f"iteration must be an int >= 0, got {iteration!r}")
     if model_config is None and hasattr(getattr(model, "config", None), "to_dict"):
         model_config = model.config.to_dict()
-    payload = {
+    payload = checkpoint_payload(
+        model.state_dict(), optimizer.state_dict(), iteration,
+        model_config=model_config, generators=generators, extra=extra,
+    )  # fmt: skip
+    write_checkpoint(payload, out)
+
+
+def checkpoint_payload(
+    model_state: dict,
+    optimizer_state: dict,
+    iteration: int,
+    *,
+    model_config: dict | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """The checkpoint dict from already gathered state dicts (the distributed loop gathers them first)."""
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise ValueError(f"iteration must be an int >= 0, got {iteration!r}")
+    return {
         "format": FORMAT,
         "version": VERSION,
         "iteration": iteration,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "model_config": model_config,
         "rng": capture_rng_state(generators),
         "extra": extra,
     }
+
+
+def write_checkpoint(payload: dict, out: str | os.PathLike | IO[bytes]) -> None:
+    """Write a checkpoint dict to a path (atomically) or to a binary file object."""
     if isinstance(out, (str, os.PathLike)):
         _atomic_torch_save(payload, Path(out))
     else:
@@ -224,3 +251,79 @@ def apply_checkpoint(
             restore_rng_state(payload["rng"], generators)
         else:
             restore_generators(payload["rng"], generators)
+
+
+# ---------------------------------------------------------------- a run folder's checkpoints
+
+_CHECKPOINT_FILE = re.compile(r"checkpoint_(\d+)\.pt")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, iteration: int) -> Path:
+    """Where a run saves its checkpoint from ``iteration``: ``run_dir/checkpoint_00000400.pt``."""
+    return Path(run_dir) / f"checkpoint_{iteration:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(iteration, path) of every checkpoint file in ``run_dir``, oldest first.
+
+    Only finished files carry the final name: a save in progress (or killed)
+    is a hidden ``.checkpoint_*.tmp`` file, which is never listed.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        match = _CHECKPOINT_FILE.fullmatch(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def read_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict]:
+    """The newest checkpoint in ``run_dir`` that reads back whole, and its contents.
+
+    A file that fails to read (a disk that lost data, a copy cut short) is
+    skipped with a warning in favour of the one before it. Raises
+    ``FileNotFoundError`` when the folder holds no usable checkpoint.
+    """
+    candidates = list_checkpoints(run_dir)
+    for _, path in reversed(candidates):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
+    what = "no readable checkpoint" if candidates else "no checkpoint_*.pt files"
+    raise FileNotFoundError(f"{str(run_dir)!r} holds {what}")
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file as given, or for a run folder its newest checkpoint file (not read)."""
+    path = Path(path)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"run folder {str(path)!r} holds no checkpoint_*.pt files")
+        return found[-1][1]
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (``keep=0`` keeps all); returns what went."""
+    if keep <= 0:
+        return []
+    doomed = [path for _, path in list_checkpoints(run_dir)[:-keep]]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def remove_partial_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary files left by a save that was killed (SIGKILL, power loss) mid-write."""
+    run_dir = Path(run_dir)
+    leftovers = sorted(run_dir.glob(".checkpoint_*.pt.*.tmp")) if run_dir.is_dir() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers

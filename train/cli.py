@@ -5,6 +5,10 @@ a ``--config`` JSON file (an object of the same names, plain data), and the
 flags given on the command line. Example::
 
     python -m scratchlm.train --config runs/tiny.json --learning_rate 1e-3 --resume
+
+Several processes (data parallel; see scratchlm.train.distributed)::
+
+    torchrun --nproc_per_node=8 -m scratchlm.train --config runs/small.json --parallel fsdp
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from scratchlm.train.config import TrainConfig, load_json_settings
 
-# --resume given without a path: continue from output_dir/checkpoint.pt.
-_RESUME_LATEST = "<output_dir>/checkpoint.pt"
+# --resume given without a path: continue from the newest complete checkpoint in output_dir.
+_RESUME_LATEST = "<output_dir>"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -70,13 +75,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"--kernels={kernels!r} looks like JSON but does not parse: {e}") from e
     if settings.get("resume") == _RESUME_LATEST:
         if "output_dir" not in settings:
-            raise ValueError("--resume without a path needs --output_dir to find output_dir/checkpoint.pt")
-        settings["resume"] = str(Path(settings["output_dir"]) / "checkpoint.pt")
+            raise ValueError("--resume without a path needs --output_dir to find the newest checkpoint in")
+        settings["resume"] = str(Path(settings["output_dir"]))
     return TrainConfig.from_dict(settings, source=source)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train from parsed flags; returns a process exit code (2 for bad input)."""
+    """Train from parsed flags; returns a process exit code (2 for bad input, 1 for a diverged run)."""
     from scratchlm.train.checkpoint import CheckpointError
     from scratchlm.train.loop import train
 
@@ -86,10 +91,14 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"scratchlm train: error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"trained to step {summary['iterations']}: val loss {summary['initial_val_loss']:.4f} -> "
-        f"{summary['final_val_loss']:.4f}; checkpoint {summary['checkpoint']}"
-    )
+    except FloatingPointError as e:
+        print(f"scratchlm train: stopped: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"trained to step {summary['iterations']}: val loss {summary['initial_val_loss']:.4f} -> "
+            f"{summary['final_val_loss']:.4f}; checkpoint {summary['checkpoint']}"
+        )
     return 0
 
 

@@ -45,7 +45,9 @@ class TrainConfig:
     d_ff: int = _setting(kind=int, help="hidden width of the SwiGLU feed-forward layers")
     # Run length and where it goes.
     total_iters: int = _setting(kind=int, help="optimizer steps in the whole run; the cosine schedule ends here")
-    output_dir: str = _setting(kind=str, help="folder for checkpoint.pt, metrics.jsonl and train_config.json")
+    output_dir: str = _setting(
+        kind=str, help="folder for checkpoint_<step>.pt files, metrics.jsonl and train_config.json"
+    )
     rope_theta: float = _setting(10000.0, kind=float, help="RoPE base theta (default 10000)")
     # Optimization (AdamW with linear warmup and cosine decay).
     batch_size: int = _setting(32, kind=int, help="windows per optimizer step (default 32)")
@@ -69,7 +71,13 @@ class TrainConfig:
         10, kind=int, help="batches of fixed, evenly spaced validation windows per evaluation (default 10)"
     )
     checkpoint_interval: int = _setting(
-        1000, kind=int, help="save output_dir/checkpoint.pt every this many steps, and at the end (default 1000)"
+        1000, kind=int, help="save output_dir/checkpoint_<step>.pt every this many steps, and at the end (default 1000)"
+    )
+    keep_checkpoints: int = _setting(
+        3, kind=int, help="keep only the newest this many checkpoints; 0 keeps them all (default 3)"
+    )
+    log_interval: int = _setting(
+        10, kind=int, help="print a log line (loss, lr, grad norm, ms/step, tokens/s, MFU) every this many steps"
     )
     seed: int = _setting(0, kind=int, help="seed for model init and batch sampling (default 0)")
     device: str | None = _setting(
@@ -82,13 +90,42 @@ class TrainConfig:
         "(default auto)",
     )
     resume: str | None = _setting(
-        None, kind=str, help="continue from this checkpoint; the bare flag means output_dir/checkpoint.pt"
+        None,
+        kind=str,
+        help="continue from this checkpoint file or run folder (its newest complete checkpoint); "
+        "the bare flag means output_dir",
     )
     overwrite: bool = _setting(
         False, kind=bool, help="start afresh even if output_dir already holds a run (its files are replaced)"
     )
     peak_tflops: float | None = _setting(
-        None, kind=float, help="the device's peak TFLOP/s; when given, model FLOPs utilisation (MFU) is logged"
+        None,
+        kind=float,
+        help="the device's peak TFLOP/s for MFU (default: looked up by GPU name; MFU is not logged on CPU unless given)",
+    )
+    # Throughput.
+    precision: str = _setting(
+        "auto", kind=str, help="fp32, bf16, fp16 (with a loss scaler) or auto: bf16 on CUDA, fp32 on CPU (default auto)"
+    )
+    grad_accum_steps: int = _setting(
+        1, kind=int, help="split each step's batch into this many micro-batches run one after another (default 1)"
+    )
+    activation_checkpointing: bool = _setting(
+        False, kind=bool, help="recompute each block in backward instead of storing its activations"
+    )
+    compile: bool = _setting(False, kind=bool, help="run the model under torch.compile")
+    adamw: str = _setting(
+        "auto",
+        kind=str,
+        help="AdamW implementation: loop (one tensor at a time), foreach (ours, batched), fused (torch's "
+        "fused kernel) or auto: fused on CUDA unless --parallel fsdp, foreach otherwise (default auto)",
+    )
+    max_skipped_steps: int = _setting(
+        10, kind=int, help="stop the run after this many non-finite steps in a row (each is skipped) (default 10)"
+    )
+    # Several processes (launched with torchrun).
+    parallel: str = _setting(
+        "none", kind=str, help="none, ddp or fsdp (FSDP2); ddp and fsdp need torchrun --nproc_per_node=N"
     )
 
     # ------------------------------------------------------------ conversion
@@ -143,10 +180,25 @@ class TrainConfig:
         positive_ints = (
             "vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff",
             "total_iters", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval",
+            "log_interval", "grad_accum_steps", "max_skipped_steps",
         )  # fmt: skip
         for name in positive_ints:
             _expect_int(name, getattr(self, name), minimum=1)
         _expect_int("seed", self.seed, minimum=0)
+        _expect_int("keep_checkpoints", self.keep_checkpoints, minimum=0)
+        _expect_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _expect_choice("adamw", self.adamw, ("auto", "loop", "foreach", "fused"))
+        _expect_choice("parallel", self.parallel, ("none", "ddp", "fsdp"))
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise ValueError(
+                "--precision=fp16 with --parallel=fsdp is not supported: each rank's loss scaler would see only "
+                "its own shard's overflows; use --precision bf16"
+            )
+        if self.batch_size % self.grad_accum_steps != 0:
+            raise ValueError(
+                f"--batch_size={self.batch_size} must be divisible by --grad_accum_steps={self.grad_accum_steps} "
+                "(the batch is split into equal micro-batches)"
+            )
         if self.warmup_iters is not None:
             _expect_int("warmup_iters", self.warmup_iters, minimum=0)
             if self.warmup_iters > self.total_iters:
@@ -186,8 +238,9 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be in [0, 1), got {value!r}")
         if self.peak_tflops is not None:
             _expect_float("peak_tflops", self.peak_tflops, minimum=0.0, strict=True)
-        if not isinstance(self.overwrite, bool):
-            raise ValueError(f"--overwrite must be true or false, got {self.overwrite!r}")
+        for name in ("overwrite", "activation_checkpointing", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"--{name} must be true or false, got {getattr(self, name)!r}")
         if self.resume is not None and (not isinstance(self.resume, (str, os.PathLike)) or str(self.resume) == ""):
             raise ValueError(f"--resume must be a checkpoint path, got {self.resume!r}")
         if not isinstance(self.kernels, (str, dict)):
@@ -199,6 +252,11 @@ class TrainConfig:
 def _expect_int(name: str, value, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"--{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _expect_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"--{name}={value!r}: expected one of {list(choices)}")
 
 
 def _expect_float(name: str, value, *, minimum: float, strict: bool = False) -> None:

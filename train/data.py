@@ -121,22 +121,29 @@ def estimate_loss(
     batch_size: int,
     num_batches: int,
     device: str | torch.device,
+    shard: tuple[int, int] = (0, 1),
 ) -> float:
     """Mean cross-entropy of ``model`` over ``num_batches * batch_size`` fixed windows.
 
     The windows are evenly spaced over ``dataset`` (see ``evenly_spaced_starts``),
     so repeated calls measure the same tokens. The model is put in eval mode for
     the call and returned to the mode it was in.
+
+    ``shard=(rank, world_size)`` scores only every world_size-th window from
+    ``rank`` on, in batches of ``batch_size // world_size``: with batch_size
+    divisible by world_size every rank gets the same number of windows, so the
+    mean over ranks of the returned values is the mean over all windows.
     """
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    rank, world_size = shard
     n = _check_window_fits(dataset, context_length)
-    starts = evenly_spaced_starts(n, context_length, num_batches * batch_size)
+    starts = evenly_spaced_starts(n, context_length, num_batches * batch_size)[rank::world_size]
     was_training = model.training
     model.eval()
     try:
         total = 0.0
-        for batch_starts in starts.split(batch_size):
+        for batch_starts in starts.split(max(1, batch_size // world_size)):
             inputs, targets = windows_at(dataset, batch_starts, context_length, device)
             # Weight by windows so a short last batch counts for what it holds.
             total += float(cross_entropy_loss(model(inputs), targets)) * len(batch_starts)

@@ -1,21 +1,33 @@
-"""The training loop: AdamW on random windows, periodic validation, checkpoints, resume.
+"""The training loop: AdamW on random windows, mixed precision, data parallelism, exact resume.
 
 ``train(config)`` first checks everything that could fail (settings, kernels,
 device, both data files, the checkpoint to resume from, the output folder) and
 only then builds the model and takes steps, so bad input never costs a
 half-finished run or a stray checkpoint.
 
-Each run writes into ``output_dir``:
-    checkpoint.pt       the latest checkpoint (atomically replaced; see train/checkpoint.py)
-    metrics.jsonl       one JSON object per line: a training step
-                        {"step", "loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s"[, "mfu"]}
-                        or an evaluation {"step", "val_loss"}
-    train_config.json   the resolved settings of the run
+Each run writes into ``output_dir`` (rank 0 only, when distributed):
+    checkpoint_<step>.pt  the newest ``keep_checkpoints`` checkpoints, each written atomically
+    metrics.jsonl         one JSON record per line (see train/metrics.py); TensorBoard
+                          event files under tensorboard/ when tensorboard is installed
+    train_config.json     the resolved settings of the run
 
-Resume is exact: the checkpoint carries the model, AdamW's moments, the step
-count, and the state of every RNG including the batch sampler's, so a run
-stopped at step k and resumed takes the same steps, on the same batches, as one
-that never stopped (bit for bit on CPU).
+One optimizer step, in ``Trainer.train_step``:
+ 1. Draw ``batch_size`` window starts from the sampler generator. Every rank
+    draws the same starts; rank r trains on its slice, split into
+    ``grad_accum_steps`` micro-batches.
+ 2. Per micro-batch: forward under autocast, loss / grad_accum_steps, backward.
+    Gradients are reduced across ranks on the last micro-batch only.
+ 3. Unscale (fp16), measure the global gradient norm and clip it.
+ 4. If the loss or the norm is not finite, skip: no update, the step count
+    and so the schedule stay where they were, and the skip is logged and
+    counted; ``max_skipped_steps`` skips in a row end the run. Otherwise
+    AdamW steps.
+
+Resume is exact: a checkpoint carries the model, AdamW's moments, the loss
+scaler, the step and skip counts, and the state of every RNG including the
+batch sampler's, so a run stopped at step k and resumed takes the same steps,
+on the same batches, as one that never stopped (bit for bit on CPU). The
+checkpoint format does not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +46,30 @@ from tqdm.auto import tqdm
 
 from scratchlm.atomic import atomic_write
 from scratchlm.model import ModelConfig, TransformerLM, resolve_kernels
-from scratchlm.train.checkpoint import CheckpointError, apply_checkpoint, read_checkpoint, save_checkpoint
+from scratchlm.train import distributed
+from scratchlm.train.checkpoint import (
+    CheckpointError,
+    apply_checkpoint,
+    checkpoint_path,
+    checkpoint_payload,
+    list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint,
+    read_newest_checkpoint,
+    remove_partial_checkpoints,
+    resolve_checkpoint,
+    restore_rng_state,
+    write_checkpoint,
+)
 from scratchlm.train.config import TrainConfig
-from scratchlm.train.data import estimate_loss, get_batch, load_token_dataset
+from scratchlm.train.data import estimate_loss, load_token_dataset, windows_at
 from scratchlm.train.loss import cross_entropy_loss
+from scratchlm.train.metrics import METRICS_NAME, MetricsLog, format_step
 from scratchlm.train.optim import AdamW, global_grad_norm, gradient_clipping
+from scratchlm.train.precision import MixedPrecision
 from scratchlm.train.schedule import learning_rate_schedule
+from scratchlm.train.throughput import mfu, peak_tflops_for
 
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "train_config.json"
 # The name under which the batch sampler's generator is stored in checkpoints.
 _SAMPLER = "train_sampler"
@@ -66,12 +94,25 @@ def _resolve_kernels(config: TrainConfig) -> dict[str, str]:
         raise type(e)(f"--kernels={config.kernels!r}: {e}") from e
 
 
-def _read_resume_checkpoint(config: TrainConfig, model_config: ModelConfig) -> dict:
+def _check_batch_split(config: TrainConfig, world_size: int) -> None:
+    parts = world_size * config.grad_accum_steps
+    if config.batch_size % parts != 0:
+        raise ValueError(
+            f"--batch_size={config.batch_size} must be divisible by {world_size} ranks x "
+            f"--grad_accum_steps={config.grad_accum_steps} = {parts}: each rank trains on equal micro-batches"
+        )
+
+
+def _read_resume_checkpoint(config: TrainConfig, model_config: ModelConfig) -> tuple[Path, dict]:
     try:
-        payload = read_checkpoint(config.resume)
+        if Path(config.resume).is_dir():
+            path, payload = read_newest_checkpoint(config.resume)
+        else:
+            path = Path(config.resume)
+            payload = read_checkpoint(path)
     except (FileNotFoundError, CheckpointError) as e:
         raise type(e)(f"--resume: {e}") from e
-    where = repr(str(config.resume))
+    where = repr(str(path))
     stored = payload.get("model_config")
     if stored != model_config.to_dict():
         if not isinstance(stored, dict):
@@ -91,14 +132,15 @@ def _read_resume_checkpoint(config: TrainConfig, model_config: ModelConfig) -> d
         )
     if "generators" not in (payload.get("rng") or {}) or _SAMPLER not in payload["rng"]["generators"]:
         raise CheckpointError(f"--resume {where} holds no batch-sampler state, so it cannot resume a training run")
-    return payload
+    return path, payload
 
 
 def _check_output_dir(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir={str(out)!r} exists and is not a folder")
-    previous = [name for name in (CHECKPOINT_NAME, METRICS_NAME) if (out / name).exists()]
+    previous = [path.name for _, path in list_checkpoints(out)[-1:]]
+    previous += [METRICS_NAME] if (out / METRICS_NAME).exists() else []
     if previous and config.resume is None and not config.overwrite:
         raise ValueError(
             f"--output_dir={str(out)!r} already holds a run ({', '.join(previous)}); "
@@ -107,54 +149,187 @@ def _check_output_dir(config: TrainConfig) -> Path:
     return out
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def _open_metrics(path: Path, resume_iteration: int | None):
-    """Open metrics.jsonl for appending; on resume, first drop lines the resumed run will log again.
-
-    A run that crashed between checkpoints logged steps that the resumed run
-    takes again, and the resumed run re-measures validation loss at its first
-    step; keeping both would give the history two step 57s.
-    """
-    if resume_iteration is None:
-        path.write_text("", encoding="utf-8")
-    elif path.exists():
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by the crash
-            step = record.get("step", 0)
-            if step < resume_iteration or (step == resume_iteration and "val_loss" not in record):
-                kept.append(line + "\n")
-        _write_text_atomically(path, "".join(kept))
-    # Line buffering: every record reaches the file as soon as it is written.
-    return open(path, "a", encoding="utf-8", buffering=1)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _adamw_for(model: torch.nn.Module, config: TrainConfig) -> AdamW:
+def _adamw_for(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # Decay matrices only: shrinking RMSNorm gains towards 0 would fight the
     # normalisation they exist to rescale.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return AdamW(
-        [g for g in groups if g["params"]],
-        lr=config.learning_rate,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        weight_decay=config.weight_decay,
+    groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    settings = dict(
+        lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay
     )
+    kind = config.adamw
+    if kind == "auto":
+        kind = "fused" if device.type == "cuda" and config.parallel != "fsdp" else "foreach"
+    if kind == "fused":
+        # torch's single-kernel AdamW: the same update as ours, and the same state_dict layout.
+        return torch.optim.AdamW(groups, fused=True, **settings)
+    return AdamW(groups, foreach=kind == "foreach", **settings)
+
+
+class Trainer:
+    """The moving parts of one run on one rank: model, optimizer, precision, sampler and counters.
+
+    ``model`` is the plain TransformerLM (sharded in place under FSDP);
+    ``module`` is what the forward pass calls (DDP's wrapper, or ``model``).
+    ``step`` counts applied optimizer steps; skipped steps do not advance it.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        parallel: distributed.Parallel,
+        device: torch.device,
+        resume_payload: dict | None = None,
+    ):
+        self.config = config
+        self.parallel = parallel
+        self.device = device
+        self.model_config = model_config_of(config)
+        # The seed fixes the initial weights and the batch order, on every rank alike.
+        _seed_everything(config.seed)
+        self.model = TransformerLM(self.model_config, kernels=_resolve_kernels(config), device=device)
+        self.model.activation_checkpointing = config.activation_checkpointing
+        if resume_payload is not None:
+            # Before wrapping: FSDP then shards the loaded weights.
+            apply_checkpoint(resume_payload, self.model, restore_rng=False, source="--resume checkpoint")
+        self.module = distributed.wrap(self.model, parallel, device)
+        if config.compile:
+            self.module.compile()
+        self.optimizer = _adamw_for(self.model, config, device)
+        self.precision = MixedPrecision(config.precision, device)
+        self.sampler = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.skipped_steps = 0
+        self.skipped_in_a_row = 0
+        if resume_payload is not None:
+            self._resume(resume_payload)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.tokens_per_step = config.batch_size * config.context_length
+        self.flops_per_token = self.model.flops_per_token()
+        self.peak_tflops = config.peak_tflops if config.peak_tflops is not None else peak_tflops_for(device)
+
+    def _resume(self, payload: dict) -> None:
+        try:
+            distributed.load_optimizer_state(self.model, self.optimizer, payload["optimizer"], self.parallel)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"--resume checkpoint does not fit this optimizer: {e}") from e
+        state = (payload.get("extra") or {}).get("train_state") or {}
+        self.precision.load_state_dict(state.get("scaler"))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        self.step = int(payload["iteration"])
+        # Last: building the model above drew from the global RNGs.
+        restore_rng_state(payload["rng"], {_SAMPLER: self.sampler})
+
+    # ------------------------------------------------------------ one step
+
+    def train_step(self, data: np.ndarray) -> dict:
+        """Take one optimizer step (or skip it); returns the record to log."""
+        config, parallel = self.config, self.parallel
+        started = time.perf_counter()
+        lr = learning_rate_schedule(
+            self.step, config.learning_rate, config.min_learning_rate, config.warmup_iters, config.total_iters
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        # Every rank draws the whole batch, so all samplers stay in step; each keeps its slice.
+        starts = torch.randint(0, len(data) - config.context_length, (config.batch_size,), generator=self.sampler)
+        micro_batches = starts.view(parallel.world_size, config.grad_accum_steps, -1)[parallel.rank]
+        loss_sum = torch.zeros((), device=self.device)
+        for index, micro_starts in enumerate(micro_batches):
+            inputs, targets = windows_at(data, micro_starts, config.context_length, self.device)
+            last = index == len(micro_batches) - 1
+            with distributed.gradient_sync(self.module, parallel, sync=last):
+                with self.precision.autocast():
+                    logits = self.module(inputs, check_ids=False)  # the data was checked when loaded
+                loss = cross_entropy_loss(logits, targets) / len(micro_batches)
+                self.precision.backward(loss)
+            loss_sum += loss.detach()
+        loss_value = float(parallel.sum(loss_sum)) / parallel.world_size
+
+        self.precision.unscale(self.optimizer)
+        if config.max_grad_norm > 0:
+            grad_norm = gradient_clipping(self.params, config.max_grad_norm)
+        else:
+            grad_norm = global_grad_norm(self.params)
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            self.precision.step(self.optimizer)
+            self.step += 1
+            self.skipped_in_a_row = 0
+        else:
+            self.precision.skip()
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            # The update's kernels are still queued; wait so ms_per_step covers the whole step.
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - started
+
+        if not finite:
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            value = loss_value if what == "loss" else grad_norm
+            return {"step": self.step, "skipped": f"non-finite {what} ({value})", "skipped_steps": self.skipped_steps}
+        record = {
+            "step": self.step,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "ms_per_step": 1000.0 * elapsed,
+            "tokens_per_s": self.tokens_per_step / elapsed,
+        }
+        if self.peak_tflops is not None:
+            record["mfu"] = mfu(self.flops_per_token, record["tokens_per_s"], self.peak_tflops, parallel.world_size)
+        return record
+
+    def evaluate(self, data: np.ndarray) -> float:
+        """Validation loss over the fixed windows, shared out across ranks."""
+        config, parallel = self.config, self.parallel
+        with self.precision.autocast():
+            local = estimate_loss(
+                self.module,
+                data,
+                context_length=config.context_length,
+                batch_size=config.batch_size,
+                num_batches=config.eval_batches,
+                device=self.device,
+                shard=(parallel.rank, parallel.world_size),
+            )
+        # Every rank scored as many windows, so the mean of the ranks' means is the overall mean.
+        return float(parallel.sum(torch.tensor(local, device=self.device))) / parallel.world_size
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self, path: Path) -> None:
+        """Gather the full state (collectively) and write it from rank 0, then keep the newest K."""
+        state = distributed.full_state(self.model, self.optimizer, self.parallel)
+        if state is not None:
+            model_state, optimizer_state = state
+            train_state = {
+                "skipped_steps": self.skipped_steps,
+                "skipped_in_a_row": self.skipped_in_a_row,
+                "scaler": self.precision.state_dict(),
+            }
+            payload = checkpoint_payload(
+                model_state,
+                optimizer_state,
+                self.step,
+                model_config=self.model_config.to_dict(),
+                generators={_SAMPLER: self.sampler},
+                extra={"train_config": self.config.to_dict(), "train_state": train_state},
+            )
+            write_checkpoint(payload, path)
+            prune_checkpoints(path.parent, self.config.keep_checkpoints)
+        self.parallel.barrier()
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> dict:
@@ -163,11 +338,15 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     Summary keys: ``initial_val_loss`` (measured before this invocation's first
     step), ``final_val_loss``, ``iterations`` (steps done in total),
     ``start_iteration``, ``train_losses`` (this invocation's steps),
-    ``checkpoint``, ``metrics``, ``output_dir``, ``device``, ``backends``,
-    ``num_parameters``, ``tokens_per_s`` (mean over this invocation's steps).
+    ``skipped_steps`` (non-finite steps skipped, in the whole run),
+    ``checkpoint`` (the newest), ``metrics``, ``output_dir``, ``device``,
+    ``backends``, ``precision``, ``world_size``, ``num_parameters``,
+    ``tokens_per_s`` (mean over this invocation's steps).
     """
     # ---- 1. Everything that can be checked, before anything is built or written.
     config = config.resolved()
+    distributed.check_launch(config.parallel)
+    _check_batch_split(config, distributed.launched_world_size() if config.parallel != "none" else 1)
     model_config = model_config_of(config)
     backends = _resolve_kernels(config)
     train_data = load_token_dataset(
@@ -176,136 +355,97 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     val_data = load_token_dataset(
         config.val_data_path, config.vocab_size, config.context_length, argument="--val_data_path"
     )
-    resume_payload = _read_resume_checkpoint(config, model_config) if config.resume is not None else None
+    resume_payload = _read_resume_checkpoint(config, model_config)[1] if config.resume is not None else None
     out_dir = _check_output_dir(config)
 
-    # ---- 2. Build: the seed fixes the initial weights and the batch order.
-    device = torch.device(config.device)
-    _seed_everything(config.seed)
-    model = TransformerLM(model_config, kernels=backends, device=device)
-    optimizer = _adamw_for(model, config)
-    sampler = torch.Generator().manual_seed(config.seed)
-    start = 0
-    if resume_payload is not None:
-        apply_checkpoint(
-            resume_payload, model, optimizer, generators={_SAMPLER: sampler}, source=repr(str(config.resume))
-        )
-        start = int(resume_payload["iteration"])
+    # ---- 2. Join the other ranks and build.
+    parallel, device = distributed.start(config.parallel, config.device)
+    try:
+        trainer = Trainer(config, parallel, device, resume_payload)
+        del resume_payload  # the optimizer state is loaded; let the CPU copy go
+        if parallel.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(out_dir)
+            if config.overwrite and config.resume is None:
+                for _, old in list_checkpoints(out_dir):
+                    old.unlink()
+            with atomic_write(out_dir / CONFIG_NAME, "w", encoding="utf-8") as f:
+                f.write(json.dumps(config.to_dict(), indent=2) + "\n")
+        parallel.barrier()
+        summary = _train_loop(trainer, train_data, val_data, out_dir, progress=progress and parallel.is_main)
+    finally:
+        distributed.stop(parallel)
+    summary.update(backends=backends, world_size=parallel.world_size, device=str(device))
+    return summary
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    _write_text_atomically(out_dir / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
-    flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
-    tokens_per_step = config.batch_size * config.context_length
 
-    def evaluate() -> float:
-        return estimate_loss(
-            model,
-            val_data,
-            context_length=config.context_length,
-            batch_size=config.batch_size,
-            num_batches=config.eval_batches,
-            device=device,
-        )
-
-    def save(iteration: int) -> None:
-        save_checkpoint(
-            model,
-            optimizer,
-            iteration,
-            checkpoint_path,
-            model_config=model_config.to_dict(),
-            generators={_SAMPLER: sampler},
-            extra={"train_config": config.to_dict()},
-        )
-
-    # ---- 3. Train.
-    params = [p for p in model.parameters() if p.requires_grad]
+def _train_loop(trainer: Trainer, train_data, val_data, out_dir: Path, *, progress: bool) -> dict:
+    config, parallel = trainer.config, trainer.parallel
+    start = trainer.step
     train_losses: list[float] = []
     step_seconds: list[float] = []
-    with _open_metrics(out_dir / METRICS_NAME, start if resume_payload is not None else None) as metrics:
+    metrics = MetricsLog(out_dir, start if config.resume is not None else None) if parallel.is_main else None
 
-        def log(record: dict) -> None:
-            metrics.write(json.dumps(record) + "\n")
+    def log(record: dict) -> None:
+        if metrics is not None:
+            metrics.write(record)
 
-        initial_val_loss = val_loss = evaluate()
-        log({"step": start, "val_loss": initial_val_loss})
-        bar = tqdm(total=config.total_iters, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    def say(text: str) -> None:
         if progress:
-            tqdm.write(f"step {start}: val loss {initial_val_loss:.4f}")
-        model.train()
-        for iteration in range(start, config.total_iters):
-            started = time.perf_counter()
-            lr = learning_rate_schedule(
-                iteration, config.learning_rate, config.min_learning_rate, config.warmup_iters, config.total_iters
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            inputs, targets = get_batch(
-                train_data, config.batch_size, config.context_length, device, generator=sampler
-            )
-            loss = cross_entropy_loss(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            loss_value = float(loss.detach())  # waits for the device, so the timing below is real
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"training loss became {loss_value} at step {iteration + 1}; the last checkpoint in "
-                    f"{str(out_dir)!r} is from before it. Try a lower --learning_rate or --max_grad_norm"
-                )
-            if config.max_grad_norm > 0:
-                grad_norm = gradient_clipping(params, config.max_grad_norm)
-            else:
-                grad_norm = global_grad_norm(params)
-            optimizer.step()
-            if device.type == "cuda":
-                # The update's kernels are still queued; wait so ms_per_step covers the whole step.
-                torch.cuda.synchronize(device)
-            step = iteration + 1
-            elapsed = time.perf_counter() - started
+            tqdm.write(text)
 
-            record = {
-                "step": step,
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "ms_per_step": 1000.0 * elapsed,
-                "tokens_per_s": tokens_per_step / elapsed,
-            }
-            if config.peak_tflops is not None and flops_per_token is not None:
-                record["mfu"] = flops_per_token * record["tokens_per_s"] / (config.peak_tflops * 1e12)
+    with metrics if metrics is not None else nullcontext():
+        initial_val_loss = val_loss = trainer.evaluate(val_data)
+        log({"step": start, "val_loss": initial_val_loss})
+        say(f"step {start}: val loss {initial_val_loss:.4f}")
+        if progress and trainer.peak_tflops is None and trainer.device.type == "cuda":
+            say("MFU is not logged: this GPU's peak rate is unknown; pass --peak_tflops")
+        bar = tqdm(total=config.total_iters, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+        trainer.model.train()
+        while trainer.step < config.total_iters:
+            record = trainer.train_step(train_data)
             log(record)
-            train_losses.append(loss_value)
-            step_seconds.append(elapsed)
+            if "skipped" in record:
+                say(f"step {record['step'] + 1} skipped: {record['skipped']}")
+                if trainer.skipped_in_a_row >= config.max_skipped_steps:
+                    raise FloatingPointError(
+                        f"{trainer.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                        f"(the last: {record['skipped']}, after step {trainer.step}); stopping. The newest "
+                        f"checkpoint in {str(out_dir)!r} is from before them. Try a lower --learning_rate, a "
+                        "smaller --max_grad_norm, or --precision bf16"
+                    )
+                continue
+            step = trainer.step
+            train_losses.append(record["loss"])
+            step_seconds.append(record["ms_per_step"] / 1000.0)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False
-            )
-
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            if step % config.log_interval == 0:
+                say(format_step(record, config.total_iters))
             if step % config.eval_interval == 0 or step == config.total_iters:
-                val_loss = evaluate()
+                val_loss = trainer.evaluate(val_data)
                 log({"step": step, "val_loss": val_loss})
-                if progress:
-                    tqdm.write(f"step {step}: val loss {val_loss:.4f}")
+                say(f"step {step}: val loss {val_loss:.4f}")
             if step % config.checkpoint_interval == 0 or step == config.total_iters:
-                save(step)
+                trainer.save(checkpoint_path(out_dir, step))
         bar.close()
-    if start == config.total_iters and not checkpoint_path.exists():
-        save(start)
+        if not checkpoint_path(out_dir, trainer.step).exists():
+            # Resumed at the end: there is nothing to train, but the run still has its final checkpoint.
+            trainer.save(checkpoint_path(out_dir, trainer.step))
 
     return {
         "initial_val_loss": initial_val_loss,
         "final_val_loss": val_loss,
-        "iterations": config.total_iters,
+        "iterations": trainer.step,
         "start_iteration": start,
         "train_losses": train_losses,
-        "checkpoint": str(checkpoint_path),
+        "skipped_steps": trainer.skipped_steps,
+        "checkpoint": str(checkpoint_path(out_dir, trainer.step)),
         "metrics": str(out_dir / METRICS_NAME),
         "output_dir": str(out_dir),
-        "device": str(device),
-        "backends": backends,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "tokens_per_s": tokens_per_step * len(step_seconds) / sum(step_seconds) if step_seconds else None,
+        "precision": trainer.precision.name,
+        "num_parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "tokens_per_s": trainer.tokens_per_step * len(step_seconds) / sum(step_seconds) if step_seconds else None,
     }
 
 
@@ -314,9 +454,11 @@ def load_model(
 ) -> TransformerLM:
     """Rebuild the TransformerLM a checkpoint was trained as, with its weights, in eval mode.
 
-    The shape comes from the model config stored in the checkpoint, so no flags
-    are needed. ``device`` defaults to CUDA when available.
+    ``checkpoint_path`` is a checkpoint file or a run folder (its newest
+    checkpoint). The shape comes from the model config stored in the
+    checkpoint, so no flags are needed. ``device`` defaults to CUDA when available.
     """
+    checkpoint_path = resolve_checkpoint(checkpoint_path)
     payload = read_checkpoint(checkpoint_path)
     stored = payload.get("model_config")
     if not isinstance(stored, dict):

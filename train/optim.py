@@ -69,6 +69,10 @@ class AdamW(torch.optim.Optimizer):
     Per parameter ``state`` holds ``step`` (int, updates so far), ``exp_avg``
     (first moment ``m``) and ``exp_avg_sq`` (second moment ``v``), the names
     ``torch.optim.AdamW`` uses. Defaults match ``torch.optim.AdamW``.
+
+    ``foreach=True`` applies each step to all of a group's tensors at once with
+    ``torch._foreach_*`` ops (a few kernel launches per group instead of a few
+    per parameter, which is what matters on a GPU), with the same arithmetic.
     """
 
     def __init__(
@@ -78,6 +82,8 @@ class AdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        *,
+        foreach: bool = False,
     ):
         _check_non_negative("lr", lr)
         _check_non_negative("eps", eps)
@@ -85,6 +91,7 @@ class AdamW(torch.optim.Optimizer):
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self.foreach = bool(foreach)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -93,33 +100,65 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-
-                # Decay first, from the parameter before this step's update (as torch does).
-                p.mul_(1.0 - lr * weight_decay)
-                m.lerp_(grad, 1.0 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-
-                # Bias correction undoes the pull of the zero-initialised moments
-                # towards 0 during the first ~1/(1 - beta) steps.
-                bias_correction1 = 1.0 - beta1**t
-                bias_correction2 = 1.0 - beta2**t
-                denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-                p.addcdiv_(m, denom, value=-lr / bias_correction1)
+            if self.foreach:
+                self._update_foreach(group, params)
+            else:
+                for p in params:
+                    self._update_one(group, p)
         return loss
+
+    def _update_one(self, group: dict, p: torch.nn.Parameter) -> None:
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        grad = p.grad
+
+        # Decay first, from the parameter before this step's update (as torch does).
+        p.mul_(1.0 - lr * weight_decay)
+        m.lerp_(grad, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+        # Bias correction undoes the pull of the zero-initialised moments
+        # towards 0 during the first ~1/(1 - beta) steps.
+        bias_correction1 = 1.0 - beta1**t
+        bias_correction2 = 1.0 - beta2**t
+        denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bias_correction1)
+
+    def _update_foreach(self, group: dict, params: list[torch.nn.Parameter]) -> None:
+        """``_update_one`` for many tensors per kernel launch: the same operations, in the same order.
+
+        Parameters that skipped steps (no gradient) have their own bias
+        correction, so the update runs once per distinct step count.
+        """
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        by_step: dict[int, list[torch.nn.Parameter]] = {}
+        for p in params:
+            by_step.setdefault(self.state[p]["step"], []).append(p)
+        for t, ps in by_step.items():
+            grads = [p.grad for p in ps]
+            ms = [self.state[p]["exp_avg"] for p in ps]
+            vs = [self.state[p]["exp_avg_sq"] for p in ps]
+            torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+            torch._foreach_lerp_(ms, grads, 1.0 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
+            bias_correction1 = 1.0 - beta1**t
+            bias_correction2 = 1.0 - beta2**t
+            denoms = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denoms, math.sqrt(bias_correction2))
+            torch._foreach_add_(denoms, eps)
+            torch._foreach_addcdiv_(ps, ms, denoms, value=-lr / bias_correction1)
 
 
 def global_grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
@@ -129,7 +168,11 @@ def global_grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
         return 0.0
     # Per-tensor norms in float32 (bf16 squares would lose precision), then the norm of norms.
     norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
-    return float(torch.linalg.vector_norm(norms))
+    total = torch.linalg.vector_norm(norms)
+    if hasattr(total, "full_tensor"):
+        # Sharded (FSDP) gradients: each rank holds part of the sum; this reduces across ranks.
+        total = total.full_tensor()
+    return float(total)
 
 
 def gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float) -> float:

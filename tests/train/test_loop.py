@@ -56,7 +56,7 @@ def test_training_writes_outputs_and_lowers_validation_loss(tmp_path):
     summary = train(config, progress=False)
     run = tmp_path / "run"
     assert summary["iterations"] == 40 and summary["start_iteration"] == 0
-    assert summary["checkpoint"] == str(run / "checkpoint.pt") and summary["output_dir"] == str(run)
+    assert summary["checkpoint"] == str(run / "checkpoint_00000040.pt") and summary["output_dir"] == str(run)
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.5
     # An untrained model is close to uniform over the vocabulary.
     assert abs(summary["initial_val_loss"] - np.log(VOCAB)) < 1.0
@@ -68,7 +68,11 @@ def test_training_writes_outputs_and_lowers_validation_loss(tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [0, 5, 10, 15, 20, 25, 30, 35, 40]
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["min_learning_rate"] == pytest.approx(1e-3) and saved["total_iters"] == 40
-    assert read_checkpoint(run / "checkpoint.pt")["iteration"] == 40
+    assert read_checkpoint(run / "checkpoint_00000040.pt")["iteration"] == 40
+    # checkpoint_interval=10 and keep_checkpoints=3: steps 20, 30 and 40 remain.
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == [
+        "checkpoint_00000020.pt", "checkpoint_00000030.pt", "checkpoint_00000040.pt"
+    ]
 
 
 def test_overfits_a_single_batch(tmp_path):
@@ -87,30 +91,30 @@ def test_overfits_a_single_batch(tmp_path):
 def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     straight = train(_tiny_config(tmp_path / "a", output_dir=str(tmp_path / "a" / "run")), progress=False)
 
-    # Crash at the 12th batch draw: the checkpoint from step 10 survives, step 11 got logged.
-    real_get_batch = loop.get_batch
+    # Crash in the 12th step: the checkpoint from step 10 survives, step 11 got logged.
+    real_step = loop.Trainer.train_step
     calls = {"n": 0}
 
-    def crash_on_twelfth(*args, **kwargs):
+    def crash_on_twelfth(self, data):
         calls["n"] += 1
         if calls["n"] == 12:
             raise KeyboardInterrupt("simulated crash")
-        return real_get_batch(*args, **kwargs)
+        return real_step(self, data)
 
     config = _tiny_config(tmp_path / "b", output_dir=str(tmp_path / "b" / "run"))
-    monkeypatch.setattr(loop, "get_batch", crash_on_twelfth)
+    monkeypatch.setattr(loop.Trainer, "train_step", crash_on_twelfth)
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
     monkeypatch.undo()
-    assert read_checkpoint(tmp_path / "b" / "run" / "checkpoint.pt")["iteration"] == 10
+    assert read_checkpoint(tmp_path / "b" / "run" / "checkpoint_00000010.pt")["iteration"] == 10
 
     torch.manual_seed(1234)  # whatever the global RNGs hold now must not matter
     np.random.seed(99)
-    resumed = train(dataclasses.replace(config, resume=str(tmp_path / "b" / "run" / "checkpoint.pt")), progress=False)
+    resumed = train(dataclasses.replace(config, resume=str(tmp_path / "b" / "run" / "checkpoint_00000010.pt")), progress=False)
     assert resumed["start_iteration"] == 10 and len(resumed["train_losses"]) == 10
 
-    a = read_checkpoint(tmp_path / "a" / "run" / "checkpoint.pt")
-    b = read_checkpoint(tmp_path / "b" / "run" / "checkpoint.pt")
+    a = read_checkpoint(tmp_path / "a" / "run" / "checkpoint_00000020.pt")
+    b = read_checkpoint(tmp_path / "b" / "run" / "checkpoint_00000020.pt")
     assert a["iteration"] == b["iteration"] == 20
     for name, weight in a["model"].items():
         assert torch.equal(weight, b["model"][name]), name
@@ -176,7 +180,7 @@ def _write_other_model_checkpoint(tmp_path):
     other_dir = tmp_path / "other"
     other_dir.mkdir()
     train(_tiny_config(other_dir, d_model=16, total_iters=2, output_dir=str(other_dir / "run")), progress=False)
-    return str(other_dir / "run" / "checkpoint.pt")
+    return str(other_dir / "run" / "checkpoint_00000002.pt")
 
 
 # fmt: off
@@ -214,7 +218,7 @@ def test_bad_input_raises_before_any_step(tmp_path, monkeypatch, case):
     def no_step_allowed(*args, **kwargs):
         raise AssertionError("a training step ran despite bad input")
 
-    monkeypatch.setattr(loop, "get_batch", no_step_allowed)
+    monkeypatch.setattr(loop.Trainer, "train_step", no_step_allowed)
     with pytest.raises(error, match=message):
         train(config, progress=False)
     # Nothing was written: no checkpoint, no metrics, not even the folder.
@@ -224,10 +228,10 @@ def test_bad_input_raises_before_any_step(tmp_path, monkeypatch, case):
 def test_refuses_to_overwrite_a_previous_run_unless_asked(tmp_path):
     config = _tiny_config(tmp_path, total_iters=2)
     train(config, progress=False)
-    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    before = (tmp_path / "run" / "checkpoint_00000002.pt").read_bytes()
     with pytest.raises(ValueError, match=r"--output_dir=.*already holds a run.*--resume.*--overwrite"):
         train(config, progress=False)
-    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert (tmp_path / "run" / "checkpoint_00000002.pt").read_bytes() == before
     summary = train(dataclasses.replace(config, overwrite=True), progress=False)
     assert [r["step"] for r in _metrics(tmp_path / "run") if "loss" in r] == [1, 2]
     assert summary["iterations"] == 2

@@ -68,7 +68,7 @@ def test_missing_required_settings_are_named():
 
 def test_bare_resume_means_latest_checkpoint_in_output_dir():
     config = config_from_args(build_parser().parse_args([*REQUIRED, "--resume"]))
-    assert config.resume == "out/checkpoint.pt"
+    assert config.resume == "out"
     config = config_from_args(build_parser().parse_args([*REQUIRED, "--resume", "elsewhere.pt"]))
     assert config.resume == "elsewhere.pt"
 
@@ -93,7 +93,7 @@ def test_main_trains_and_reports(tmp_path, capsys):
     argv = [a if not a.endswith((".npy", "out")) else str(tmp_path / a) for a in REQUIRED]
     assert main([*argv, "--device", "cpu", "--kernels", "reference", "--eval_batches", "1", "--batch_size", "2"]) == 0
     assert "trained to step 3" in capsys.readouterr().out
-    assert (tmp_path / "out" / "checkpoint.pt").is_file()
+    assert (tmp_path / "out" / "checkpoint_00000003.pt").is_file()
 
 
 def test_main_reports_bad_input_as_exit_code_2(tmp_path, capsys):
