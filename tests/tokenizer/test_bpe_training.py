@@ -6,6 +6,8 @@ from collections import Counter
 
 import pytest
 import regex
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from scratchlm.tokenizer import train_bpe
 from scratchlm.tokenizer import bpe as bpe_module
@@ -115,6 +117,19 @@ def test_matches_naive_reference_on_corpus_slices(tmp_path, shared_data):
         ref_vocab, ref_merges = naive_train_bpe(text, 256 + 1 + 150, ["<|endoftext|>"])
         assert merges == ref_merges, name
         assert vocab == ref_vocab, name
+
+
+# Few distinct characters make long runs and overlapping pairs (a a a,
+# a b a b) - the cases where updating only an occurrence's neighbours must
+# still add up to the true pair counts.
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet="ab é\n", max_size=80), extra_merges=st.integers(1, 40))
+def test_matches_naive_reference_on_repetitive_text(tmp_path, text, extra_merges):
+    path = write(tmp_path, text)
+    vocab, merges = train_bpe(path, 256 + extra_merges, [], num_processes=1)
+    ref_vocab, ref_merges = naive_train_bpe(text, 256 + extra_merges, [])
+    assert merges == ref_merges
+    assert vocab == ref_vocab
 
 
 def test_ties_go_to_the_lexicographically_greater_byte_pair(tmp_path):
