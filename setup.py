@@ -35,6 +35,9 @@ setup(
             "tiktoken",
             # The tokenizer's tokenizer.json export is tested by loading it with HF's library.
             "tokenizers",
+            # Tested outputs of training runs: TensorBoard event files and `scratchlm plot`.
+            "tensorboard",
+            "matplotlib",
         ],
         # `make bench` draws its plot with matplotlib (skipped with a note without it);
         # bench_tokenizer.py compares training with Hugging Face's tokenizers.

@@ -4,6 +4,7 @@
     scratchlm tokenize --tokenizer tok.json --input corpus.txt --output corpus.npy
     scratchlm train --train_data_path train.npy --val_data_path val.npy ...
     scratchlm generate --checkpoint out --tokenizer tok.json --prompt "def "
+    scratchlm plot out
     scratchlm demo
 """
 
@@ -115,6 +116,25 @@ def _add_train(subparsers) -> None:
     p.set_defaults(func=train_cli.run)
 
 
+def _add_plot(subparsers) -> None:
+    p = subparsers.add_parser("plot", help="draw a run's loss, learning rate and throughput curves to a PNG")
+    p.add_argument("run", type=Path, help="run folder written by `scratchlm train` (or its metrics.jsonl)")
+    p.add_argument("--out", type=Path, default=None, help="PNG to write (default: metrics.png in the run folder)")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from scratchlm.train.plot import plot_metrics
+
+    try:
+        out = plot_metrics(args.run, args.out)
+    except ImportError as e:
+        print(f"scratchlm plot: error: {e}", file=sys.stderr)
+        return 2
+    print(f"plot: {out}")
+    return 0
+
+
 def _add_demo(subparsers) -> None:
     from scratchlm import demo
 
@@ -131,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenize(commands)
     _add_train(commands)
     _add_generate(commands)
+    _add_plot(commands)
     _add_demo(commands)
     return parser
 

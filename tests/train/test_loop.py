@@ -11,48 +11,13 @@ import torch
 
 import scratchlm.train.loop as loop
 from scratchlm.tokenizer.token_file import write_token_file
-from scratchlm.train import TrainConfig, load_model, read_checkpoint, save_checkpoint, train
+from scratchlm.train import load_model, read_checkpoint, save_checkpoint, train
 
-VOCAB = 64
-CONTEXT = 16
-
-
-def _tiny_config(tmp_path, **overrides) -> TrainConfig:
-    rng = np.random.default_rng(0)
-    # A learnable stream: a random walk over ids, so the next id is predictable but not trivial.
-    ids = np.cumsum(rng.integers(1, 4, size=3000)) % VOCAB
-    train_path = write_token_file(tmp_path / "train.npy", ids[:2500], VOCAB)
-    val_path = write_token_file(tmp_path / "val.npy", ids[2500:], VOCAB)
-    settings = dict(
-        train_data_path=str(train_path),
-        val_data_path=str(val_path),
-        vocab_size=VOCAB,
-        context_length=CONTEXT,
-        d_model=32,
-        num_layers=2,
-        num_heads=4,
-        d_ff=64,
-        total_iters=20,
-        output_dir=str(tmp_path / "run"),
-        batch_size=4,
-        learning_rate=1e-2,
-        warmup_iters=2,
-        eval_interval=5,
-        eval_batches=2,
-        checkpoint_interval=10,
-        device="cpu",
-        kernels="reference",
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from tiny_run import CONTEXT, VOCAB, read_run_metrics, tiny_config
 
 
 def test_training_writes_outputs_and_lowers_validation_loss(tmp_path):
-    config = _tiny_config(tmp_path, total_iters=40)
+    config = tiny_config(tmp_path, total_iters=40)
     summary = train(config, progress=False)
     run = tmp_path / "run"
     assert summary["iterations"] == 40 and summary["start_iteration"] == 0
@@ -60,7 +25,7 @@ def test_training_writes_outputs_and_lowers_validation_loss(tmp_path):
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.5
     # An untrained model is close to uniform over the vocabulary.
     assert abs(summary["initial_val_loss"] - np.log(VOCAB)) < 1.0
-    records = _metrics(run)
+    records = read_run_metrics(run)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 41))
     assert set(steps[0]) == {"step", "loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s"}
@@ -79,7 +44,7 @@ def test_overfits_a_single_batch(tmp_path):
     # A training file of exactly one window: every batch is that window.
     ids = np.random.default_rng(1).integers(0, VOCAB, size=CONTEXT + 1)
     one_window = write_token_file(tmp_path / "one.npy", ids, VOCAB)
-    config = _tiny_config(
+    config = tiny_config(
         tmp_path, train_data_path=str(one_window), val_data_path=str(one_window), batch_size=2,
         total_iters=150, eval_interval=150, checkpoint_interval=150, weight_decay=0.0, min_learning_rate=1e-2,
     )  # fmt: skip
@@ -89,7 +54,7 @@ def test_overfits_a_single_batch(tmp_path):
 
 
 def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
-    straight = train(_tiny_config(tmp_path / "a", output_dir=str(tmp_path / "a" / "run")), progress=False)
+    straight = train(tiny_config(tmp_path / "a", output_dir=str(tmp_path / "a" / "run")), progress=False)
 
     # Crash in the 12th step: the checkpoint from step 10 survives, step 11 got logged.
     real_step = loop.Trainer.train_step
@@ -101,7 +66,7 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real_step(self, data)
 
-    config = _tiny_config(tmp_path / "b", output_dir=str(tmp_path / "b" / "run"))
+    config = tiny_config(tmp_path / "b", output_dir=str(tmp_path / "b" / "run"))
     monkeypatch.setattr(loop.Trainer, "train_step", crash_on_twelfth)
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
@@ -123,15 +88,15 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     assert straight["train_losses"][10:] == resumed["train_losses"]
     assert resumed["final_val_loss"] == straight["final_val_loss"]
     # The metrics file reads as one uninterrupted run: step 11 from the crashed run was dropped.
-    losses_a = [(r["step"], r["loss"]) for r in _metrics(tmp_path / "a" / "run") if "loss" in r]
-    losses_b = [(r["step"], r["loss"]) for r in _metrics(tmp_path / "b" / "run") if "loss" in r]
+    losses_a = [(r["step"], r["loss"]) for r in read_run_metrics(tmp_path / "a" / "run") if "loss" in r]
+    losses_b = [(r["step"], r["loss"]) for r in read_run_metrics(tmp_path / "b" / "run") if "loss" in r]
     assert losses_a == losses_b
-    val_b = [r["step"] for r in _metrics(tmp_path / "b" / "run") if "val_loss" in r]
+    val_b = [r["step"] for r in read_run_metrics(tmp_path / "b" / "run") if "val_loss" in r]
     assert val_b == [0, 5, 10, 15, 20]
 
 
 def test_load_model_rebuilds_the_trained_model(tmp_path):
-    summary = train(_tiny_config(tmp_path, total_iters=3), progress=False)
+    summary = train(tiny_config(tmp_path, total_iters=3), progress=False)
     model = load_model(summary["checkpoint"], device="cpu", kernels="torch")
     stored = read_checkpoint(summary["checkpoint"])
     assert not model.training and model.config.d_model == 32
@@ -179,7 +144,7 @@ def _write_corrupt_checkpoint(tmp_path):
 def _write_other_model_checkpoint(tmp_path):
     other_dir = tmp_path / "other"
     other_dir.mkdir()
-    train(_tiny_config(other_dir, d_model=16, total_iters=2, output_dir=str(other_dir / "run")), progress=False)
+    train(tiny_config(other_dir, d_model=16, total_iters=2, output_dir=str(other_dir / "run")), progress=False)
     return str(other_dir / "run" / "checkpoint_00000002.pt")
 
 
@@ -212,7 +177,7 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_raises_before_any_step(tmp_path, monkeypatch, case):
     field, make_value, error, message = BAD_INPUTS[case]
-    config = _tiny_config(tmp_path)
+    config = tiny_config(tmp_path)
     config = dataclasses.replace(config, **{field: make_value(tmp_path)})
 
     def no_step_allowed(*args, **kwargs):
@@ -226,19 +191,19 @@ def test_bad_input_raises_before_any_step(tmp_path, monkeypatch, case):
 
 
 def test_refuses_to_overwrite_a_previous_run_unless_asked(tmp_path):
-    config = _tiny_config(tmp_path, total_iters=2)
+    config = tiny_config(tmp_path, total_iters=2)
     train(config, progress=False)
     before = (tmp_path / "run" / "checkpoint_00000002.pt").read_bytes()
     with pytest.raises(ValueError, match=r"--output_dir=.*already holds a run.*--resume.*--overwrite"):
         train(config, progress=False)
     assert (tmp_path / "run" / "checkpoint_00000002.pt").read_bytes() == before
     summary = train(dataclasses.replace(config, overwrite=True), progress=False)
-    assert [r["step"] for r in _metrics(tmp_path / "run") if "loss" in r] == [1, 2]
+    assert [r["step"] for r in read_run_metrics(tmp_path / "run") if "loss" in r] == [1, 2]
     assert summary["iterations"] == 2
 
 
 def test_resume_past_total_iters_is_refused(tmp_path):
-    config = _tiny_config(tmp_path, total_iters=4, checkpoint_interval=4)
+    config = tiny_config(tmp_path, total_iters=4, checkpoint_interval=4)
     summary = train(config, progress=False)
     shorter = dataclasses.replace(config, total_iters=3, warmup_iters=0, resume=summary["checkpoint"])
     with pytest.raises(ValueError, match=r"iteration 4, past --total_iters=3"):
