@@ -101,7 +101,8 @@ class TrainConfig:
     peak_tflops: float | None = _setting(
         None,
         kind=float,
-        help="the device's peak TFLOP/s for MFU (default: looked up by GPU name; MFU is not logged on CPU unless given)",
+        help="the device's peak TFLOP/s for MFU (default: looked up by GPU name; "
+        "MFU is not logged on CPU unless given)",
     )
     # Throughput.
     precision: str = _setting(

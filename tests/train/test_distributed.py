@@ -45,6 +45,10 @@ def _losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_run_metrics(run_dir) if "loss" in r]
 
 
+def _weights(checkpoint) -> dict:
+    return read_checkpoint(checkpoint)["model"]
+
+
 def _assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -85,7 +89,7 @@ def test_gradient_accumulation_matches_the_whole_batch(tmp_path, one_process):
     _, single = one_process
     summary = train(_config(tmp_path, "accum", grad_accum_steps=2), progress=False)
     assert summary["train_losses"] == pytest.approx(single["train_losses"], rel=1e-5)
-    _assert_same_weights(read_checkpoint(summary["checkpoint"])["model"], read_checkpoint(single["checkpoint"])["model"])
+    _assert_same_weights(_weights(summary["checkpoint"]), _weights(single["checkpoint"]))
 
 
 def test_an_fsdp_checkpoint_resumes_in_one_process_and_back(tmp_path, one_process):
@@ -93,19 +97,18 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_and_back(tmp_path, one_proces
     # FSDP on 2 ranks for 3 steps, then one process for the rest...
     fsdp = _config(tmp_path, "mixed", parallel="fsdp", total_iters=3)
     _torchrun(tmp_path, fsdp)
-    resumed = train(dataclasses.replace(fsdp, parallel="none", total_iters=TOTAL, resume=fsdp.output_dir), progress=False)
+    one = dataclasses.replace(fsdp, parallel="none", total_iters=TOTAL, resume=fsdp.output_dir)
+    resumed = train(one, progress=False)
     assert resumed["start_iteration"] == 3
     assert resumed["train_losses"] == pytest.approx(single["train_losses"][3:], rel=1e-5)
-    _assert_same_weights(read_checkpoint(resumed["checkpoint"])["model"], read_checkpoint(single["checkpoint"])["model"])
+    _assert_same_weights(_weights(resumed["checkpoint"]), _weights(single["checkpoint"]))
 
     # ...and a one-process checkpoint picked up by DDP on 2 ranks.
     first_half = _config(tmp_path, "back", total_iters=3)
     train(first_half, progress=False)
     ddp = dataclasses.replace(first_half, parallel="ddp", total_iters=TOTAL)
     _torchrun(tmp_path, ddp, "--resume")
-    _assert_same_weights(
-        read_checkpoint(tmp_path / "back" / "checkpoint_00000006.pt")["model"], read_checkpoint(single["checkpoint"])["model"]
-    )
+    _assert_same_weights(_weights(tmp_path / "back" / "checkpoint_00000006.pt"), _weights(single["checkpoint"]))
 
 
 def test_launch_mismatches_are_refused(monkeypatch):

@@ -75,7 +75,8 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
 
     torch.manual_seed(1234)  # whatever the global RNGs hold now must not matter
     np.random.seed(99)
-    resumed = train(dataclasses.replace(config, resume=str(tmp_path / "b" / "run" / "checkpoint_00000010.pt")), progress=False)
+    resume_from = str(tmp_path / "b" / "run" / "checkpoint_00000010.pt")
+    resumed = train(dataclasses.replace(config, resume=resume_from), progress=False)
     assert resumed["start_iteration"] == 10 and len(resumed["train_losses"]) == 10
 
     a = read_checkpoint(tmp_path / "a" / "run" / "checkpoint_00000020.pt")

@@ -109,3 +109,24 @@ def test_gradient_clipping_matches_torch(fraction_of_norm):
         assert after == pytest.approx(max_norm, rel=1e-5)
     else:
         assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads))
+
+
+def test_adamw_foreach_takes_the_loop_steps_bit_for_bit():
+    shapes = [(5, 7), (7,), (3, 2, 4)]
+    runs = {}
+    for foreach in (False, True):
+        params = [
+            torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(i)))
+            for i, shape in enumerate(shapes)
+        ]
+        optimizer = AdamW(params, lr=1e-2, weight_decay=0.1, foreach=foreach)
+        for step in range(6):
+            for i, p in enumerate(params):
+                # The middle parameter gets no gradient on even steps, so step counts differ per parameter.
+                skip = i == 1 and step % 2 == 0
+                p.grad = None if skip else torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+            optimizer.step()
+        runs[foreach] = [p.detach().clone() for p in params]
+        assert optimizer.state[params[1]]["step"] == 3 and optimizer.state[params[0]]["step"] == 6
+    for loop_value, foreach_value in zip(runs[False], runs[True]):
+        assert torch.equal(loop_value, foreach_value)
