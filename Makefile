@@ -26,7 +26,8 @@ test: $(READY)
 # Kernel microbenchmarks: benchmarks/bench_*.py (which `make test` never collects),
 # then benchmarks/report.py turns the JSON into kernels.md and kernels.png.
 # Without CUDA only small shapes and the reference/torch providers run.
-# bench_tokenizer.py is a plain script: tokenizer speed vs tiktoken and HF tokenizers.
+# bench_tokenizer.py is a plain script: tokenizer speed vs tiktoken and HF tokenizers;
+# bench_train.py too: training tokens/s, MFU and memory per kernel backend, eager and compiled.
 BENCH_RESULTS := benchmarks/results
 BENCH_PYTEST := -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' --benchmark-only
 BENCH_FILES := --json $(BENCH_RESULTS)/kernels.json --skips $(BENCH_RESULTS)/skipped.json
@@ -39,6 +40,7 @@ bench: $(BENCH_READY)
 		--benchmark-json=$(BENCH_RESULTS)/kernels.json --skips-json=$(BENCH_RESULTS)/skipped.json
 	$(BIN)/python benchmarks/report.py $(BENCH_FILES) --out-dir $(BENCH_RESULTS)
 	$(BIN)/python benchmarks/bench_tokenizer.py --out $(BENCH_RESULTS)/tokenizer.json
+	$(BIN)/python benchmarks/bench_train.py --out $(BENCH_RESULTS)/train.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the kernel tests on CUDA, then the kernel
-# benchmarks and their report.
+# benchmarks and their report, then the training throughput benchmark.
 #
 #   benchmarks/gpu_check.sh [COPY_TO]
 #
 # Writes benchmarks/results/: kernel_tests.log, bench.log, kernels.json (pytest-benchmark),
-# skipped.json, kernels.md, kernels_summary.json, kernels.png, attention.png (9 files or fewer);
+# skipped.json, kernels.md, kernels_summary.json, kernels.png, attention.png, train.json, train.md,
+# train.log (12 files or fewer);
 # COPY_TO, when given, gets a copy of them.
 # PYTHON picks the interpreter: default .venv/bin/python when it exists, else python3.
 # No network is needed: when the interpreter cannot import scratchlm, the
@@ -48,14 +49,20 @@ bench_status=${PIPESTATUS[0]}
 "$PYTHON" benchmarks/report.py --json "$RESULTS/kernels.json" --skips "$RESULTS/skipped.json" --out-dir "$RESULTS"
 report_status=$?
 
+echo "gpu_check: training throughput"
+"$PYTHON" benchmarks/bench_train.py --out "$RESULTS/train.json" 2>&1 | tee "$RESULTS/train.log"
+train_status=${PIPESTATUS[0]}
+
 if [[ -n $COPY_TO ]]; then
     mkdir -p "$COPY_TO"
-    for name in kernel_tests.log bench.log kernels.json skipped.json kernels.md kernels_summary.json kernels.png attention.png; do
+    for name in kernel_tests.log bench.log kernels.json skipped.json kernels.md kernels_summary.json kernels.png \
+        attention.png train.json train.md train.log; do
         if [[ -f $RESULTS/$name ]]; then cp "$RESULTS/$name" "$COPY_TO/"; fi
     done
 fi
 
-echo "gpu_check: kernel tests exit $tests_status, benchmarks exit $bench_status, report exit $report_status"
-for status in "$tests_status" "$bench_status" "$report_status"; do
+echo "gpu_check: kernel tests exit $tests_status, benchmarks exit $bench_status, report exit $report_status," \
+    "training benchmark exit $train_status"
+for status in "$tests_status" "$bench_status" "$report_status" "$train_status"; do
     if [[ $status -ne 0 ]]; then exit "$status"; fi
 done
