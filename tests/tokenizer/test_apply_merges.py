@@ -60,7 +60,7 @@ def test_long_pretokens_encode_quickly_and_correctly(shared_data):
 
 
 @pytest.mark.parametrize(
-    "module", ["apply_merges", "bpe", "file_encoding", "gpt2_files", "pretokenize", "tokenizer"]
+    "module", ["apply_merges", "bpe", "file_encoding", "gpt2_files", "merge_batch", "pretokenize", "tokenizer"]
 )
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(f"scratchlm.tokenizer.{module}"))
