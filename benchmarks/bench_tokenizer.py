@@ -1,6 +1,6 @@
 """Tokenizer speed next to tiktoken and Hugging Face ``tokenizers``, in one run.
 
-Four measurements, each against the library that sets its target:
+Four measurements, each against the library that sets its target, and one opt-in:
 
 * encode: ``Tokenizer.encode`` with GPT-2's files on python-docs.txt, one
   process, vs tiktoken's ``encode_ordinary`` built offline from the same files
@@ -35,10 +35,8 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -47,36 +45,12 @@ import numpy as np
 from scratchlm.tokenizer import GPT2_PRETOKENIZE_PATTERN, Tokenizer, encode_file, read_token_file, train_bpe
 from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
 
+from process_memory import TreeMemorySampler, children_peak_memory_mib, peak_memory_mib, reset_peak_memory
+
 EOT = "<|endoftext|>"
 # The team's shared corpora live beside the repository checkout.
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 MIB = 1 << 20
-
-
-def reset_peak_memory() -> None:
-    """Reset this process's VmHWM (Linux >= 4.0); harmless where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as file:
-            file.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mib() -> float:
-    """This process's resident-set high-water mark since the last reset, in MiB."""
-    try:
-        with open("/proc/self/status") as file:
-            for line in file:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def children_peak_memory_mib() -> float:
-    """The largest resident-set peak of any finished child process, in MiB."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def timed(function, *args, **kwargs):
@@ -210,64 +184,6 @@ def measure_multilingual(tokenizer: Tokenizer, encoding, text: str, megabytes: f
         "tiktoken_mb_per_s": megabytes / their_seconds,
         "ratio": their_seconds / seconds,
     }
-
-
-def resident_mib(pid: int) -> float:
-    """Current resident set of process ``pid`` in MiB; 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as file:
-            for line in file:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc), across all its threads."""
-    children = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as file:
-                children += [int(child) for child in file.read().split()]
-    except OSError:
-        pass
-    return children
-
-
-class TreeMemorySampler:
-    """Samples this process's resident set plus its children's, summed, in a thread.
-
-    ``peak_total_mib`` is the largest sum seen; sampling every ``interval``
-    seconds can miss a spike shorter than that.
-    """
-
-    def __init__(self, interval: float = 0.05):
-        self.interval = interval
-        self.peak_total_mib = 0.0
-        self.peak_parent_mib = 0.0
-        self.peak_children_mib = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = os.getpid()
-        while not self._stop.is_set():
-            parent = resident_mib(me)
-            children = sum(resident_mib(child) for child in child_pids(me))
-            self.peak_parent_mib = max(self.peak_parent_mib, parent)
-            self.peak_children_mib = max(self.peak_children_mib, children)
-            self.peak_total_mib = max(self.peak_total_mib, parent + children)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "TreeMemorySampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def measure_large_file(tokenizer: Tokenizer, corpora: list[Path], gigabytes: float, processes: int,
