@@ -42,6 +42,8 @@ Ranks = dict[tuple[int, int], tuple[int, int]]
 
 # Pieces may be at most this many bytes: a key packs the position in 6 bits.
 MAX_PIECE_BYTES = 64
+# Pair keys (left * base + right) must fit in int64, so ids must stay below this.
+MAX_ID = 3_000_000_000
 _POSITION_BITS = 6
 NO_KEY = np.iinfo(np.int64).max
 _EMPTY_SLOT = -1
@@ -115,6 +117,8 @@ class BatchMerger:
 
     def __init__(self, ranks: Ranks, byte_ids: list[int]):
         largest = max([max(*pair, merged) for pair, (_, merged) in ranks.items()] + list(byte_ids))
+        if largest >= MAX_ID:
+            raise ValueError(f"ids must be below {MAX_ID:,} for a BatchMerger, got {largest:,}")
         self._pad = largest + 1  # an id that is in no pair, so pairs with it have no rank
         self._pairs = _PairTable(ranks, key_base=largest + 2)
         self._byte_ids = np.array(byte_ids, dtype=np.int64)

@@ -35,7 +35,7 @@ from scratchlm.atomic import atomic_write
 from scratchlm.tokenizer.apply_merges import LONG_PIECE_BYTES, merge_by_rank, merge_by_rank_heap
 from scratchlm.tokenizer.gpt2_files import load_gpt2_files, save_gpt2_files
 from scratchlm.tokenizer.hf_files import save_hf_tokenizer
-from scratchlm.tokenizer.merge_batch import MAX_PIECE_BYTES, BatchMerger
+from scratchlm.tokenizer.merge_batch import MAX_ID, MAX_PIECE_BYTES, BatchMerger
 from scratchlm.tokenizer.pretokenize import (
     GPT2_PRETOKENIZE_REGEX,
     last_safe_cut,
@@ -172,7 +172,7 @@ class Tokenizer:
         """Append the ids of ``text`` (no special tokens in it) to ``out``."""
         pieces = GPT2_PRETOKENIZE_REGEX.findall(text)
         cache = self._cache
-        if len(pieces) >= _BATCH_MIN_PIECES:
+        if len(pieces) >= _BATCH_MIN_PIECES and self.vocab_size <= MAX_ID:
             sample_misses = sum(1 for piece in pieces[:_SAMPLE_PIECES] if piece not in cache)
             if sample_misses >= _SAMPLE_MIN_MISSES:
                 self._batch_merge_missing(pieces)

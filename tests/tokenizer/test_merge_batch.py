@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.tokenizer import tokenizer as tokenizer_module
 from scratchlm.tokenizer.apply_merges import merge_by_rank
-from scratchlm.tokenizer.merge_batch import MAX_PIECE_BYTES, BatchMerger
+from scratchlm.tokenizer.merge_batch import MAX_ID, MAX_PIECE_BYTES, BatchMerger
 
 # As in test_apply_merges: ids 0..3 are "bytes"; a pair of rank 0 needs the
 # token made by the rank-1 merge, so merges do not happen in rank order of
@@ -48,6 +48,13 @@ def test_no_merges_and_too_long_pieces():
     ]
     with pytest.raises(ValueError, match="at most 64 bytes"):
         BatchMerger({}, BYTE_IDS).merge([b"x" * (MAX_PIECE_BYTES + 1)])
+    with pytest.raises(ValueError, match="ids must be below"):
+        BatchMerger({(97, 98): (0, MAX_ID)}, BYTE_IDS)
+
+
+def test_encode_with_huge_ids_skips_the_batch(batch_always):
+    vocab = {i: bytes([i]) for i in range(256)} | {MAX_ID + 5: b"ab"}
+    assert Tokenizer(vocab, [(b"a", b"b")]).encode("abc ab") == [MAX_ID + 5, 99, 32, MAX_ID + 5]
 
 
 @pytest.fixture
