@@ -54,8 +54,10 @@ _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 class _PairTable:
     """``(left, right) -> (rank, merged id)`` for arrays of pairs: linear probing in numpy arrays.
 
-    With 4 slots per pair, a lookup needs 1.1 probes on average; each probe is
-    a few array operations over the pairs still unresolved.
+    The table is at most a quarter full, so a lookup needs ~1.2 probes for a
+    pair that is there and ~1.4 for one that is not (Knuth's estimates for
+    linear probing); each probe is a few array operations over the pairs
+    still unresolved.
     """
 
     def __init__(self, ranks: Ranks, key_base: int):
