@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the kernel tests on CUDA, then the kernel
+# One command for a GPU machine: the kernel tests and GPU training tests on CUDA, then the kernel
 # benchmarks and their report, then the training throughput benchmark.
 #
 #   benchmarks/gpu_check.sh [COPY_TO]
@@ -36,8 +36,9 @@ device = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (a
 print(f"gpu_check: torch {torch.__version__}, triton {triton.__version__}, CUDA device: {device}")
 EOF
 
-echo "gpu_check: kernel tests"
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$RESULTS/kernel_tests.log"
+echo "gpu_check: kernel tests and GPU training tests"
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels tests/train/test_training_cuda.py 2>&1 \
+    | tee "$RESULTS/kernel_tests.log"
 tests_status=${PIPESTATUS[0]}
 
 echo "gpu_check: benchmarks"
