@@ -135,18 +135,36 @@ def _read_resume_checkpoint(config: TrainConfig, model_config: ModelConfig) -> t
     return path, payload
 
 
-def _check_output_dir(config: TrainConfig) -> Path:
+def _check_output_dir(config: TrainConfig, resume_iteration: int | None) -> tuple[Path, list[Path]]:
+    """The output folder, and the checkpoints in it that this run will replace (deleted once it starts).
+
+    A fresh run refuses a folder holding another run unless ``--overwrite``
+    (then all its checkpoints go). A run resumed from step k refuses a folder
+    holding checkpoints past step k, from a course it no longer follows
+    (a later bare ``--resume`` would pick them up), unless ``--overwrite``
+    (then those go).
+    """
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir={str(out)!r} exists and is not a folder")
-    previous = [path.name for _, path in list_checkpoints(out)[-1:]]
-    previous += [METRICS_NAME] if (out / METRICS_NAME).exists() else []
-    if previous and config.resume is None and not config.overwrite:
+    existing = list_checkpoints(out)
+    if resume_iteration is None:
+        previous = [path.name for _, path in existing[-1:]]
+        previous += [METRICS_NAME] if (out / METRICS_NAME).exists() else []
+        if previous and not config.overwrite:
+            raise ValueError(
+                f"--output_dir={str(out)!r} already holds a run ({', '.join(previous)}); "
+                "pass --resume to continue it, --overwrite to replace it, or choose another --output_dir"
+            )
+        return out, [path for _, path in existing]
+    later = [(step, path) for step, path in existing if step > resume_iteration]
+    if later and not config.overwrite:
         raise ValueError(
-            f"--output_dir={str(out)!r} already holds a run ({', '.join(previous)}); "
-            "pass --resume to continue it, --overwrite to replace it, or choose another --output_dir"
+            f"--output_dir={str(out)!r} holds checkpoints from after the resumed step {resume_iteration} "
+            f"(steps {[step for step, _ in later]}); pass --overwrite to delete them, "
+            "or resume into another --output_dir"
         )
-    return out
+    return out, [path for _, path in later]
 
 
 def _seed_everything(seed: int) -> None:
@@ -356,7 +374,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         config.val_data_path, config.vocab_size, config.context_length, argument="--val_data_path"
     )
     resume_payload = _read_resume_checkpoint(config, model_config)[1] if config.resume is not None else None
-    out_dir = _check_output_dir(config)
+    out_dir, replaced = _check_output_dir(config, None if resume_payload is None else resume_payload["iteration"])
 
     # ---- 2. Join the other ranks and build.
     parallel, device = distributed.start(config.parallel, config.device)
@@ -366,9 +384,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         if parallel.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_checkpoints(out_dir)
-            if config.overwrite and config.resume is None:
-                for _, old in list_checkpoints(out_dir):
-                    old.unlink()
+            for old in replaced:
+                old.unlink()
             with atomic_write(out_dir / CONFIG_NAME, "w", encoding="utf-8") as f:
                 f.write(json.dumps(config.to_dict(), indent=2) + "\n")
         parallel.barrier()

@@ -209,3 +209,21 @@ def test_resume_past_total_iters_is_refused(tmp_path):
     shorter = dataclasses.replace(config, total_iters=3, warmup_iters=0, resume=summary["checkpoint"])
     with pytest.raises(ValueError, match=r"iteration 4, past --total_iters=3"):
         train(shorter, progress=False)
+
+
+def test_resuming_an_earlier_checkpoint_refuses_to_mix_with_later_ones(tmp_path):
+    config = tiny_config(tmp_path, checkpoint_interval=5)
+    straight = train(config, progress=False)
+    run = tmp_path / "run"
+    earlier = dataclasses.replace(config, resume=str(run / "checkpoint_00000010.pt"))
+    with pytest.raises(ValueError, match=r"checkpoints from after the resumed step 10 \(steps \[15, 20\]\).*--overwrite"):
+        train(earlier, progress=False)
+    # --overwrite replaces the later ones with this run's own.
+    again = train(dataclasses.replace(earlier, overwrite=True, learning_rate=5e-3), progress=False)
+    assert again["start_iteration"] == 10
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == [
+        "checkpoint_00000010.pt", "checkpoint_00000015.pt", "checkpoint_00000020.pt"
+    ]
+    assert read_checkpoint(run / "checkpoint_00000020.pt")["extra"]["train_config"]["learning_rate"] == 5e-3
+    losses = [r["loss"] for r in read_run_metrics(run) if "loss" in r]
+    assert losses[:10] == straight["train_losses"][:10] and losses[10:] == again["train_losses"]
