@@ -40,7 +40,7 @@ import torch
 from scratchlm.model import ModelConfig, resolve_kernels
 from scratchlm.train import TrainConfig
 from scratchlm.train.distributed import Parallel
-from scratchlm.train.loop import Trainer
+from scratchlm.train.trainer import Trainer
 from scratchlm.train.throughput import peak_tflops_for
 
 ON_CUDA = torch.cuda.is_available()

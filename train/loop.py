@@ -11,17 +11,9 @@ Each run writes into ``output_dir`` (rank 0 only, when distributed):
                           event files under tensorboard/ when tensorboard is installed
     train_config.json     the resolved settings of the run
 
-One optimizer step, in ``Trainer.train_step``:
- 1. Draw ``batch_size`` window starts from the sampler generator. Every rank
-    draws the same starts; rank r trains on its slice, split into
-    ``grad_accum_steps`` micro-batches.
- 2. Per micro-batch: forward under autocast, loss / grad_accum_steps, backward.
-    Gradients are reduced across ranks on the last micro-batch only.
- 3. Unscale (fp16), measure the global gradient norm and clip it.
- 4. If the loss or the norm is not finite, skip: no update, the step count
-    and so the schedule stay where they were, and the skip is logged and
-    counted; ``max_skipped_steps`` skips in a row end the run. Otherwise
-    AdamW steps.
+One optimizer step is ``Trainer.train_step`` (train/trainer.py). A step whose
+loss or gradient is not finite is skipped, logged and counted;
+``max_skipped_steps`` skips in a row end the run.
 
 Resume is exact: a checkpoint carries the model, AdamW's moments, the loss
 scaler, the step and skip counts, and the state of every RNG including the
@@ -33,65 +25,32 @@ checkpoint format does not depend on the number of ranks.
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from scratchlm.atomic import atomic_write
-from scratchlm.model import ModelConfig, TransformerLM, resolve_kernels
+from scratchlm.model import ModelConfig, TransformerLM
 from scratchlm.train import distributed
 from scratchlm.train.checkpoint import (
     CheckpointError,
     apply_checkpoint,
     checkpoint_path,
-    checkpoint_payload,
     list_checkpoints,
-    prune_checkpoints,
     read_checkpoint,
     read_newest_checkpoint,
     remove_partial_checkpoints,
     resolve_checkpoint,
-    restore_rng_state,
-    write_checkpoint,
 )
 from scratchlm.train.config import TrainConfig
-from scratchlm.train.data import estimate_loss, load_token_dataset, windows_at
-from scratchlm.train.loss import cross_entropy_loss
+from scratchlm.train.data import load_token_dataset
 from scratchlm.train.metrics import METRICS_NAME, MetricsLog, format_step
-from scratchlm.train.optim import AdamW, global_grad_norm, gradient_clipping
-from scratchlm.train.precision import MixedPrecision
-from scratchlm.train.schedule import learning_rate_schedule
-from scratchlm.train.throughput import mfu, peak_tflops_for
+from scratchlm.train.trainer import SAMPLER, Trainer, model_config_of, resolve_train_kernels
 
 CONFIG_NAME = "train_config.json"
-# The name under which the batch sampler's generator is stored in checkpoints.
-_SAMPLER = "train_sampler"
-
-
-def model_config_of(config: TrainConfig) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=config.vocab_size,
-        context_length=config.context_length,
-        d_model=config.d_model,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        d_ff=config.d_ff,
-        rope_theta=float(config.rope_theta),
-    )
-
-
-def _resolve_kernels(config: TrainConfig) -> dict[str, str]:
-    try:
-        return resolve_kernels(config.kernels, config.device)
-    except ValueError as e:
-        raise type(e)(f"--kernels={config.kernels!r}: {e}") from e
 
 
 def _check_batch_split(config: TrainConfig, world_size: int) -> None:
@@ -130,7 +89,7 @@ def _read_resume_checkpoint(config: TrainConfig, model_config: ModelConfig) -> t
             f"--resume {where} is at iteration {iteration}, past --total_iters={config.total_iters}; "
             "raise --total_iters to train further"
         )
-    if "generators" not in (payload.get("rng") or {}) or _SAMPLER not in payload["rng"]["generators"]:
+    if "generators" not in (payload.get("rng") or {}) or SAMPLER not in payload["rng"]["generators"]:
         raise CheckpointError(f"--resume {where} holds no batch-sampler state, so it cannot resume a training run")
     return path, payload
 
@@ -167,189 +126,6 @@ def _check_output_dir(config: TrainConfig, resume_iteration: int | None) -> tupl
     return out, [path for _, path in later]
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _adamw_for(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    # Decay matrices only: shrinking RMSNorm gains towards 0 would fight the
-    # normalisation they exist to rescale.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    settings = dict(
-        lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay
-    )
-    kind = config.adamw
-    if kind == "auto":
-        kind = "fused" if device.type == "cuda" and config.parallel != "fsdp" else "foreach"
-    if kind == "fused":
-        # torch's single-kernel AdamW: the same update as ours, and the same state_dict layout.
-        return torch.optim.AdamW(groups, fused=True, **settings)
-    return AdamW(groups, foreach=kind == "foreach", **settings)
-
-
-class Trainer:
-    """The moving parts of one run on one rank: model, optimizer, precision, sampler and counters.
-
-    ``model`` is the plain TransformerLM (sharded in place under FSDP);
-    ``module`` is what the forward pass calls (DDP's wrapper, or ``model``).
-    ``step`` counts applied optimizer steps; skipped steps do not advance it.
-    """
-
-    def __init__(
-        self,
-        config: TrainConfig,
-        parallel: distributed.Parallel,
-        device: torch.device,
-        resume_payload: dict | None = None,
-    ):
-        self.config = config
-        self.parallel = parallel
-        self.device = device
-        self.model_config = model_config_of(config)
-        # The seed fixes the initial weights and the batch order, on every rank alike.
-        _seed_everything(config.seed)
-        self.model = TransformerLM(self.model_config, kernels=_resolve_kernels(config), device=device)
-        self.model.activation_checkpointing = config.activation_checkpointing
-        if resume_payload is not None:
-            # Before wrapping: FSDP then shards the loaded weights.
-            apply_checkpoint(resume_payload, self.model, restore_rng=False, source="--resume checkpoint")
-        self.module = distributed.wrap(self.model, parallel, device)
-        if config.compile:
-            self.module.compile()
-        self.optimizer = _adamw_for(self.model, config, device)
-        self.precision = MixedPrecision(config.precision, device)
-        self.sampler = torch.Generator().manual_seed(config.seed)
-        self.step = 0
-        self.skipped_steps = 0
-        self.skipped_in_a_row = 0
-        if resume_payload is not None:
-            self._resume(resume_payload)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.tokens_per_step = config.batch_size * config.context_length
-        self.flops_per_token = self.model.flops_per_token()
-        self.peak_tflops = config.peak_tflops if config.peak_tflops is not None else peak_tflops_for(device)
-
-    def _resume(self, payload: dict) -> None:
-        try:
-            distributed.load_optimizer_state(self.model, self.optimizer, payload["optimizer"], self.parallel)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"--resume checkpoint does not fit this optimizer: {e}") from e
-        state = (payload.get("extra") or {}).get("train_state") or {}
-        self.precision.load_state_dict(state.get("scaler"))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
-        self.step = int(payload["iteration"])
-        # Last: building the model above drew from the global RNGs.
-        restore_rng_state(payload["rng"], {_SAMPLER: self.sampler})
-
-    # ------------------------------------------------------------ one step
-
-    def train_step(self, data: np.ndarray) -> dict:
-        """Take one optimizer step (or skip it); returns the record to log."""
-        config, parallel = self.config, self.parallel
-        started = time.perf_counter()
-        lr = learning_rate_schedule(
-            self.step, config.learning_rate, config.min_learning_rate, config.warmup_iters, config.total_iters
-        )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-        # Every rank draws the whole batch, so all samplers stay in step; each keeps its slice.
-        starts = torch.randint(0, len(data) - config.context_length, (config.batch_size,), generator=self.sampler)
-        micro_batches = starts.view(parallel.world_size, config.grad_accum_steps, -1)[parallel.rank]
-        loss_sum = torch.zeros((), device=self.device)
-        for index, micro_starts in enumerate(micro_batches):
-            inputs, targets = windows_at(data, micro_starts, config.context_length, self.device)
-            last = index == len(micro_batches) - 1
-            with distributed.gradient_sync(self.module, parallel, sync=last):
-                with self.precision.autocast():
-                    logits = self.module(inputs, check_ids=False)  # the data was checked when loaded
-                loss = cross_entropy_loss(logits, targets) / len(micro_batches)
-                self.precision.backward(loss)
-            loss_sum += loss.detach()
-        loss_value = float(parallel.sum(loss_sum)) / parallel.world_size
-
-        self.precision.unscale(self.optimizer)
-        if config.max_grad_norm > 0:
-            grad_norm = gradient_clipping(self.params, config.max_grad_norm)
-        else:
-            grad_norm = global_grad_norm(self.params)
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if finite:
-            self.precision.step(self.optimizer)
-            self.step += 1
-            self.skipped_in_a_row = 0
-        else:
-            self.precision.skip()
-            self.skipped_steps += 1
-            self.skipped_in_a_row += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            # The update's kernels are still queued; wait so ms_per_step covers the whole step.
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - started
-
-        if not finite:
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            value = loss_value if what == "loss" else grad_norm
-            return {"step": self.step, "skipped": f"non-finite {what} ({value})", "skipped_steps": self.skipped_steps}
-        record = {
-            "step": self.step,
-            "loss": loss_value,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "ms_per_step": 1000.0 * elapsed,
-            "tokens_per_s": self.tokens_per_step / elapsed,
-        }
-        if self.peak_tflops is not None:
-            record["mfu"] = mfu(self.flops_per_token, record["tokens_per_s"], self.peak_tflops, parallel.world_size)
-        return record
-
-    def evaluate(self, data: np.ndarray) -> float:
-        """Validation loss over the fixed windows, shared out across ranks."""
-        config, parallel = self.config, self.parallel
-        with self.precision.autocast():
-            local = estimate_loss(
-                self.module,
-                data,
-                context_length=config.context_length,
-                batch_size=config.batch_size,
-                num_batches=config.eval_batches,
-                device=self.device,
-                shard=(parallel.rank, parallel.world_size),
-            )
-        # Every rank scored as many windows, so the mean of the ranks' means is the overall mean.
-        return float(parallel.sum(torch.tensor(local, device=self.device))) / parallel.world_size
-
-    # ------------------------------------------------------------ checkpoints
-
-    def save(self, path: Path) -> None:
-        """Gather the full state (collectively) and write it from rank 0, then keep the newest K."""
-        state = distributed.full_state(self.model, self.optimizer, self.parallel)
-        if state is not None:
-            model_state, optimizer_state = state
-            train_state = {
-                "skipped_steps": self.skipped_steps,
-                "skipped_in_a_row": self.skipped_in_a_row,
-                "scaler": self.precision.state_dict(),
-            }
-            payload = checkpoint_payload(
-                model_state,
-                optimizer_state,
-                self.step,
-                model_config=self.model_config.to_dict(),
-                generators={_SAMPLER: self.sampler},
-                extra={"train_config": self.config.to_dict(), "train_state": train_state},
-            )
-            write_checkpoint(payload, path)
-            prune_checkpoints(path.parent, self.config.keep_checkpoints)
-        self.parallel.barrier()
-
-
 def train(config: TrainConfig, *, progress: bool = True) -> dict:
     """Train (or resume) a TransformerLM as ``config`` says; returns a summary.
 
@@ -366,7 +142,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     distributed.check_launch(config.parallel)
     _check_batch_split(config, distributed.launched_world_size() if config.parallel != "none" else 1)
     model_config = model_config_of(config)
-    backends = _resolve_kernels(config)
+    backends = resolve_train_kernels(config)
     train_data = load_token_dataset(
         config.train_data_path, config.vocab_size, config.context_length, argument="--train_data_path"
     )

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import scratchlm.train.loop as loop
 from scratchlm.tokenizer.token_file import write_token_file
 from scratchlm.train import load_model, read_checkpoint, save_checkpoint, train
+from scratchlm.train.trainer import Trainer
 
 from tiny_run import CONTEXT, VOCAB, read_run_metrics, tiny_config
 
@@ -57,7 +57,7 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     straight = train(tiny_config(tmp_path / "a", output_dir=str(tmp_path / "a" / "run")), progress=False)
 
     # Crash in the 12th step: the checkpoint from step 10 survives, step 11 got logged.
-    real_step = loop.Trainer.train_step
+    real_step = Trainer.train_step
     calls = {"n": 0}
 
     def crash_on_twelfth(self, data):
@@ -67,7 +67,7 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
         return real_step(self, data)
 
     config = tiny_config(tmp_path / "b", output_dir=str(tmp_path / "b" / "run"))
-    monkeypatch.setattr(loop.Trainer, "train_step", crash_on_twelfth)
+    monkeypatch.setattr(Trainer, "train_step", crash_on_twelfth)
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
     monkeypatch.undo()
@@ -184,7 +184,7 @@ def test_bad_input_raises_before_any_step(tmp_path, monkeypatch, case):
     def no_step_allowed(*args, **kwargs):
         raise AssertionError("a training step ran despite bad input")
 
-    monkeypatch.setattr(loop.Trainer, "train_step", no_step_allowed)
+    monkeypatch.setattr(Trainer, "train_step", no_step_allowed)
     with pytest.raises(error, match=message):
         train(config, progress=False)
     # Nothing was written: no checkpoint, no metrics, not even the folder.

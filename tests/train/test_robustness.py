@@ -18,12 +18,13 @@ import textwrap
 import pytest
 import torch
 
-import scratchlm.train.loop as loop
+from scratchlm.model import TransformerLM
 from scratchlm.train import CheckpointError, read_checkpoint, train
 from scratchlm.train.checkpoint import list_checkpoints, read_newest_checkpoint
 from scratchlm.train.data import load_token_dataset
 from scratchlm.train.distributed import Parallel
 from scratchlm.train.schedule import learning_rate_schedule
+from scratchlm.train.trainer import Trainer
 from tiny_run import read_run_metrics, tiny_config
 
 # Runs a training config (JSON file, argv[1]) and SIGKILLs itself at step argv[3]:
@@ -32,20 +33,20 @@ KILLER = textwrap.dedent(
     """
     import io, json, os, signal, sys
     import torch
-    import scratchlm.train.loop as loop
+    from scratchlm.train.trainer import Trainer
     from scratchlm.train import TrainConfig, train
 
     config = TrainConfig.from_dict(json.load(open(sys.argv[1])))
     mode, at_step = sys.argv[2], int(sys.argv[3])
     if mode == "after_save":
-        real_save = loop.Trainer.save
+        real_save = Trainer.save
 
         def save_then_die(self, path):
             real_save(self, path)
             if self.step == at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        loop.Trainer.save = save_then_die
+        Trainer.save = save_then_die
     else:
         real_torch_save = torch.save
 
@@ -148,7 +149,7 @@ def test_newest_checkpoint_skips_an_unreadable_file(tmp_path):
 
 def _trainer(tmp_path, **overrides):
     config = tiny_config(tmp_path, **overrides).resolved()
-    trainer = loop.Trainer(config, Parallel(), torch.device("cpu"))
+    trainer = Trainer(config, Parallel(), torch.device("cpu"))
     data = load_token_dataset(config.train_data_path, config.vocab_size, config.context_length)
     return trainer, data
 
@@ -204,7 +205,7 @@ def _poison_training_forwards(which):
     calls = {"n": 0}
 
     def hook(module, args, output):
-        if isinstance(module, loop.TransformerLM) and module.training:
+        if isinstance(module, TransformerLM) and module.training:
             calls["n"] += 1
             if which(calls["n"]):
                 return output * float("nan")

@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-import scratchlm.train.loop as loop
 from scratchlm.cli import main as scratchlm_main
 from scratchlm.model import TransformerLM
 from scratchlm.train import read_checkpoint, train
 from scratchlm.train.metrics import format_step
 from scratchlm.train.throughput import mfu, peak_tflops_for
+from scratchlm.train.trainer import Trainer
 from tiny_run import VOCAB, read_run_metrics, tiny_config
 
 
@@ -24,7 +24,7 @@ def fp32_run(tmp_path_factory):
 
 
 def _crash_at(monkeypatch, call: int) -> None:
-    real_step = loop.Trainer.train_step
+    real_step = Trainer.train_step
     calls = {"n": 0}
 
     def crash(self, data):
@@ -33,7 +33,7 @@ def _crash_at(monkeypatch, call: int) -> None:
             raise KeyboardInterrupt("simulated crash")
         return real_step(self, data)
 
-    monkeypatch.setattr(loop.Trainer, "train_step", crash)
+    monkeypatch.setattr(Trainer, "train_step", crash)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
