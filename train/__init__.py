@@ -1,6 +1,7 @@
 """Training: optimizers, loss, learning-rate schedule, data, checkpoints, the loop and its CLI.
 
-Throughput and scale live beside the loop: mixed precision (precision.py),
+The loop (loop.py) drives one Trainer per rank (trainer.py). Throughput and
+scale live beside them: mixed precision (precision.py),
 DDP/FSDP2 under torchrun (distributed.py), MFU (throughput.py), metrics and
 TensorBoard (metrics.py) and ``scratchlm plot`` (plot.py).
 
