@@ -12,12 +12,17 @@
 # No network is needed: when the interpreter cannot import scratchlm, the
 # checkout is installed editable without dependencies (torch, triton, pytest,
 # pytest-benchmark and matplotlib must already be there).
-# Exit status: the tests' when they fail, else the benchmarks', else the report's.
+# PARTS picks what runs (default all three): "tests", "bench" (kernel benchmarks + report),
+# "train" (bench_train.py); e.g. PARTS="bench train" when one call has too little time for all.
+# Exit status: the first part that failed, in the order tests, benchmarks, report, training.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 RESULTS=benchmarks/results
 COPY_TO=${1:-}
+PARTS=${PARTS:-tests bench train}
+tests_status=0 bench_status=0 report_status=0 train_status=0
+written=()  # the result files of the parts that ran, for COPY_TO
 if [[ -z ${PYTHON:-} ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -36,28 +41,35 @@ device = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (a
 print(f"gpu_check: torch {torch.__version__}, triton {triton.__version__}, CUDA device: {device}")
 EOF
 
-echo "gpu_check: kernel tests and GPU training tests"
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels tests/train/test_training_cuda.py 2>&1 \
-    | tee "$RESULTS/kernel_tests.log"
-tests_status=${PIPESTATUS[0]}
+if [[ " $PARTS " == *" tests "* ]]; then
+    echo "gpu_check: kernel tests and GPU training tests"
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels tests/train/test_training_cuda.py 2>&1 \
+        | tee "$RESULTS/kernel_tests.log"
+    tests_status=${PIPESTATUS[0]}
+    written+=(kernel_tests.log)
+fi
 
-echo "gpu_check: benchmarks"
-"$PYTHON" -m pytest benchmarks -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
-    --benchmark-only --benchmark-json="$RESULTS/kernels.json" --skips-json="$RESULTS/skipped.json" \
-    2>&1 | tee "$RESULTS/bench.log"
-bench_status=${PIPESTATUS[0]}
+if [[ " $PARTS " == *" bench "* ]]; then
+    echo "gpu_check: benchmarks"
+    "$PYTHON" -m pytest benchmarks -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
+        --benchmark-only --benchmark-json="$RESULTS/kernels.json" --skips-json="$RESULTS/skipped.json" \
+        2>&1 | tee "$RESULTS/bench.log"
+    bench_status=${PIPESTATUS[0]}
+    "$PYTHON" benchmarks/report.py --json "$RESULTS/kernels.json" --skips "$RESULTS/skipped.json" --out-dir "$RESULTS"
+    report_status=$?
+    written+=(bench.log kernels.json skipped.json kernels.md kernels_summary.json kernels.png attention.png)
+fi
 
-"$PYTHON" benchmarks/report.py --json "$RESULTS/kernels.json" --skips "$RESULTS/skipped.json" --out-dir "$RESULTS"
-report_status=$?
-
-echo "gpu_check: training throughput"
-"$PYTHON" benchmarks/bench_train.py --out "$RESULTS/train.json" 2>&1 | tee "$RESULTS/train.log"
-train_status=${PIPESTATUS[0]}
+if [[ " $PARTS " == *" train "* ]]; then
+    echo "gpu_check: training throughput"
+    "$PYTHON" benchmarks/bench_train.py --out "$RESULTS/train.json" 2>&1 | tee "$RESULTS/train.log"
+    train_status=${PIPESTATUS[0]}
+    written+=(train.json train.md train.log)
+fi
 
 if [[ -n $COPY_TO ]]; then
     mkdir -p "$COPY_TO"
-    for name in kernel_tests.log bench.log kernels.json skipped.json kernels.md kernels_summary.json kernels.png \
-        attention.png train.json train.md train.log; do
+    for name in "${written[@]}"; do
         if [[ -f $RESULTS/$name ]]; then cp "$RESULTS/$name" "$COPY_TO/"; fi
     done
 fi
