@@ -13,7 +13,7 @@ from scratchlm.tokenizer.token_file import write_token_file
 from scratchlm.train import load_model, read_checkpoint, save_checkpoint, train
 from scratchlm.train.trainer import Trainer
 
-from tiny_run import CONTEXT, VOCAB, read_run_metrics, tiny_config
+from tiny_run import CONTEXT, VOCAB, crash_at_step, read_run_metrics, tiny_config
 
 
 def test_training_writes_outputs_and_lowers_validation_loss(tmp_path):
@@ -57,17 +57,8 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     straight = train(tiny_config(tmp_path / "a", output_dir=str(tmp_path / "a" / "run")), progress=False)
 
     # Crash in the 12th step: the checkpoint from step 10 survives, step 11 got logged.
-    real_step = Trainer.train_step
-    calls = {"n": 0}
-
-    def crash_on_twelfth(self, data):
-        calls["n"] += 1
-        if calls["n"] == 12:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(self, data)
-
     config = tiny_config(tmp_path / "b", output_dir=str(tmp_path / "b" / "run"))
-    monkeypatch.setattr(Trainer, "train_step", crash_on_twelfth)
+    crash_at_step(monkeypatch, 12)
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
     monkeypatch.undo()

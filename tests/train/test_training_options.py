@@ -13,27 +13,13 @@ from scratchlm.model import TransformerLM
 from scratchlm.train import read_checkpoint, train
 from scratchlm.train.metrics import format_step
 from scratchlm.train.throughput import mfu, peak_tflops_for
-from scratchlm.train.trainer import Trainer
-from tiny_run import VOCAB, read_run_metrics, tiny_config
+from tiny_run import VOCAB, crash_at_step, read_run_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")
 def fp32_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("fp32")
     return train(tiny_config(tmp_path), progress=False)
-
-
-def _crash_at(monkeypatch, call: int) -> None:
-    real_step = Trainer.train_step
-    calls = {"n": 0}
-
-    def crash(self, data):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(self, data)
-
-    monkeypatch.setattr(Trainer, "train_step", crash)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -51,7 +37,7 @@ def test_mixed_precision_trains_close_to_fp32_and_resumes_exactly(tmp_path, monk
     assert (scaler is not None and scaler["scale"] > 0) if precision == "fp16" else scaler is None
 
     config = tiny_config(tmp_path / "b", precision=precision, output_dir=str(tmp_path / "b" / "run"))
-    _crash_at(monkeypatch, 13)
+    crash_at_step(monkeypatch, 13)
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
     monkeypatch.undo()

@@ -9,6 +9,7 @@ import numpy as np
 
 from scratchlm.tokenizer.token_file import write_token_file
 from scratchlm.train import TrainConfig
+from scratchlm.train.trainer import Trainer
 
 VOCAB = 64
 CONTEXT = 16
@@ -47,3 +48,17 @@ def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
 
 def read_run_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def crash_at_step(monkeypatch, call: int) -> None:
+    """Make the ``call``-th ``Trainer.train_step`` from now raise KeyboardInterrupt (a crash mid-run)."""
+    real_step = Trainer.train_step
+    calls = {"n": 0}
+
+    def crash(self, data):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(self, data)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
