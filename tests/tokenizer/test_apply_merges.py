@@ -13,17 +13,7 @@ from hypothesis import strategies as st
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.tokenizer.apply_merges import merge_by_rank, merge_by_rank_heap
 
-# Ids 0..3 are "bytes"; the merges below include a pair whose rank (0) is lower
-# than that of the merge producing its left token (4 = 0+1, rank 1), which
-# makes the order of single merges observable.
-IRREGULAR_RANKS = {
-    (4, 0): (0, 6),
-    (0, 1): (1, 4),
-    (1, 1): (2, 5),
-    (4, 4): (3, 7),
-    (5, 2): (4, 8),
-    (2, 3): (5, 9),
-}
+from irregular_ranks import IRREGULAR_RANKS
 
 
 @settings(max_examples=300, deadline=None)

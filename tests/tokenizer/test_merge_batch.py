@@ -11,17 +11,8 @@ from scratchlm.tokenizer import tokenizer as tokenizer_module
 from scratchlm.tokenizer.apply_merges import merge_by_rank
 from scratchlm.tokenizer.merge_batch import MAX_ID, MAX_PIECE_BYTES, BatchMerger
 
-# As in test_apply_merges: ids 0..3 are "bytes"; a pair of rank 0 needs the
-# token made by the rank-1 merge, so merges do not happen in rank order of
-# creation, and merged ids (4..9) collide with byte ids 4..9.
-IRREGULAR_RANKS = {
-    (4, 0): (0, 6),
-    (0, 1): (1, 4),
-    (1, 1): (2, 5),
-    (4, 4): (3, 7),
-    (5, 2): (4, 8),
-    (2, 3): (5, 9),
-}
+from irregular_ranks import IRREGULAR_RANKS
+
 BYTE_IDS = list(range(256))
 # Lengths around every group boundary (2, 4, 8, 16, 32) and both ends (0, 64).
 SMALL_BYTES = st.binary(max_size=MAX_PIECE_BYTES).map(lambda data: bytes(b % 4 for b in data))
