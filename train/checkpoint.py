@@ -297,17 +297,12 @@ def read_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict]:
     raise FileNotFoundError(f"{str(run_dir)!r} holds {what}")
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file as given, or for a run folder its newest checkpoint file (not read)."""
+def read_file_or_newest(path: str | os.PathLike) -> tuple[Path, dict]:
+    """Read a checkpoint file, or a run folder's newest readable checkpoint; returns (file, contents)."""
     path = Path(path)
     if path.is_dir():
-        found = list_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"run folder {str(path)!r} holds no checkpoint_*.pt files")
-        return found[-1][1]
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return path
+        return read_newest_checkpoint(path)
+    return path, read_checkpoint(path)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:

@@ -40,10 +40,8 @@ from scratchlm.train.checkpoint import (
     apply_checkpoint,
     checkpoint_path,
     list_checkpoints,
-    read_checkpoint,
-    read_newest_checkpoint,
+    read_file_or_newest,
     remove_partial_checkpoints,
-    resolve_checkpoint,
 )
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.data import load_token_dataset
@@ -64,11 +62,7 @@ def _check_batch_split(config: TrainConfig, world_size: int) -> None:
 
 def _read_resume_checkpoint(config: TrainConfig, model_config: ModelConfig) -> tuple[Path, dict]:
     try:
-        if Path(config.resume).is_dir():
-            path, payload = read_newest_checkpoint(config.resume)
-        else:
-            path = Path(config.resume)
-            payload = read_checkpoint(path)
+        path, payload = read_file_or_newest(config.resume)
     except (FileNotFoundError, CheckpointError) as e:
         raise type(e)(f"--resume: {e}") from e
     where = repr(str(path))
@@ -251,8 +245,7 @@ def load_model(
     checkpoint). The shape comes from the model config stored in the
     checkpoint, so no flags are needed. ``device`` defaults to CUDA when available.
     """
-    checkpoint_path = resolve_checkpoint(checkpoint_path)
-    payload = read_checkpoint(checkpoint_path)
+    checkpoint_path, payload = read_file_or_newest(checkpoint_path)
     stored = payload.get("model_config")
     if not isinstance(stored, dict):
         raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} stores no model config to rebuild the model from")
