@@ -17,7 +17,7 @@ class LayerKVCache:
     """
 
     def __init__(self) -> None:
-        self.keys: Tensor | None = None  # (..., heads, cached_seq, d_head)
+        self.keys: Tensor | None = None  # (..., kv_heads, cached_seq, d_head)
         self.values: Tensor | None = None
 
     @property
@@ -53,9 +53,17 @@ class KVCache:
 class MultiHeadSelfAttention(nn.Module):
     """Causal self-attention; heads are stacked along the rows of each projection.
 
-    Each of q_proj, k_proj, v_proj maps d_model -> num_heads * d_head =
-    d_model; rows h*d_head .. (h+1)*d_head - 1 belong to head h. RoPE turns q
-    and k (not v) when ``theta`` is given.
+    q_proj maps d_model -> num_heads * d_head = d_model; rows h*d_head ..
+    (h+1)*d_head - 1 belong to head h. RoPE turns q and k (not v) when
+    ``theta`` is given.
+
+    Grouped-query attention: with ``num_kv_heads`` < ``num_heads``, k_proj and
+    v_proj map d_model -> num_kv_heads * d_head, and each key/value head serves
+    a group of num_heads / num_kv_heads consecutive query heads (query head h
+    reads key/value head h // group). The attention op takes k and v with
+    their own, smaller head count and never copies them per query head; the
+    KV cache stores them at that size, which is what makes GQA cheap to decode.
+    ``num_kv_heads`` = 1 is multi-query attention.
     """
 
     def __init__(
@@ -68,30 +76,40 @@ class MultiHeadSelfAttention(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         kernels: KernelsSpec = "reference",
+        num_kv_heads: int | None = None,
+        rope_scaling: dict | None = None,
     ) -> None:
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model={d_model} with num_heads={num_heads}: expected d_model divisible by num_heads")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_kv_heads={num_kv_heads} with num_heads={num_heads}: expected a divisor of num_heads"
+            )
         if theta is not None and max_seq_len is None:
             raise ValueError("max_seq_len=None with theta set: expected max_seq_len, the size of the RoPE tables")
         backends = resolve_kernels(kernels, device)
         self.d_model = d_model
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.d_head = d_model // num_heads
+        kv_dim = num_kv_heads * self.d_head
         self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
-        self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype)
-        self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
         self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
         self.rope: RotaryPositionEmbedding | None = None
         if theta is not None:
             self.rope = RotaryPositionEmbedding(
-                theta, self.d_head, max_seq_len, device=device, dtype=dtype, backend=backends["rope"]
-            )
+                theta, self.d_head, max_seq_len, device=device, dtype=dtype, backend=backends["rope"],
+                scaling=rope_scaling,
+            )  # fmt: skip
         self._attention = get_op("attention", backends["attention"], device)
 
     def _split_heads(self, x: Tensor) -> Tensor:
-        # (..., seq, d_model) -> (..., heads, seq, d_head)
-        return x.unflatten(-1, (self.num_heads, self.d_head)).transpose(-3, -2)
+        # (..., seq, heads * d_head) -> (..., heads, seq, d_head)
+        return x.unflatten(-1, (-1, self.d_head)).transpose(-3, -2)
 
     def forward(
         self,
@@ -106,7 +124,7 @@ class MultiHeadSelfAttention(nn.Module):
         """
         seq_len = x.shape[-2]
         q = self._split_heads(self.q_proj(x))  # (..., heads, seq, d_head)
-        k = self._split_heads(self.k_proj(x))
+        k = self._split_heads(self.k_proj(x))  # (..., kv_heads, seq, d_head)
         v = self._split_heads(self.v_proj(x))
 
         if self.rope is not None:
@@ -119,7 +137,7 @@ class MultiHeadSelfAttention(nn.Module):
             k = self.rope(k, head_positions)
 
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (..., heads, cached + seq, d_head)
+            k, v = kv_cache.append(k, v)  # (..., kv_heads, cached + seq, d_head)
 
         out = self._attention(q, k, v)  # (..., heads, seq, d_head)
         out = out.transpose(-3, -2).flatten(-2)  # (..., seq, d_model)

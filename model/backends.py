@@ -5,7 +5,11 @@ Four ops are swappable, each with one signature shared by every backend:
     rmsnorm(x, weight, eps) -> y          x (..., d), weight (d,)
     swiglu(a, b) -> silu(a) * b           same shapes
     rope(x, cos, sin) -> x rotated        x (..., seq, d), cos/sin (..., seq, d/2)
-    attention(q, k, v) -> out             causal; q (..., q_seq, d), k/v (..., k_seq, d)
+    attention(q, k, v) -> out             causal; q (..., heads, q_seq, d), k/v (..., kv_heads, k_seq, d)
+
+Attention takes grouped-query inputs on every backend: k and v may have fewer
+heads than q (a divisor of q's), and query head h reads key/value head
+h // (heads / kv_heads); no backend copies k or v per query head.
 
 Backends: "reference" (``scratchlm.model.functional``, written out by hand),
 "torch" (PyTorch's fused ops), "triton" (this project's kernels in
@@ -73,13 +77,16 @@ def _torch_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _torch_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    heads, kv_heads = functional.group_heads(q, k)
+    # enable_gqa: SDPA's own grouped-query support, the same h // group mapping.
+    gqa = {"enable_gqa": True} if heads != kv_heads else {}
     if q.shape[-2] == k.shape[-2]:
         # is_causal lets PyTorch pick a flash/memory-efficient kernel that skips masked blocks.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
     # With a KV cache the queries are the last positions; is_causal would align
     # them with the first keys instead, so pass the (bottom-right) mask explicitly.
     mask = functional.causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
 class _TritonKernel:
@@ -123,8 +130,10 @@ def _triton_unavailable_reason(device: torch.device | str | None) -> str | None:
     """Why the Triton kernels cannot run on ``device``, or None when they can."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install triton; Linux only)"
-    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    device_type = "cuda" if device is None and torch.cuda.is_available() else torch.device(device or "cpu").type
+    if device_type == "meta":
+        return None  # shapes only (TransformerLM.empty); the real device was checked before
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return (
             "Triton kernels need a CUDA device; on the CPU they run only through Triton's interpreter "
             "(set TRITON_INTERPRET=1 before starting Python; slow, for testing)"

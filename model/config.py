@@ -13,6 +13,7 @@ know instead of silently ignoring a typo.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,11 @@ class ModelConfig:
     num_heads: int  # attention heads per block; d_model is split evenly between them
     d_ff: int  # hidden width of the SwiGLU feed-forward network
     rope_theta: float = 10000.0  # RoPE base: pair i turns by pos * theta^(-2i/d_head)
+    # Llama-family fields; their defaults give the original scratchlm model.
+    num_kv_heads: int | None = None  # key/value heads (grouped-query attention); None means num_heads
+    tie_embeddings: bool = False  # lm_head reuses the token embedding matrix (one Parameter)
+    norm_eps: float = 1e-5  # the epsilon of every RMSNorm
+    rope_scaling: dict | None = None  # Llama 3.1's {"rope_type": "llama3", ...}; see ROPE_SCALING_KEYS
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -42,12 +48,33 @@ class ModelConfig:
                 f"ModelConfig.d_model // num_heads = {self.d_model // self.num_heads}: "
                 f"expected an even head dimension, since RoPE rotates pairs of features"
             )
-        if not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool) or self.rope_theta <= 0:
+        if not _is_number(self.rope_theta) or self.rope_theta <= 0:
             raise ValueError(f"ModelConfig.rope_theta={self.rope_theta!r}: expected a positive number")
+        if self.num_kv_heads is None:
+            # Frozen: set through object.__setattr__, so equal models compare equal however given.
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        kv_heads = self.num_kv_heads
+        if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads <= 0:
+            raise ValueError(f"ModelConfig.num_kv_heads={kv_heads!r}: expected a positive int or None (num_heads)")
+        if self.num_heads % kv_heads != 0:
+            raise ValueError(
+                f"ModelConfig.num_kv_heads={kv_heads} with num_heads={self.num_heads}: expected num_heads to be "
+                f"a multiple of num_kv_heads (each key/value head serves a group of query heads)"
+            )
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"ModelConfig.tie_embeddings={self.tie_embeddings!r}: expected True or False")
+        if not _is_number(self.norm_eps) or not 0 < self.norm_eps < 1:
+            raise ValueError(f"ModelConfig.norm_eps={self.norm_eps!r}: expected a number in (0, 1)")
+        object.__setattr__(self, "rope_scaling", normalize_rope_scaling(self.rope_scaling))
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key (and value) projection: num_kv_heads * head_dim."""
+        return self.num_kv_heads * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,6 +99,53 @@ class ModelConfig:
             raise ValueError(f"preset name={name!r} is unknown; expected one of {sorted(PRESETS)}")
         values = {**PRESETS[name], **overrides}
         return cls.from_dict(values)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Llama 3.1's rope scaling, as its Hugging Face config.json spells it. The
+# frequencies it rescales are computed in model/layers.py (rope_frequencies).
+ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def normalize_rope_scaling(scaling: object) -> dict | None:
+    """A rope_scaling value checked and reduced to ROPE_SCALING_KEYS, or None for plain RoPE.
+
+    Accepts the Hugging Face spellings: "type" for "rope_type", and
+    {"rope_type": "default"} for no scaling. Any other type is refused by name.
+
+    >>> normalize_rope_scaling({"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    ...                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})["rope_type"]
+    'llama3'
+    """
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"ModelConfig.rope_scaling={scaling!r}: expected None or a dict with rope_type 'llama3'")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ValueError(
+            f"ModelConfig.rope_scaling has rope_type={kind!r}; only 'llama3' (Llama 3.1's scaling) is supported"
+        )
+    missing = [key for key in ROPE_SCALING_KEYS[1:] if key not in scaling]
+    if missing:
+        raise ValueError(f"ModelConfig.rope_scaling of type 'llama3' lacks {missing}; expected all of {list(ROPE_SCALING_KEYS[1:])}")
+    values = {"rope_type": "llama3"}
+    for key in ROPE_SCALING_KEYS[1:]:
+        value = scaling[key]
+        if not _is_number(value) or value <= 0:
+            raise ValueError(f"ModelConfig.rope_scaling[{key!r}]={value!r}: expected a positive number")
+        values[key] = int(value) if key == "original_max_position_embeddings" else float(value)
+    if values["high_freq_factor"] <= values["low_freq_factor"]:
+        raise ValueError(
+            f"ModelConfig.rope_scaling has high_freq_factor={values['high_freq_factor']} <= "
+            f"low_freq_factor={values['low_freq_factor']}; expected high > low"
+        )
+    return values
 
 
 _GPT2_VOCAB = 50257

@@ -66,9 +66,35 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = N
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention through ``scaled_dot_product_attention``; (..., seq, d) in and out."""
+    """Causal attention through ``scaled_dot_product_attention``; (..., seq, d) in and out.
+
+    Grouped-query attention: q (..., heads, q_seq, d) with k and v (...,
+    kv_heads, k_seq, d), heads a multiple of kv_heads. Query head h attends
+    with key/value head h // group: the query heads are viewed as (kv_heads,
+    group) and each key/value head broadcasts over its group, so nothing is copied.
+    """
     mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-    return scaled_dot_product_attention(q, k, v, mask)
+    heads, kv_heads = group_heads(q, k)
+    if heads == kv_heads:
+        return scaled_dot_product_attention(q, k, v, mask)
+    grouped_q = q.unflatten(-3, (kv_heads, heads // kv_heads))  # (..., kv_heads, group, q_seq, d)
+    out = scaled_dot_product_attention(grouped_q, k.unsqueeze(-3), v.unsqueeze(-3), mask)
+    return out.flatten(-4, -3)  # (..., heads, q_seq, d)
+
+
+def group_heads(q: Tensor, k: Tensor) -> tuple[int, int]:
+    """(heads, kv_heads) of q and k (..., heads, seq, d); refuses head counts that do not group."""
+    if q.dim() < 3 or k.dim() != q.dim():
+        if k.shape[:-2] != q.shape[:-2]:
+            raise ValueError(f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected the same leading dims")
+        return 1, 1
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    if k.shape[:-3] != q.shape[:-3] or heads % kv_heads != 0:
+        raise ValueError(
+            f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected q's leading dims and a head count "
+            f"(dim -3) that divides q's {heads}"
+        )
+    return heads, kv_heads
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:

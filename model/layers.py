@@ -119,13 +119,42 @@ class SwiGLU(nn.Module):
         return self.w2(hidden)  # (..., d_model)
 
 
+def rope_frequencies(theta: float, d_k: int, scaling: dict | None = None) -> Tensor:
+    """The d_k/2 angular frequencies theta^(-2i/d_k), in float64, rescaled as ``scaling`` says.
+
+    Llama 3.1's scaling (``{"rope_type": "llama3", ...}``, see
+    ``ModelConfig.rope_scaling``) stretches the model to a longer context
+    without touching the fast-turning pairs, which encode local order. With
+    L = original_max_position_embeddings, each frequency f has a wavelength
+    2 pi / f, and:
+
+    - wavelength < L / high_freq_factor (short): f is kept;
+    - wavelength > L / low_freq_factor (long): f / factor;
+    - in between: a blend that moves linearly in L / wavelength, from
+      f / factor at L / low_freq_factor to f at L / high_freq_factor:
+      s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor),
+      f' = (1 - s) f / factor + s f.
+    """
+    pair_index = torch.arange(0, d_k, 2, dtype=torch.float64)  # 2i: (d_k/2,)
+    frequencies = theta ** (-pair_index / d_k)  # (d_k/2,)
+    if scaling is None:
+        return frequencies
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelengths = 2 * math.pi / frequencies
+    blend = ((original / wavelengths - low) / (high - low)).clamp(0.0, 1.0)
+    # blend is 1 for the short wavelengths (kept) and 0 for the long ones (divided by factor).
+    return (1 - blend) * frequencies / factor + blend * frequencies
+
+
 class RotaryPositionEmbedding(nn.Module):
     """RoPE (RoFormer): rotate feature pair (x[2i], x[2i+1]) by pos * theta^(-2i/d_k).
 
     A query at position m and a key at position n then have a dot product
     that depends on m - n only. The cos/sin tables for every position up to
     ``max_seq_len`` are computed once; they are non-persistent buffers, so they
-    follow ``.to(device)`` but stay out of the state dict.
+    follow ``.to(device)`` but stay out of the state dict. ``scaling`` is
+    Llama 3.1's frequency rescaling (see ``rope_frequencies``), None for plain RoPE.
     """
 
     def __init__(
@@ -137,6 +166,7 @@ class RotaryPositionEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         backend: str = "reference",
+        scaling: dict | None = None,
     ) -> None:
         super().__init__()
         if d_k % 2 != 0:
@@ -144,16 +174,25 @@ class RotaryPositionEmbedding(nn.Module):
         self.theta = theta
         self.d_k = d_k
         self.max_seq_len = max_seq_len
+        self.scaling = scaling
+        table_dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self.register_buffer("cos", torch.empty(max_seq_len, d_k // 2, device=device, dtype=table_dtype), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, d_k // 2, device=device, dtype=table_dtype), persistent=False)
+        self.reset_tables()
+        self._rope = get_op("rope", backend, device)
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """(Re)compute the cos/sin tables in place, on their device and in their dtype."""
+        if self.cos.device.type == "meta":
+            return  # shapes only; TransformerLM.empty computes them once the tables have storage
         # Angles in float64: pos * freq reaches thousands of radians, where
         # float32 would already lose about 1e-4 rad before cos/sin are taken.
-        pair_index = torch.arange(0, d_k, 2, dtype=torch.float64, device=device)  # 2i: (d_k/2,)
-        frequencies = theta ** (-pair_index / d_k)  # (d_k/2,)
-        positions = torch.arange(max_seq_len, dtype=torch.float64, device=device)  # (max_seq_len,)
+        frequencies = rope_frequencies(self.theta, self.d_k, self.scaling)  # (d_k/2,)
+        positions = torch.arange(self.max_seq_len, dtype=torch.float64)  # (max_seq_len,)
         angles = torch.outer(positions, frequencies)  # (max_seq_len, d_k/2)
-        table_dtype = dtype if dtype is not None else torch.get_default_dtype()
-        self.register_buffer("cos", torch.cos(angles).to(table_dtype), persistent=False)
-        self.register_buffer("sin", torch.sin(angles).to(table_dtype), persistent=False)
-        self._rope = get_op("rope", backend, device)
+        self.cos.copy_(torch.cos(angles))
+        self.sin.copy_(torch.sin(angles))
 
     def forward(self, x: Tensor, token_positions: Tensor) -> Tensor:
         """x (..., seq, d_k); token_positions (..., seq) integer, broadcastable to x's leading dims."""
@@ -162,4 +201,5 @@ class RotaryPositionEmbedding(nn.Module):
         return self._rope(x, cos, sin)
 
     def extra_repr(self) -> str:
-        return f"theta={self.theta}, d_k={self.d_k}, max_seq_len={self.max_seq_len}"
+        scaling = "" if self.scaling is None else f", scaling={self.scaling}"
+        return f"theta={self.theta}, d_k={self.d_k}, max_seq_len={self.max_seq_len}{scaling}"

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from scratchlm.model.attention import KVCache, LayerKVCache, MultiHeadSelfAttention
 from scratchlm.model.backends import KernelsSpec, resolve_kernels
 from scratchlm.model.config import ModelConfig
-from scratchlm.model.layers import Embedding, Linear, RMSNorm, SwiGLU
+from scratchlm.model.layers import Embedding, Linear, RMSNorm, RotaryPositionEmbedding, SwiGLU
 
 _DEFAULT_ROPE_THETA = 10000.0
 
@@ -35,14 +35,18 @@ class TransformerBlock(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         kernels: KernelsSpec = "reference",
+        num_kv_heads: int | None = None,
+        norm_eps: float = 1e-5,
+        rope_scaling: dict | None = None,
     ) -> None:
         super().__init__()
         backends = resolve_kernels(kernels, device)
-        self.ln1 = RMSNorm(d_model, device=device, dtype=dtype, backend=backends["rmsnorm"])
+        self.ln1 = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
         self.attn = MultiHeadSelfAttention(
-            d_model, num_heads, max_seq_len, theta, device=device, dtype=dtype, kernels=backends
-        )
-        self.ln2 = RMSNorm(d_model, device=device, dtype=dtype, backend=backends["rmsnorm"])
+            d_model, num_heads, max_seq_len, theta, device=device, dtype=dtype, kernels=backends,
+            num_kv_heads=num_kv_heads, rope_scaling=rope_scaling,
+        )  # fmt: skip
+        self.ln2 = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
         self.ffn = SwiGLU(d_model, d_ff, device=device, dtype=dtype, backend=backends["swiglu"])
 
     def forward(
@@ -66,6 +70,13 @@ class TransformerLM(nn.Module):
     ``kernels`` picks the implementation of the hot ops (see
     ``scratchlm.model.backends``); it is resolved here, once, and the result
     is kept in ``self.backends``.
+
+    The Llama-family fields of the config (``num_kv_heads``,
+    ``tie_embeddings``, ``norm_eps``, ``rope_scaling``) are what pretrained
+    checkpoints need (see ``scratchlm.model.load_pretrained``). With
+    ``tie_embeddings`` lm_head's weight is the token embedding's Parameter
+    itself: the state dict lists it under both names, and an optimizer sees
+    it once.
 
     ``activation_checkpointing = True`` makes training forwards keep only each
     block's input and recompute the block during backward: activation memory
@@ -107,11 +118,46 @@ class TransformerLM(nn.Module):
                 device=device,
                 dtype=dtype,
                 kernels=self.backends,
+                num_kv_heads=cfg.num_kv_heads,
+                norm_eps=cfg.norm_eps,
+                rope_scaling=cfg.rope_scaling,
             )
             for _ in range(cfg.num_layers)
         )
-        self.ln_final = RMSNorm(cfg.d_model, device=device, dtype=dtype, backend=self.backends["rmsnorm"])
+        self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype, backend=self.backends["rmsnorm"])
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make lm_head use the token embedding's Parameter when the config ties them (else nothing)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.token_embeddings.weight
+
+    @classmethod
+    def empty(
+        cls,
+        config: ModelConfig,
+        kernels: KernelsSpec = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TransformerLM:
+        """A model whose weights are allocated but not initialised, to be filled from a checkpoint.
+
+        Random initialisation of a billion parameters takes longer than reading
+        them from disk, and would be overwritten anyway. The model is built on
+        PyTorch's "meta" device (shapes only), then given uninitialised storage
+        on ``device``, once; the RoPE tables are computed and the embeddings
+        tied again (``to_empty`` gives every parameter new storage).
+        """
+        backends = resolve_kernels(kernels, device)  # checked against the real device
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = cls(config, kernels=backends, device="meta", dtype=dtype)
+        model.to_empty(device=device)
+        model.tie_weights()
+        for module in model.modules():
+            if isinstance(module, RotaryPositionEmbedding):
+                module.reset_tables()
+        return model
 
     def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None, *, check_ids: bool = True) -> Tensor:
         """token_ids (..., seq) integer -> logits (..., seq, vocab_size).
@@ -166,13 +212,14 @@ class TransformerLM(nn.Module):
         return KVCache(len(self.layers))
 
     def num_parameters(self, non_embedding: bool = False) -> int:
-        """Parameter count; ``non_embedding`` leaves out the token embedding table.
+        """Parameter count (a tied matrix once); ``non_embedding`` leaves out the token embedding table.
 
         The embedding is a lookup with no FLOPs, which is why scaling laws and
-        ``flops_per_token`` count without it; lm_head is a real matmul and stays in.
+        ``flops_per_token`` count without it; lm_head is a real matmul and stays
+        in, also when it shares its matrix with the embedding.
         """
-        total = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared one once
+        if non_embedding and not self.config.tie_embeddings:
             total -= self.token_embeddings.weight.numel()
         return total
 
@@ -180,9 +227,11 @@ class TransformerLM(nn.Module):
         """Training FLOPs per token (forward + backward): 6N + 12 * L * d_model * context.
 
         6N: each non-embedding weight does a multiply-add (2 FLOPs) forward and
-        twice that backward. The second term is attention's QK^T and AV
-        matmuls over the full context (the PaLM appendix B estimate), used as
-        the numerator of MFU.
+        twice that backward; with grouped-query attention N holds the smaller
+        key/value projections, so GQA's savings are counted. The second term is
+        attention's QK^T and AV matmuls over the full context (the PaLM
+        appendix B estimate), one per query head, which GQA does not change.
+        It is the numerator of MFU.
         """
         cfg = self.config
         return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.num_layers * cfg.d_model * cfg.context_length

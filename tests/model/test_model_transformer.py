@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from helpers import assert_close
+from reference_model import reference_forward
 
 from scratchlm.model import (
     PRESETS,
@@ -22,46 +21,6 @@ TINY = dict(vocab_size=97, context_length=32, d_model=32, num_layers=2, num_head
 
 def tiny_model(kernels="reference", **overrides) -> TransformerLM:
     return TransformerLM(**{**TINY, **overrides}, kernels=kernels, device="cpu")
-
-
-def reference_forward(state: dict[str, torch.Tensor], config: ModelConfig, token_ids: torch.Tensor) -> torch.Tensor:
-    """The whole model written out again in float64 from its state dict alone.
-
-    token_ids (batch, seq) -> logits (batch, seq, vocab). RoPE via complex
-    numbers, attention head by head, RMSNorm by its formula.
-    """
-    w = {name: t.detach().double() for name, t in state.items()}
-    seq = token_ids.shape[-1]
-    d_head = config.d_model // config.num_heads
-
-    def norm(x, weight):
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * weight
-
-    def rope(x):
-        angles = torch.arange(seq, dtype=torch.float64)[:, None] * config.rope_theta ** (
-            -torch.arange(0, d_head, 2, dtype=torch.float64) / d_head
-        )
-        z = torch.complex(x[..., 0::2], x[..., 1::2]) * torch.exp(1j * angles)
-        return torch.stack((z.real, z.imag), -1).flatten(-2)
-
-    x = w["token_embeddings.weight"][token_ids]  # (batch, seq, d_model)
-    future = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
-    for layer in range(config.num_layers):
-        p = f"layers.{layer}."
-        h = norm(x, w[p + "ln1.weight"])
-        heads = []
-        for head in range(config.num_heads):
-            rows = slice(head * d_head, (head + 1) * d_head)
-            q = rope(h @ w[p + "attn.q_proj.weight"][rows].T)
-            k = rope(h @ w[p + "attn.k_proj.weight"][rows].T)
-            v = h @ w[p + "attn.v_proj.weight"][rows].T
-            scores = (q @ k.transpose(-1, -2) / math.sqrt(d_head)).masked_fill(future, -math.inf)
-            heads.append(torch.softmax(scores, dim=-1) @ v)
-        x = x + torch.cat(heads, -1) @ w[p + "attn.output_proj.weight"].T
-        h = norm(x, w[p + "ln2.weight"])
-        gate = h @ w[p + "ffn.w1.weight"].T
-        x = x + (torch.nn.functional.silu(gate) * (h @ w[p + "ffn.w3.weight"].T)) @ w[p + "ffn.w2.weight"].T
-    return norm(x, w["ln_final.weight"]) @ w["lm_head.weight"].T
 
 
 def randomise_norm_weights(model: TransformerLM) -> None:
