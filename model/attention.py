@@ -78,6 +78,7 @@ class MultiHeadSelfAttention(nn.Module):
         kernels: KernelsSpec = "reference",
         num_kv_heads: int | None = None,
         rope_scaling: dict | None = None,
+        rope: RotaryPositionEmbedding | None = None,
     ) -> None:
         super().__init__()
         if d_model % num_heads != 0:
@@ -99,8 +100,10 @@ class MultiHeadSelfAttention(nn.Module):
         self.k_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
         self.v_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
         self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
-        self.rope: RotaryPositionEmbedding | None = None
-        if theta is not None:
+        # A model passes one ``rope`` to all its layers: the tables depend only on
+        # the config, and at Llama 3.1's 131072 positions they are 32 MB each.
+        self.rope: RotaryPositionEmbedding | None = rope
+        if rope is None and theta is not None:
             self.rope = RotaryPositionEmbedding(
                 theta, self.d_head, max_seq_len, device=device, dtype=dtype, backend=backends["rope"],
                 scaling=rope_scaling,

@@ -77,7 +77,14 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as plain data; Llama-family fields only where they differ from their defaults.
+
+        So a model without them stores exactly the dict it stored before they
+        existed, and checkpoints written either way read back the same.
+        """
+        values = dataclasses.asdict(self)
+        defaults = {**_LLAMA_FIELD_DEFAULTS, "num_kv_heads": self.num_heads}
+        return {key: value for key, value in values.items() if key not in defaults or value != defaults[key]}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -99,6 +106,10 @@ class ModelConfig:
             raise ValueError(f"preset name={name!r} is unknown; expected one of {sorted(PRESETS)}")
         values = {**PRESETS[name], **overrides}
         return cls.from_dict(values)
+
+
+# The fields added for pretrained Llama-family models, at the values that mean "as before".
+_LLAMA_FIELD_DEFAULTS = {"num_kv_heads": None, "tie_embeddings": False, "norm_eps": 1e-5, "rope_scaling": None}
 
 
 def _is_number(value: object) -> bool:

@@ -38,13 +38,14 @@ class TransformerBlock(nn.Module):
         num_kv_heads: int | None = None,
         norm_eps: float = 1e-5,
         rope_scaling: dict | None = None,
+        rope: RotaryPositionEmbedding | None = None,
     ) -> None:
         super().__init__()
         backends = resolve_kernels(kernels, device)
         self.ln1 = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
         self.attn = MultiHeadSelfAttention(
             d_model, num_heads, max_seq_len, theta, device=device, dtype=dtype, kernels=backends,
-            num_kv_heads=num_kv_heads, rope_scaling=rope_scaling,
+            num_kv_heads=num_kv_heads, rope_scaling=rope_scaling, rope=rope,
         )  # fmt: skip
         self.ln2 = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
         self.ffn = SwiGLU(d_model, d_ff, device=device, dtype=dtype, backend=backends["swiglu"])
@@ -108,6 +109,11 @@ class TransformerLM(nn.Module):
         self.backends = resolve_kernels(kernels, device)
         cfg = self.config
         self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
+        # One set of RoPE tables, shared by every layer's attention.
+        rope = RotaryPositionEmbedding(
+            cfg.rope_theta, cfg.head_dim, cfg.context_length, device=device, dtype=dtype,
+            backend=self.backends["rope"], scaling=cfg.rope_scaling,
+        )  # fmt: skip
         self.layers = nn.ModuleList(
             TransformerBlock(
                 cfg.d_model,
@@ -121,6 +127,7 @@ class TransformerLM(nn.Module):
                 num_kv_heads=cfg.num_kv_heads,
                 norm_eps=cfg.norm_eps,
                 rope_scaling=cfg.rope_scaling,
+                rope=rope,
             )
             for _ in range(cfg.num_layers)
         )
