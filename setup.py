@@ -19,13 +19,18 @@ setup(
     packages=["scratchlm", *(f"scratchlm.{part}" for part in PARTS)],
     package_dir={"scratchlm": "scratchlm", **{f"scratchlm.{part}": part for part in PARTS}},
     install_requires=[
-        "torch>=2.4",
+        # 2.5: scaled_dot_product_attention's enable_gqa (grouped-query attention on the "torch" backend).
+        "torch>=2.5",
         # Triton ships Linux wheels only; elsewhere the "triton" kernels are unavailable.
         "triton; platform_system == 'Linux'",
         "numpy",
         "regex",
         "einops",
         "tqdm",
+        # Pretrained Llama checkpoints (scratchlm.model.load_pretrained / export_hf): Hugging Face
+        # weights and llama.cpp's GGUF files. Both are small readers, imported only when used.
+        "safetensors",
+        "gguf",
     ],
     extras_require={
         "dev": [
@@ -38,6 +43,8 @@ setup(
             # Tested outputs of training runs: TensorBoard event files and `scratchlm plot`.
             "tensorboard",
             "matplotlib",
+            # Parity tests of pretrained-model loading and export: tiny Llamas built by transformers itself.
+            "transformers",
         ],
         # `make bench` draws its plot with matplotlib (skipped with a note without it);
         # bench_tokenizer.py compares training with Hugging Face's tokenizers.

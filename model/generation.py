@@ -30,6 +30,9 @@ class TokenizerLike(Protocol):
     """The part of ``scratchlm.tokenizer.Tokenizer`` generation uses."""
 
     special_token_ids: dict[str, int]
+    # Optional (read with getattr): a pretrained tokenizer's beginning/end-of-sequence ids,
+    # and whether its model expects bos before every text.
+    # bos_id: int | None; eos_id: int | None; add_bos: bool
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -140,6 +143,10 @@ def generate_ids(
 def _stop_token_id(tokenizer: TokenizerLike, stop_token: str | None) -> int | None:
     if stop_token is None:
         return None
+    # A pretrained tokenizer names its own end of text (Llama 3: <|end_of_text|>); it wins over the default.
+    eos_id = getattr(tokenizer, "eos_id", None)
+    if stop_token == DEFAULT_STOP_TOKEN and eos_id is not None:
+        return eos_id
     special = tokenizer.special_token_ids
     if stop_token in special:
         return special[stop_token]
@@ -154,11 +161,13 @@ def _encode_prompts(
     model: TransformerLM, tokenizer: TokenizerLike, prompts: list[str], stop_id: int | None
 ) -> list[list[int]]:
     context_length = model.config.context_length
+    # Models trained with a beginning-of-sequence token (Llama) expect it first.
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None else []
     encoded = []
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise ValueError(f"prompt[{index}] is {type(prompt).__name__}; expected str")
-        ids = tokenizer.encode(prompt)
+        ids = bos + tokenizer.encode(prompt)
         if not ids:
             if stop_id is None:
                 raise ValueError(f"prompt[{index}]={prompt!r} encodes to no tokens; expected at least one")
