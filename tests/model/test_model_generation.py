@@ -261,3 +261,26 @@ def test_temperature_sampling_follows_the_softmax():
 def test_zero_temperature_is_argmax_per_row():
     logits = torch.randn(5, 11)
     assert torch.equal(sample_next_token(logits, temperature=0), logits.argmax(-1))
+
+
+# ---- pretrained tokenizers: bos first, their own eos as the stop --------------------------
+
+
+class LlamaStyleTokenizer(ByteTokenizer):
+    """ByteTokenizer with Llama's habits: bos (id 1, the byte \\x01 here) before every text, eos id 4."""
+
+    bos_id, eos_id, add_bos = 1, 4, True
+
+
+def test_bos_is_prepended_where_the_tokenizer_asks():
+    model = ScriptedLM({1: ord("x"), ord("a"): ord("b"), ord("b"): 4, ord("x"): ord("y")})
+    tokenizer = LlamaStyleTokenizer()
+    # The stop is the tokenizer's eos (4), not <|endoftext|> (256): "b" is followed by 4, which ends the text.
+    assert decode(model, tokenizer, "a", max_tokens=5, temperature=0) == "b"
+    assert model.input_lengths[0] == 2  # bos + "a"
+    # An empty prompt is bos alone, whose scripted successor is "x".
+    assert decode(model, tokenizer, "", max_tokens=2, temperature=0) == "xy"
+    tokenizer.add_bos = False
+    model.input_lengths.clear()
+    assert decode(model, tokenizer, "a", max_tokens=5, temperature=0) == "b"
+    assert model.input_lengths[0] == 1  # "a" alone
