@@ -1,0 +1,304 @@
+"""Reading a Hugging Face Llama folder: config.json plus safetensors weights.
+
+    folder/config.json                      LlamaForCausalLM hyper-parameters
+    folder/model.safetensors                the weights, or shards listed in
+    folder/model.safetensors.index.json     {"weight_map": {tensor name: shard file}}
+    folder/tokenizer.json                   optional; read by scratchlm.tokenizer
+
+Everything that can be refused is refused from config.json and the
+safetensors headers, before a single weight is read. Pickle files
+(pytorch_model.bin) are never opened: loading one can run arbitrary code.
+
+Memory: safetensors memory-maps its file, and pages of a mapping that were
+read count in the process's resident set until the mapping is closed. A
+shard opened once for all its tensors therefore ends up resident in full
+next to the model (two copies of the weights); opening it again for each
+tensor keeps the peak at the model plus one tensor, for the cost of parsing
+the header again (a few hundred microseconds per tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.transformer import TransformerLM
+from scratchlm.model.weight_loading import (
+    PretrainedFormatError,
+    WeightFiller,
+    allocate,
+    check_plan,
+    half_split_to_adjacent_rows,
+)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# HF name inside model.layers.{i}. -> scratchlm name inside layers.{i}.
+HF_LAYER_NAMES = {
+    "input_layernorm.weight": "ln1.weight",
+    "self_attn.q_proj.weight": "attn.q_proj.weight",
+    "self_attn.k_proj.weight": "attn.k_proj.weight",
+    "self_attn.v_proj.weight": "attn.v_proj.weight",
+    "self_attn.o_proj.weight": "attn.output_proj.weight",
+    "post_attention_layernorm.weight": "ln2.weight",
+    "mlp.gate_proj.weight": "ffn.w1.weight",
+    "mlp.up_proj.weight": "ffn.w3.weight",
+    "mlp.down_proj.weight": "ffn.w2.weight",
+}
+HF_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embeddings.weight",
+    "model.norm.weight": "ln_final.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Buffers some older checkpoints saved; recomputed from the config, never weights.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+# LlamaConfig's defaults for the fields a config.json may leave out.
+_HF_DEFAULTS = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+
+
+def hf_to_scratchlm_name(hf_name: str) -> str | None:
+    """The scratchlm weight an HF tensor name fills, or None if it is not one."""
+    if hf_name in HF_GLOBAL_NAMES:
+        return HF_GLOBAL_NAMES[hf_name]
+    match = _HF_LAYER.fullmatch(hf_name)
+    if match and match.group(2) in HF_LAYER_NAMES:
+        return f"layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}"
+    return None
+
+
+def scratchlm_to_hf_name(name: str) -> str:
+    """The inverse of :func:`hf_to_scratchlm_name`."""
+    for hf_name, ours in HF_GLOBAL_NAMES.items():
+        if ours == name:
+            return hf_name
+    layer, rest = name.removeprefix("layers.").split(".", 1)
+    hf_rest = next(hf for hf, ours in HF_LAYER_NAMES.items() if ours == rest)
+    return f"model.layers.{layer}.{hf_rest}"
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's contents; a clear error naming the path if it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PretrainedFormatError(f"{str(path)!r} is not valid JSON ({e})") from e
+
+
+# ------------------------------------------------------------------ config.json
+
+
+def _refuse(source: str, field: str, value: Any, expected: str) -> PretrainedFormatError:
+    return PretrainedFormatError(f"{source} has {field}={value!r}; {expected}")
+
+
+def _rope_from_hf(values: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, scratchlm rope_scaling) from either config spelling.
+
+    transformers < 5 writes rope_theta and rope_scaling at the top level;
+    transformers 5 writes rope_parameters = {"rope_type", "rope_theta", ...}.
+    As in transformers, a rope_scaling dict wins over rope_parameters.
+    """
+    parameters = values.get("rope_parameters") or {}
+    if not isinstance(parameters, dict) or any(isinstance(v, dict) for v in parameters.values()):
+        raise _refuse(source, "rope_parameters", parameters, "expected one flat dict (per-layer RoPE is not supported)")
+    scaling = values.get("rope_scaling") or parameters
+    if not isinstance(scaling, dict):
+        raise _refuse(source, "rope_scaling", scaling, "expected a dict or null")
+    theta = scaling.get("rope_theta", parameters.get("rope_theta", values.get("rope_theta")))
+    theta = _HF_DEFAULTS["rope_theta"] if theta is None else theta
+    partial = scaling.get("partial_rotary_factor", values.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise _refuse(source, "partial_rotary_factor", partial, "expected 1.0 (RoPE on the whole head)")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind != "llama3":
+        raise _refuse(source, "rope_scaling.rope_type", kind, "expected 'default' or 'llama3'")
+    keys = ("factor", "low_freq_factor", "high_freq_factor")
+    missing = [key for key in keys if key not in scaling]
+    if missing:
+        raise _refuse(source, "rope_scaling", scaling, f"llama3 scaling needs {list(keys)}")
+    max_positions = values.get("max_position_embeddings", _HF_DEFAULTS["max_position_embeddings"])
+    llama3 = {"rope_type": "llama3", **{key: scaling[key] for key in keys}}
+    # transformers' rule when the pretraining length is not given: the model's own.
+    llama3["original_max_position_embeddings"] = scaling.get("original_max_position_embeddings", max_positions)
+    return theta, llama3
+
+
+def config_from_hf(values: Any, source: str) -> ModelConfig:
+    """A ModelConfig from config.json contents, or a refusal naming the field and value."""
+    if not isinstance(values, dict):
+        raise PretrainedFormatError(f"{source} holds {type(values).__name__}; expected a JSON object")
+    model_type = values.get("model_type")
+    if model_type != "llama":
+        raise _refuse(source, "model_type", model_type, "expected 'llama'")
+    architectures = values.get("architectures")
+    if architectures is not None and architectures != ["LlamaForCausalLM"]:
+        raise _refuse(source, "architectures", architectures, "expected ['LlamaForCausalLM']")
+    for field in ("attention_bias", "mlp_bias"):
+        if values.get(field):
+            raise _refuse(source, field, values[field], "expected false (scratchlm's linear layers have no bias)")
+    hidden_act = values.get("hidden_act", "silu")
+    if hidden_act != "silu":
+        raise _refuse(source, "hidden_act", hidden_act, "expected 'silu' (SwiGLU)")
+    if values.get("sliding_window") is not None:
+        raise _refuse(source, "sliding_window", values["sliding_window"], "expected null (full causal attention)")
+    if values.get("quantization_config") is not None:
+        method = values["quantization_config"].get("quant_method") if isinstance(values["quantization_config"], dict) else None
+        raise _refuse(source, "quantization_config.quant_method", method, "expected unquantised float weights")
+
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [field for field in required if field not in values]
+    if missing:
+        raise PretrainedFormatError(f"{source} lacks {missing}; a Llama config needs all of {list(required)}")
+    hidden, heads = values["hidden_size"], values["num_attention_heads"]
+    head_dim = values.get("head_dim")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        if hidden % heads != 0:
+            raise _refuse(source, "hidden_size", hidden, f"expected a multiple of num_attention_heads={heads}")
+        if head_dim is not None and head_dim != hidden // heads:
+            raise _refuse(
+                source, "head_dim", head_dim, f"expected hidden_size / num_attention_heads = {hidden // heads}"
+            )
+    theta, rope_scaling = _rope_from_hf(values, source)
+    try:
+        return ModelConfig(
+            vocab_size=values["vocab_size"],
+            context_length=values.get("max_position_embeddings", _HF_DEFAULTS["max_position_embeddings"]),
+            d_model=hidden,
+            num_layers=values["num_hidden_layers"],
+            num_heads=heads,
+            d_ff=values["intermediate_size"],
+            rope_theta=theta,
+            num_kv_heads=values.get("num_key_value_heads"),
+            tie_embeddings=values.get("tie_word_embeddings", False),
+            norm_eps=values.get("rms_norm_eps", _HF_DEFAULTS["rms_norm_eps"]),
+            rope_scaling=rope_scaling,
+        )
+    except ValueError as e:
+        raise PretrainedFormatError(f"{source}: {e}") from e
+
+
+# ------------------------------------------------------------------ safetensors headers
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    """The safetensors files holding the weights, from the index or the single file."""
+    index_path = folder / WEIGHTS_INDEX_FILE
+    if index_path.is_file():
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise PretrainedFormatError(f"{str(index_path)!r} has no \"weight_map\" object")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise PretrainedFormatError(f"{str(index_path)!r} names shard {name!r}; expected a file name in the folder")
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(index_path)!r} lists shards missing from the folder: {missing}")
+        return [folder / name for name in names]
+    if (folder / WEIGHTS_FILE).is_file():
+        return [folder / WEIGHTS_FILE]
+    pickled = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
+    if pickled:
+        raise PretrainedFormatError(
+            f"{str(folder)!r} holds {pickled[0]} (a pickle file, which can run code when loaded); only safetensors "
+            f"weights are read: convert it with transformers' save_pretrained(safe_serialization=True)"
+        )
+    raise FileNotFoundError(f"{str(folder)!r} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}")
+
+
+def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (safetensors dtype, shape)} of one file, without reading tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as file:
+            entries = {}
+            for name in file.keys():
+                tensor_slice = file.get_slice(name)
+                entries[name] = (tensor_slice.get_dtype(), tuple(tensor_slice.get_shape()))
+            return entries
+    except SafetensorError as e:
+        raise PretrainedFormatError(f"{str(path)!r} is not a readable safetensors file ({e}); truncated or corrupt?") from e
+
+
+def _plan(
+    folder: Path, config: ModelConfig
+) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[str, tuple[int, ...]]], torch.dtype]:
+    """Where each weight is ({ours: (file, HF name)}), the plan check_plan reads, and the file's float dtype."""
+    locations: dict[str, tuple[Path, str]] = {}
+    plan: dict[str, tuple[str, tuple[int, ...]]] = {}
+    dtypes: dict[str, str] = {}
+    for path in _shard_files(folder):
+        for hf_name, (dtype, shape) in _read_header(path).items():
+            if _IGNORED.fullmatch(hf_name):
+                continue
+            ours = hf_to_scratchlm_name(hf_name)
+            if ours is None:
+                raise PretrainedFormatError(f"{str(path)!r} has tensor {hf_name!r}, which a LlamaForCausalLM does not have")
+            if ours == "lm_head.weight" and config.tie_embeddings:
+                continue  # tied: transformers ignores a stored copy too
+            if ours in locations:
+                raise PretrainedFormatError(f"tensor {hf_name!r} is stored twice: in {locations[ours][0].name} and {path.name}")
+            if dtype not in _FLOAT_DTYPES:
+                raise PretrainedFormatError(
+                    f"{str(path)!r} stores {hf_name!r} as {dtype}; expected one of {sorted(_FLOAT_DTYPES)}"
+                )
+            locations[ours] = (path, hf_name)
+            plan[ours] = (hf_name, shape)
+            dtypes[ours] = dtype
+    check_plan(plan, config, repr(str(folder)))
+    return locations, plan, _FLOAT_DTYPES[dtypes["token_embeddings.weight"]]
+
+
+# ------------------------------------------------------------------ load
+
+
+def load_hf_folder(
+    folder: str | os.PathLike, kernels="auto", device=None, dtype: torch.dtype | None = None
+) -> TransformerLM:
+    """The TransformerLM stored in a Hugging Face Llama folder (the tokenizer is read elsewhere).
+
+    ``dtype`` None keeps the weights' dtype in the file (that of the token embedding).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_FILE}")
+    config = config_from_hf(read_json(config_path), repr(str(config_path)))
+    locations, _, file_dtype = _plan(folder, config)
+
+    model = allocate(config, kernels, device, dtype or file_dtype)
+    filler = WeightFiller(model, repr(str(folder)))
+    for ours, (path, hf_name) in locations.items():
+        try:
+            with safe_open(path, framework="pt") as file:  # reopened per tensor: see the module docstring
+                tensor = file.get_tensor(hf_name)
+        except SafetensorError as e:
+            raise PretrainedFormatError(f"{str(path)!r}: tensor {hf_name!r} could not be read ({e})") from e
+        if ours.endswith("attn.q_proj.weight"):
+            tensor = half_split_to_adjacent_rows(tensor, config.num_heads)
+        elif ours.endswith("attn.k_proj.weight"):
+            tensor = half_split_to_adjacent_rows(tensor, config.num_kv_heads)
+        filler.fill(ours, tensor)
+        del tensor
+    filler.finish()
+    return model
