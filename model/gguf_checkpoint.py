@@ -1,0 +1,297 @@
+"""Reading a llama.cpp GGUF file of architecture "llama".
+
+A GGUF file is a header of typed key/value metadata (hyper-parameters under
+``llama.*``, the tokenizer under ``tokenizer.ggml.*``), a table of tensors
+(name, ggml type, shape, offset) and the tensor data. ``gguf.GGUFReader``
+memory-maps the file and parses the header only; each tensor is then read,
+dequantised (``gguf.quants.dequantize``) and copied into the model on its
+own.
+
+Layout facts (checked by tests against transformers' own GGUF loader):
+- A shape in the tensor table is ggml's ``ne``, fastest-varying dimension
+  first: a (out, in) weight is stored as ne = [in, out], and its numpy view
+  has shape reversed(ne) = (out, in), which is already PyTorch's.
+- llama.cpp's converter reorders Hugging Face's q/k rows back into Meta's
+  adjacent-pair order (its ``LlamaModel.permute``), which is scratchlm's
+  order, so q and k load as they are.
+- Tensor names: token_embd, blk.{i}.attn_norm / attn_q / attn_k / attn_v /
+  attn_output / ffn_norm / ffn_gate / ffn_up / ffn_down, output_norm,
+  output (absent when tied to token_embd), rope_freqs (Llama 3.1 scaling,
+  see :mod:`scratchlm.model.gguf_rope`).
+
+Memory: pages of the mapping that were read stay in the resident set while
+it is open, so each tensor's pages are given back (madvise DONTNEED) once
+it is copied: the peak stays at the model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import warnings
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.gguf_rope import llama3_scaling_from_factors
+from scratchlm.model.transformer import TransformerLM
+from scratchlm.model.weight_loading import PretrainedFormatError, WeightFiller, allocate, check_plan
+
+GGUF_MAGIC = b"GGUF"
+ROPE_FREQS = "rope_freqs.weight"
+
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "ln1.weight",
+    "attn_q.weight": "attn.q_proj.weight",
+    "attn_k.weight": "attn.k_proj.weight",
+    "attn_v.weight": "attn.v_proj.weight",
+    "attn_output.weight": "attn.output_proj.weight",
+    "ffn_norm.weight": "ln2.weight",
+    "ffn_gate.weight": "ffn.w1.weight",
+    "ffn_up.weight": "ffn.w3.weight",
+    "ffn_down.weight": "ffn.w2.weight",
+}
+GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "token_embeddings.weight",
+    "output_norm.weight": "ln_final.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def gguf_to_scratchlm_name(gguf_name: str) -> str | None:
+    """The scratchlm weight a GGUF tensor name fills, or None if it is not one."""
+    if gguf_name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[gguf_name]
+    match = _GGUF_LAYER.fullmatch(gguf_name)
+    if match and match.group(2) in GGUF_LAYER_NAMES:
+        return f"layers.{match.group(1)}.{GGUF_LAYER_NAMES[match.group(2)]}"
+    return None
+
+
+def is_gguf_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file starting with the GGUF magic bytes."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+@cache
+def _can_dequantize(qtype: int) -> bool:
+    """Whether gguf.quants.dequantize handles ggml type ``qtype`` (tried on one block of zeros)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    try:
+        qtype = GGMLQuantizationType(qtype)
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        raw = np.zeros((1, type_size), dtype=np.uint8)
+        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            raw = raw.view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16)
+        return dequantize(raw, qtype).size == block_size
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+
+
+def _float32_type() -> Any:
+    from gguf import GGUFValueType
+
+    return GGUFValueType.FLOAT32
+
+
+class _Metadata:
+    """Typed access to a reader's key/value fields; errors name the file and key."""
+
+    def __init__(self, reader: Any, source: str) -> None:
+        self.fields, self.source = reader.fields, source
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.fields.get(key)
+        return default if field is None else field.contents()
+
+    def number(self, key: str, *, required: bool = True, default: Any = None, integer: bool = True) -> Any:
+        value = self.get(key)
+        if value is None:
+            if required:
+                raise PretrainedFormatError(f"{self.source} lacks metadata key {key!r}")
+            return default
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            expected = "an integer" if integer else "a number"
+            raise PretrainedFormatError(f"{self.source} has {key}={value!r}; expected {expected} (one for all layers)")
+        if isinstance(value, float) and self.fields[key].types[-1] == _float32_type():
+            # A float32 key: take the shortest decimal that is the same float32 (1e-05,
+            # not 9.99999974e-06), the value the file's writer meant.
+            value = float(str(np.float32(value)))
+        return value
+
+
+def _open(path: Path) -> Any:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader reports a short or damaged file from deep inside numpy
+        raise PretrainedFormatError(
+            f"{str(path)!r} is not a readable GGUF file ({type(e).__name__}: {e}); truncated or corrupt?"
+        ) from e
+    if reader.byte_order != "I":
+        raise PretrainedFormatError(f"{str(path)!r} is a big-endian GGUF file; only little-endian files are read")
+    file_size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > file_size:
+            raise PretrainedFormatError(f"{str(path)!r} is truncated: tensor {tensor.name!r} runs past the end of the file")
+    return reader
+
+
+def _logical_shape(tensor: Any) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
+
+
+def _config(meta: _Metadata, tensors: dict[str, Any], source: str) -> ModelConfig:
+    architecture = meta.get("general.architecture")
+    if architecture != "llama":
+        raise PretrainedFormatError(f"{source} has general.architecture={architecture!r}; expected 'llama'")
+    splits = meta.number("split.count", required=False, default=1)
+    if splits != 1:
+        raise PretrainedFormatError(f"{source} has split.count={splits}; expected one file (merge it with gguf-split)")
+    experts = meta.number("llama.expert_count", required=False, default=0)
+    if experts:
+        raise PretrainedFormatError(f"{source} has llama.expert_count={experts}; expected 0 (a dense Llama)")
+    scaling_type = meta.get("llama.rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        raise PretrainedFormatError(f"{source} has llama.rope.scaling.type={scaling_type!r}; expected none")
+    if "token_embd.weight" not in tensors:
+        raise PretrainedFormatError(f"{source} lacks tensor 'token_embd.weight'")
+
+    d_model = meta.number("llama.embedding_length")
+    heads = meta.number("llama.attention.head_count")
+    vocab = _logical_shape(tensors["token_embd.weight"])[0]
+    declared_vocab = meta.number("llama.vocab_size", required=False, default=vocab)
+    if declared_vocab != vocab:
+        raise PretrainedFormatError(f"{source} has llama.vocab_size={declared_vocab} but token_embd has {vocab} rows")
+    if heads <= 0 or d_model % heads != 0:
+        raise PretrainedFormatError(f"{source} has llama.attention.head_count={heads} for embedding_length={d_model}")
+    head_dim = d_model // heads
+    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+        value = meta.number(key, required=False, default=head_dim)
+        if value != head_dim:
+            raise PretrainedFormatError(
+                f"{source} has {key}={value}; expected the head dimension embedding_length / head_count = {head_dim}"
+            )
+    theta = meta.number("llama.rope.freq_base", required=False, default=10000.0, integer=False)
+    rope_scaling = None
+    if ROPE_FREQS in tensors:
+        factors = _tensor_values(tensors[ROPE_FREQS]).numpy()
+        original = meta.number("llama.rope.scaling.original_context_length", required=False)
+        try:
+            rope_scaling = llama3_scaling_from_factors(factors, theta, head_dim, original, source)
+        except ValueError as e:
+            raise PretrainedFormatError(str(e)) from e
+    try:
+        return ModelConfig(
+            vocab_size=vocab,
+            context_length=meta.number("llama.context_length"),
+            d_model=d_model,
+            num_layers=meta.number("llama.block_count"),
+            num_heads=heads,
+            d_ff=meta.number("llama.feed_forward_length"),
+            rope_theta=float(theta),
+            num_kv_heads=meta.number("llama.attention.head_count_kv", required=False, default=heads),
+            tie_embeddings="output.weight" not in tensors,
+            norm_eps=float(meta.number("llama.attention.layer_norm_rms_epsilon", integer=False)),
+            rope_scaling=rope_scaling,
+        )
+    except ValueError as e:
+        raise PretrainedFormatError(f"{source}: {e}") from e
+
+
+def _tensor_values(tensor: Any) -> torch.Tensor:
+    """One tensor as PyTorch, in its logical (PyTorch-order) shape: F32/F16/BF16 as stored, others dequantised to float32."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    shape = _logical_shape(tensor)
+    qtype = tensor.tensor_type
+    with warnings.catch_warnings():
+        # The mapping is read-only; PyTorch warns that it cannot write to it, which is never done.
+        warnings.simplefilter("ignore", UserWarning)
+        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            return torch.from_numpy(tensor.data).reshape(shape)
+        if qtype == GGMLQuantizationType.BF16:
+            return torch.from_numpy(tensor.data.view(np.uint16)).view(torch.bfloat16).reshape(shape)
+        return torch.from_numpy(dequantize(tensor.data, qtype)).reshape(shape)
+
+
+def _release_pages(reader: Any, tensor: Any) -> None:
+    """Drop the tensor's pages from this process's resident set (they stay in the page cache)."""
+    mapping = getattr(reader.data, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise"):
+        return
+    start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _default_dtype(tensors: dict[str, Any]) -> torch.dtype:
+    """The one float type of every matrix when there is one (F32, F16, BF16), else float32."""
+    from gguf import GGMLQuantizationType as Q
+
+    float_types = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+    matrix_types = {t.tensor_type for t in tensors.values() if len(t.shape) >= 2}
+    if len(matrix_types) == 1 and next(iter(matrix_types)) in float_types:
+        return float_types[next(iter(matrix_types))]
+    return torch.float32
+
+
+def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig a GGUF file describes (header only; no weights read except rope_freqs)."""
+    path = Path(path)
+    reader = _open(path)
+    return _config(_Metadata(reader, repr(str(path))), {t.name: t for t in reader.tensors}, repr(str(path)))
+
+
+def load_gguf_file(path: str | os.PathLike, kernels="auto", device=None, dtype: torch.dtype | None = None) -> TransformerLM:
+    """The TransformerLM stored in a llama.cpp GGUF file (the tokenizer is read elsewhere).
+
+    ``dtype`` None keeps F32, F16 or BF16 when every matrix has that type, else float32.
+    """
+    from gguf import GGMLQuantizationType
+
+    path = Path(path)
+    source = repr(str(path))
+    reader = _open(path)
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    config = _config(_Metadata(reader, source), tensors, source)
+
+    plan: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, tensor in tensors.items():
+        if name == ROPE_FREQS:
+            continue
+        ours = gguf_to_scratchlm_name(name)
+        if ours is None:
+            raise PretrainedFormatError(f"{source} has tensor {name!r}, which a llama model does not have")
+        if not _can_dequantize(int(tensor.tensor_type)):
+            raise PretrainedFormatError(
+                f"{source} stores {name!r} as ggml type {GGMLQuantizationType(tensor.tensor_type).name}, "
+                f"which the installed gguf package cannot dequantise"
+            )
+        plan[ours] = (name, _logical_shape(tensor))
+    check_plan(plan, config, source)
+
+    model = allocate(config, kernels, device, dtype or _default_dtype(tensors))
+    filler = WeightFiller(model, source)
+    for ours, (name, _) in plan.items():
+        filler.fill(ours, _tensor_values(tensors[name]))
+        _release_pages(reader, tensors[name])
+    filler.finish()
+    return model
