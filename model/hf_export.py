@@ -1,0 +1,178 @@
+"""``export_hf``: write a TransformerLM as a Hugging Face LlamaForCausalLM folder.
+
+    out_dir/config.json              LlamaForCausalLM hyper-parameters
+    out_dir/generation_config.json   bos/eos ids
+    out_dir/model.safetensors        weights, q/k rows in HF's rotate_half order
+    out_dir/tokenizer.json           Tokenizer.save_hf (when a tokenizer is given)
+    out_dir/tokenizer_config.json    what AutoTokenizer needs to pick the fast tokenizer
+
+The folder appears whole or not at all: everything is written into a hidden
+temporary sibling, flushed to disk, and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchlm.model.hf_checkpoint import CONFIG_FILE, WEIGHTS_FILE, scratchlm_to_hf_name
+from scratchlm.model.safetensors_writer import SafetensorsStreamWriter
+from scratchlm.model.transformer import TransformerLM
+from scratchlm.model.weight_loading import adjacent_to_half_split_rows, expected_shapes
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def hf_config(model: TransformerLM, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
+    """The config.json contents for ``model``.
+
+    RoPE is written both ways: rope_theta and rope_scaling at the top level
+    (transformers < 5, llama.cpp's converter) and rope_parameters
+    (transformers >= 5); both describe the same rotation.
+    """
+    cfg = model.config
+    dtype = model.token_embeddings.weight.dtype
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"model weights are {dtype}; expected one of {list(_DTYPE_NAMES)} to export")
+    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling is not None else None
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.context_length,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": float(cfg.rope_theta),
+        "rope_scaling": scaling,
+        "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": float(cfg.rope_theta)},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "torch_dtype": _DTYPE_NAMES[dtype],
+        "dtype": _DTYPE_NAMES[dtype],
+    }
+
+
+def _write_json(path: Path, document: Any) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(document, file, indent=2, ensure_ascii=False)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _write_weights(model: TransformerLM, path: Path) -> None:
+    """model.safetensors, one tensor at a time; q/k rows reordered to rotate_half order."""
+    cfg = model.config
+    state = model.state_dict()
+    names = list(expected_shapes(cfg))  # lm_head left out when tied, as transformers saves it
+    entries = [(scratchlm_to_hf_name(name), state[name].dtype, tuple(state[name].shape)) for name in names]
+    with open(path, "wb") as file:
+        writer = SafetensorsStreamWriter(file, entries, {"format": "pt"})
+        for name in names:
+            tensor = state[name].detach()
+            if name.endswith("attn.q_proj.weight"):
+                tensor = adjacent_to_half_split_rows(tensor, cfg.num_heads)
+            elif name.endswith("attn.k_proj.weight"):
+                tensor = adjacent_to_half_split_rows(tensor, cfg.num_kv_heads)
+            writer.write(scratchlm_to_hf_name(name), tensor)
+        writer.close()
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _token_text(tokenizer: Any, token_id: int | None) -> str | None:
+    if token_id is None:
+        return None
+    return tokenizer.vocab[token_id].decode("utf-8", errors="replace")
+
+
+def _write_tokenizer(tokenizer: Any, folder: Path, context_length: int) -> None:
+    tokenizer.save_hf(folder / TOKENIZER_FILE)
+    bos_id, eos_id = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)
+    _write_json(
+        folder / TOKENIZER_CONFIG_FILE,
+        {
+            # The generic fast tokenizer runs tokenizer.json exactly as written;
+            # a model-specific class could add its own normaliser or prefix space.
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": _token_text(tokenizer, bos_id),
+            "eos_token": _token_text(tokenizer, eos_id),
+            "add_bos_token": bool(getattr(tokenizer, "add_bos", False)),
+            "add_eos_token": False,
+            "model_max_length": context_length,
+            "clean_up_tokenization_spaces": False,
+        },
+    )
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir={str(out_dir)!r} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"out_dir={str(out_dir)!r} exists and is not empty; pass overwrite=True to replace it")
+
+
+def export_hf(model: TransformerLM, tokenizer: Any, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``model`` (and ``tokenizer``, unless None) as a Hugging Face Llama folder; returns its path.
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` gives the
+    same logits, and ``AutoTokenizer.from_pretrained(out_dir)`` the same ids.
+    An existing non-empty ``out_dir`` is refused unless ``overwrite``, and is
+    then replaced as a whole only once the new folder is complete.
+    """
+    if not isinstance(model, TransformerLM):
+        raise ValueError(f"model is {type(model).__name__}; expected a TransformerLM")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    bos_id = getattr(tokenizer, "bos_id", None) if tokenizer is not None else None
+    eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+    config = hf_config(model, bos_id, eos_id)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        _write_json(staging / CONFIG_FILE, config)
+        _write_json(
+            staging / GENERATION_CONFIG_FILE,
+            {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False},
+        )
+        _write_weights(model, staging / WEIGHTS_FILE)
+        if tokenizer is not None:
+            _write_tokenizer(tokenizer, staging, model.config.context_length)
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is an ordinary one
+        if out_dir.exists():
+            _check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, retired / out_dir.name)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out_dir
