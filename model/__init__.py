@@ -12,14 +12,18 @@ from scratchlm.model.backends import (
 from scratchlm.model.config import PRESETS, ModelConfig
 from scratchlm.model.functional import scaled_dot_product_attention, silu, softmax
 from scratchlm.model.generation import decode, generate_ids, sample_next_token, stream
+from scratchlm.model.hf_export import export_hf
 from scratchlm.model.layers import Embedding, Linear, RMSNorm, RotaryPositionEmbedding, SwiGLU
+from scratchlm.model.pretrained import load_pretrained
 from scratchlm.model.transformer import TransformerBlock, TransformerLM
+from scratchlm.model.weight_loading import PretrainedFormatError
 
 __all__ = [
     "BACKENDS",
     "KERNEL_CHOICES",
     "OPS",
     "PRESETS",
+    "PretrainedFormatError",
     "Embedding",
     "KVCache",
     "KernelsUnavailableError",
@@ -33,8 +37,10 @@ __all__ = [
     "TransformerBlock",
     "TransformerLM",
     "decode",
+    "export_hf",
     "generate_ids",
     "get_op",
+    "load_pretrained",
     "resolve_kernels",
     "sample_next_token",
     "scaled_dot_product_attention",
