@@ -29,6 +29,22 @@ the diagonal), dQ from another (a program per query block, looping over key
 blocks), so every gradient element is written by exactly one program: no
 atomics, bitwise-identical gradients from run to run.
 
+Grouped-query attention (GQA; MQA when Hkv = 1): k and v may have fewer heads
+than q, Hq = G * Hkv, and query head h reads K/V head h // G, so G consecutive
+query heads share one K/V head (the Llama / Hugging Face layout). Flattened
+to (batch * Hq, Nq, D) and (batch * Hkv, Nk, D), flattened query head i still
+reads K/V row i // G, because batch b's heads start at b * Hq = b * G * Hkv.
+The kernels index the shared head instead of repeating K and V: no copy. A
+shared K/V head's gradient is the sum over its G query heads,
+
+    dK = scale * sum over g of dS_g^T Q_g,   dV = sum over g of P_g^T dO_g,
+
+so the dK/dV program of a (key block, K/V head) loops over the group's query
+heads and their query blocks, accumulating in float32 registers in a fixed
+order. Each dK/dV element still has a single writer: no atomics, and the
+result is as deterministic as without groups. dQ is unchanged, one program
+per (query block, query head) reading its shared K/V head.
+
 Memory trick: the N x N score matrix is never stored. The forward saves O and
 one float32 logsumexp per query row (O(N) extra memory); the backward
 recomputes each tile of P as exp2(s - logsumexp * log2(e)), exact without a
@@ -39,6 +55,7 @@ running max because the logsumexp already normalises it. Rows that see no key
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import torch
@@ -46,6 +63,7 @@ import triton
 import triton.language as tl
 
 from scratchlm.kernels._registration import INTERPRETING, check_float_tensor, check_same, kernel_op, launch
+from scratchlm.kernels.flash_attention_tiled import kv_group_size
 
 LOG2_E = 1.4426950408889634
 # Head dims are padded to BLOCK_D = next_power_of_2(D) (at least 16, the
@@ -66,6 +84,8 @@ FORWARD_STAGES = (2, 3, 4)
 # Under the interpreter, dot operands are widened to float32 and downcasts
 # are rounded by hand (and kept in float32); on a GPU both compile away.
 _INTERPRETER_WORKAROUNDS = tl.constexpr(INTERPRETING)
+# tl.range(..., disable_licm=True) exists only in newer Tritons; older ones get a plain loop.
+_RANGE_TAKES_DISABLE_LICM = tl.constexpr("disable_licm" in inspect.signature(tl.range.__init__).parameters)
 
 
 @triton.jit
@@ -145,20 +165,28 @@ def _fwd_key_tiles(
 def _flash_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh, stride_om, stride_lse_h,
-    q_len, k_len, head_dim, q_len_bucket, k_len_bucket, qk_scale_log2,
+    q_len, k_len, head_dim, group, q_len_bucket, k_len_bucket, qk_scale_log2,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (query block, batch*head); int64 so head offsets never wrap.
     pid = tl.program_id(0).to(tl.int64)
     n_m_blocks = tl.cdiv(q_len, BLOCK_M)
     head = pid // n_m_blocks
+    kv_head = head // group  # the K/V head shared by this query head's group
+    # Every base pointer moves to this program's heads once, up front (on sm_90
+    # this spills less at head dim 128 than offsetting at each use).
+    q_ptr += head * stride_qh
+    o_ptr += head * stride_oh
+    lse_ptr += head * stride_lse_h
+    k_ptr += kv_head * stride_kh
+    v_ptr += kv_head * stride_vh
     # The last query blocks see the most keys under a causal mask: start them first.
     start_m = (n_m_blocks - 1 - pid % n_m_blocks).to(tl.int32) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     q_mask = (offs_m < q_len)[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
 
     causal_offset = k_len - q_len  # query i sees key j iff j <= i + causal_offset
     if CAUSAL:
@@ -172,14 +200,12 @@ def _flash_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_head = k_ptr + head * stride_kh
-    v_head = v_ptr + head * stride_vh
     acc, l_i, m_i = _fwd_key_tiles(
-        acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_m, offs_d, d_mask,
         0, full_end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=False, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_key_tiles(
-        acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_m, offs_d, d_mask,
         full_end, end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=True, BLOCK_N=BLOCK_N,
     )  # fmt: skip
 
@@ -187,9 +213,9 @@ def _flash_attention_fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # ln(2): back to natural log
-    o_ptrs = o_ptr + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = o_ptr + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, _round_to(o, o_ptr.dtype.element_ty), mask=q_mask)
-    tl.store(lse_ptr + head * stride_lse_h + offs_m, lse, mask=offs_m < q_len)
+    tl.store(lse_ptr + offs_m, lse, mask=offs_m < q_len)
 
 
 @triton.jit
@@ -249,24 +275,54 @@ def _dkdv_query_tiles(
 
 
 @triton.jit
+def _dkdv_one_query_head(
+    dk, dv, k, v, head,
+    q_ptr, do_ptr, lse_ptr, delta_ptr,
+    stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h,
+    offs_n, offs_d, d_mask,
+    start, full_start, q_len, causal_offset, qk_scale_log2,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Add query head ``head``'s share to one key block's dK (unscaled) and dV: the tiles the
+    causal diagonal crosses, from ``start``, with a mask, then those from ``full_start`` without."""
+    q_head = q_ptr + head * stride_qh
+    do_head = do_ptr + head * stride_doh
+    lse_head = lse_ptr + head * stride_lse_h  # lse and delta share a layout
+    delta_head = delta_ptr + head * stride_lse_h
+    dk, dv = _dkdv_query_tiles(
+        dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
+        start, tl.minimum(full_start, q_len), q_len, causal_offset, qk_scale_log2, MASKED=True, BLOCK_M=BLOCK_M,
+    )  # fmt: skip
+    dk, dv = _dkdv_query_tiles(
+        dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
+        full_start, q_len, q_len, causal_offset, qk_scale_log2, MASKED=False, BLOCK_M=BLOCK_M,
+    )  # fmt: skip
+    return dk, dv
+
+
+# group stays a runtime value even when it is 1 (Triton compiles ints equal to
+# 1 as constants by default, which would fold the group loop away): plain
+# attention then runs the same loop, whose disable_licm spills less (below).
+@triton.jit(do_not_specialize=["group"])
 def _flash_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_dom,
     stride_lse_h, stride_dkh, stride_dkn, stride_dvh, stride_dvn,
-    q_len, k_len, head_dim, qk_scale_log2, scale,
+    q_len, k_len, head_dim, group, qk_scale_log2, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # One program per (key block, batch*head); lse and delta share a layout.
+    # One program per (key block, batch*K/V head); it owns those dK and dV rows
+    # and sums them over the `group` query heads that share the K/V head.
     pid = tl.program_id(0).to(tl.int64)
     n_n_blocks = tl.cdiv(k_len, BLOCK_N)
-    head = pid // n_n_blocks
+    kv_head = pid // n_n_blocks
     start_n = (pid % n_n_blocks).to(tl.int32) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_ptr + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     # Keys past k_len load as 0; their dK and dV rows are computed but never stored.
 
     causal_offset = k_len - q_len
@@ -281,21 +337,31 @@ def _flash_attention_bwd_dkdv_kernel(
         full_start = 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    q_head = q_ptr + head * stride_qh
-    do_head = do_ptr + head * stride_doh
-    lse_head = lse_ptr + head * stride_lse_h
-    delta_head = delta_ptr + head * stride_lse_h
-    dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
-        start, tl.minimum(full_start, q_len), q_len, causal_offset, qk_scale_log2, MASKED=True, BLOCK_M=BLOCK_M,
-    )  # fmt: skip
-    dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
-        full_start, q_len, q_len, causal_offset, qk_scale_log2, MASKED=False, BLOCK_M=BLOCK_M,
-    )  # fmt: skip
-    tl.store(dk_ptr + head * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+    # The group's query heads are kv_head * group + 0, 1, ..., group - 1, always
+    # summed in that order, so the float32 sums round alike on every run.
+    first_head = kv_head * group
+    if _RANGE_TAKES_DISABLE_LICM:
+        # Without loop-invariant code motion the causal mask's broadcast key
+        # offsets (16 registers a thread) stay inside this loop instead of
+        # living through the whole kernel: at head dim 128 in bf16 on sm_90
+        # the kernel spills 24 bytes, against 256 with the hoisting and 192
+        # for the loop-free kernel of plain attention.
+        for member in tl.range(0, group, disable_licm=True):
+            dk, dv = _dkdv_one_query_head(
+                dk, dv, k, v, first_head + member, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h, offs_n, offs_d, d_mask,
+                start, full_start, q_len, causal_offset, qk_scale_log2, BLOCK_M=BLOCK_M,
+            )  # fmt: skip
+    else:
+        for member in range(0, group):
+            dk, dv = _dkdv_one_query_head(
+                dk, dv, k, v, first_head + member, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h, offs_n, offs_d, d_mask,
+                start, full_start, q_len, causal_offset, qk_scale_log2, BLOCK_M=BLOCK_M,
+            )  # fmt: skip
+    tl.store(dk_ptr + kv_head * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              _round_to(dk * scale, dk_ptr.dtype.element_ty), mask=kv_mask)  # fmt: skip
-    tl.store(dv_ptr + head * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(dv_ptr + kv_head * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
              _round_to(dv, dv_ptr.dtype.element_ty), mask=kv_mask)  # fmt: skip
 
 
@@ -326,12 +392,14 @@ def _flash_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_dom,
     stride_lse_h, stride_dqh, stride_dqm,
-    q_len, k_len, head_dim, qk_scale_log2, scale,
+    q_len, k_len, head_dim, group, qk_scale_log2, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    # One program per (query block, batch*head), reading the group's shared K/V head.
     pid = tl.program_id(0).to(tl.int64)
     n_m_blocks = tl.cdiv(q_len, BLOCK_M)
     head = pid // n_m_blocks
+    kv_head = head // group
     start_m = (n_m_blocks - 1 - pid % n_m_blocks).to(tl.int32) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -351,8 +419,8 @@ def _flash_attention_bwd_dq_kernel(
         full_end = k_len // BLOCK_N * BLOCK_N
         end = k_len
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_head = k_ptr + head * stride_kh
-    v_head = v_ptr + head * stride_vh
+    k_head = k_ptr + kv_head * stride_kh
+    v_head = v_ptr + kv_head * stride_vh
     dq = _dq_key_tiles(
         dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
         0, full_end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=False, BLOCK_N=BLOCK_N,
@@ -445,6 +513,13 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _group_size(heads: int, kv_heads: int) -> int:
+    """Query heads per K/V head; the public functions have already checked this, with fuller messages."""
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q has {heads} heads but k has {kv_heads}; expected k's heads to divide q's")
+    return heads // kv_heads
+
+
 def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
@@ -453,16 +528,18 @@ def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
 def flash_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, logsumexp) for q (heads, Nq, D), k and v (heads, Nk, D), each with a unit last-dim stride.
+    """(o, logsumexp) for q (heads, Nq, D), k and v (kv_heads, Nk, D), each with a unit last-dim stride.
 
+    heads is a multiple of kv_heads; query head h reads K/V head h // (heads // kv_heads).
     o is contiguous in q's dtype; logsumexp is float32 (heads, Nq), natural log.
     """
     heads, q_len, head_dim = q.shape
-    k_len = k.shape[1]
+    kv_heads, k_len = k.shape[:2]
     o = q.new_empty(q.shape)
     lse = torch.empty(heads, q_len, device=q.device, dtype=torch.float32)
     if heads == 0 or q_len == 0:
         return o, lse
+    group = _group_size(heads, kv_heads)
     block_d = _block_d(head_dim)
     if INTERPRETING:
         block_m, block_n = INTERPRETER_BLOCKS
@@ -477,7 +554,7 @@ def flash_attention_fwd(
         q, k, v, o, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         lse.stride(0),
-        q_len, k_len, head_dim, triton.next_power_of_2(q_len), triton.next_power_of_2(k_len), scale * LOG2_E,
+        q_len, k_len, head_dim, group, triton.next_power_of_2(q_len), triton.next_power_of_2(k_len), scale * LOG2_E,
         CAUSAL=causal, BLOCK_D=block_d, **settings,
     )  # fmt: skip
     return o, lse
@@ -498,12 +575,16 @@ def flash_attention_bwd(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous, from the forward's inputs, o and logsumexp and the output gradient do."""
+    """(dq, dk, dv), contiguous, from the forward's inputs, o and logsumexp and the output gradient do.
+
+    dk and dv have k's shape: each K/V head's gradient sums over the query heads that share it.
+    """
     heads, q_len, head_dim = q.shape
-    k_len = k.shape[1]
+    kv_heads, k_len = k.shape[:2]
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     if heads == 0 or q_len == 0 or k_len == 0:  # no query or no key: nothing flows anywhere
         return dq.zero_(), dk.zero_(), dv.zero_()
+    group = _group_size(heads, kv_heads)
     block_d = _block_d(head_dim)
     if INTERPRETING:
         s = {"BLOCK_M": INTERPRETER_BLOCKS[0], "BLOCK_N": INTERPRETER_BLOCKS[1], "num_warps": 4, "num_stages": 1}
@@ -518,18 +599,18 @@ def flash_attention_bwd(
         q_len, head_dim,
         BLOCK_M=block_m, BLOCK_D=block_d, **launch_options,
     )  # fmt: skip
-    launch(_flash_attention_bwd_dkdv_kernel)[(triton.cdiv(k_len, block_n) * heads,)](
+    launch(_flash_attention_bwd_dkdv_kernel)[(triton.cdiv(k_len, block_n) * kv_heads,)](
         q, k, v, do, lse, delta, dk, dv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        q_len, k_len, head_dim, scale * LOG2_E, scale,
+        q_len, k_len, head_dim, group, scale * LOG2_E, scale,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch_options,
     )  # fmt: skip
     launch(_flash_attention_bwd_dq_kernel)[(triton.cdiv(q_len, block_m) * heads,)](
         q, k, v, do, lse, delta, dq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         lse.stride(0), dq.stride(0), dq.stride(1),
-        q_len, k_len, head_dim, scale * LOG2_E, scale,
+        q_len, k_len, head_dim, group, scale * LOG2_E, scale,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch_options,
     )  # fmt: skip
     return dq, dk, dv
@@ -563,7 +644,11 @@ def flash_attention(
     """softmax(scale * q k^T + causal mask) v, FlashAttention-2 in Triton, forward and backward.
 
     ``q``: (..., Nq, D); ``k``, ``v``: (..., Nk, D) with q's leading dims, D,
-    device and dtype (float32, bfloat16 or float16), any layout. With
+    device and dtype (float32, bfloat16 or float16), any layout. Grouped-query
+    attention: with heads at dim -3, k and v may have Hkv heads where q has
+    Hq, a multiple of Hkv; query head h then attends with K/V head
+    h // (Hq // Hkv), read in place (never repeated), and dk, dv come back in
+    k's shape, summed over the heads of each group. With
     ``causal`` query i attends key j iff j <= i + (Nk - Nq) (bottom-right
     aligned: the queries are the last Nq positions, as when decoding with a
     KV cache); a query that sees no key outputs 0. ``scale`` defaults to
@@ -577,13 +662,7 @@ def flash_attention(
     check_same("v", v, "q", q)
     if q.dim() < 2:
         raise ValueError(f"q has shape {tuple(q.shape)}; expected (..., seq, head_dim) with at least 2 dims")
-    if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected "
-            f"({', '.join(str(n) for n in q.shape[:-2])}{', ' if q.dim() > 2 else ''}Nk, {q.shape[-1]})"
-        )
-    if v.shape != k.shape:
-        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; expected the same shape")
+    kv_group_size(q, k, v)  # the shape rules, shared with flash_attention_tiled
     head_dim = q.shape[-1]
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q has head_dim {head_dim}; expected 1 to {MAX_HEAD_DIM}")

@@ -69,8 +69,26 @@ contribution from every key tile (on a GPU: atomic adds or a separate pass;
 here a += into a float32 buffer). The causal skip is mirrored: a key tile
 starts at the first query tile that sees its first key.
 
+Grouped-query attention (GQA). Llama-style models give K and V fewer heads
+than Q: Hq = G Hkv query heads, Hkv K/V heads, and query head h attends with
+K/V head h // G, so each run of G consecutive query heads (a group) shares
+one K and one V (G = Hq is multi-query attention, MQA). The K/V cache and the
+K/V projections shrink by G; the attention arithmetic does not. Here the
+group is a dimension of its own: q is viewed as (B, G, Nq, D) against k and
+v of (B, Nk, D), B counting K/V heads, and each K/V tile is broadcast to the
+G query heads, never copied G times. The forward is otherwise unchanged,
+per query head. In the backward a K/V head is an input of G heads' outputs,
+so its gradient is the sum of their contributions:
+
+    dK = c sum over g of dS_g^T Q_g,      dV = sum over g of P_g^T dO_g
+
+The key-tile loop owns dK_j and dV_j for all G heads at once and adds the G
+terms in; on a GPU the program of a (key tile, K/V head) loops over the G
+query heads itself, so dK and dV still have one writer each and need no
+atomic adds. dQ is per query head, as before.
+
 Memory: beyond inputs and outputs, L, delta and the float32 gradient
-buffers (all O(N D)); the largest temporary is one (batch, Bm, Bn) tile.
+buffers (all O(N D)); the largest temporary is one (batch, G, Bm, Bn) tile.
 """
 
 from __future__ import annotations
@@ -82,6 +100,47 @@ from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 NEG_INF = float("-inf")
+
+
+def kv_group_size(q: Tensor, k: Tensor, v: Tensor) -> int:
+    """G, the number of query heads that share each K/V head, after checking the shapes.
+
+    Heads are dim -3: q (..., Hq, Nq, D), k and v (..., Hkv, Nk, D), with the
+    same dims before the heads, the same D, and Hq a multiple of Hkv; then
+    G = Hq // Hkv (1 when the head counts match). With 2 dims, (N, D), there
+    is no heads dim, k must be (Nk, D) and G = 1.
+    """
+    head_dim = q.shape[-1]
+    if q.dim() < 3:
+        if k.dim() != q.dim() or k.shape[-1] != head_dim:
+            raise ValueError(
+                f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected (Nk, {head_dim}), "
+                "the same leading dims and head_dim as q"
+            )
+        group = 1
+    else:
+        q_heads, kv_heads = q.shape[-3], (k.shape[-3] if k.dim() >= 3 else 0)
+        if k.dim() != q.dim():
+            problem = f"k has {k.dim()} dims where q has {q.dim()}"
+        elif k.shape[:-3] != q.shape[:-3]:
+            problem = f"the dims before the heads differ, {tuple(k.shape[:-3])} against {tuple(q.shape[:-3])}"
+        elif k.shape[-1] != head_dim:
+            problem = f"head_dim {k.shape[-1]} is not q's {head_dim}"
+        elif (q_heads % kv_heads if kv_heads else q_heads) != 0:
+            problem = f"q's {q_heads} heads are not a multiple of k's {kv_heads}"
+        else:
+            problem = None
+        if problem is not None:
+            lead = "".join(f"{n}, " for n in q.shape[:-3])
+            raise ValueError(
+                f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected ({lead}{q_heads}, Nk, "
+                f"{head_dim}), or ({lead}Hkv, Nk, {head_dim}) with Hkv dividing {q_heads} for grouped-query "
+                f"attention ({problem})"
+            )
+        group = q_heads // kv_heads if kv_heads else 1
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; expected the same shape")
+    return group
 
 
 def _visible(q_start: int, q_end: int, k_start: int, k_end: int, offset: int, device: torch.device) -> Tensor | None:
@@ -101,41 +160,50 @@ def _visible(q_start: int, q_end: int, k_start: int, k_end: int, offset: int, de
 def tiled_forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, block_m: int, block_n: int
 ) -> tuple[Tensor, Tensor]:
-    """(o, lse) for q (B, Nq, D), k and v (B, Nk, D), all in the compute dtype; lse is (B, Nq)."""
-    batch, num_queries, head_dim = q.shape
+    """(o, lse) for q (B, G, Nq, D), k and v (B, Nk, D), all in the compute dtype; lse is (B, G, Nq).
+
+    B counts K/V heads and G the query heads sharing each one; a 3-D q
+    (B, Nq, D) is one query head per K/V head, with o (B, Nq, D), lse (B, Nq).
+    """
+    if q.dim() == 3:
+        o, lse = tiled_forward(q[:, None], k, v, causal, scale, block_m, block_n)
+        return o[:, 0], lse[:, 0]
+    batch, group, num_queries, head_dim = q.shape
     num_keys = k.shape[1]
     offset = num_keys - num_queries
     o = torch.empty_like(q)
-    lse = torch.empty(batch, num_queries, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, group, num_queries, dtype=q.dtype, device=q.device)
     for q_start in range(0, num_queries, block_m):  # one GPU program per (batch x head, query tile)
         q_end = min(q_start + block_m, num_queries)
         rows = q_end - q_start
-        q_tile = q[:, q_start:q_end]  # (B, Bm, D)
-        row_max = torch.full((batch, rows), NEG_INF, dtype=q.dtype, device=q.device)  # m
-        row_sum = torch.zeros(batch, rows, dtype=q.dtype, device=q.device)  # l
-        acc = torch.zeros(batch, rows, head_dim, dtype=q.dtype, device=q.device)  # A
+        q_tile = q[:, :, q_start:q_end]  # (B, G, Bm, D)
+        row_max = torch.full((batch, group, rows), NEG_INF, dtype=q.dtype, device=q.device)  # m
+        row_sum = torch.zeros(batch, group, rows, dtype=q.dtype, device=q.device)  # l
+        acc = torch.zeros(batch, group, rows, head_dim, dtype=q.dtype, device=q.device)  # A
         # Causal: the tile's last query sees keys < q_end + offset; later tiles are skipped.
         k_stop = max(0, min(num_keys, q_end + offset)) if causal else num_keys
         for k_start in range(0, k_stop, block_n):
             k_end = min(k_start + block_n, num_keys)
-            scores = (q_tile @ k[:, k_start:k_end].transpose(1, 2)) * scale  # (B, Bm, Bn)
+            # (B, 1, Bn, D): one K/V tile, broadcast to the G query heads of its group.
+            k_tile, v_tile = k[:, None, k_start:k_end], v[:, None, k_start:k_end]
+            scores = (q_tile @ k_tile.transpose(-2, -1)) * scale  # (B, G, Bm, Bn)
             if causal:
                 mask = _visible(q_start, q_end, k_start, k_end, offset, q.device)
                 if mask is not None:
                     scores = scores.masked_fill(~mask, NEG_INF)
-            new_max = torch.maximum(row_max, scores.amax(dim=-1))  # (B, Bm)
+            new_max = torch.maximum(row_max, scores.amax(dim=-1))  # (B, G, Bm)
             # A row that has met only masked keys keeps max -inf; shifting it by 0
             # instead gives exp(-inf) = 0 where exp(-inf - (-inf)) would be NaN.
             shift = torch.where(torch.isneginf(new_max), 0.0, new_max)
-            p = torch.exp(scores - shift[..., None])  # (B, Bm, Bn), P~
-            alpha = torch.exp(row_max - shift)  # (B, Bm); 0 while nothing was summed
+            p = torch.exp(scores - shift[..., None])  # (B, G, Bm, Bn), P~
+            alpha = torch.exp(row_max - shift)  # (B, G, Bm); 0 while nothing was summed
             row_sum = alpha * row_sum + p.sum(dim=-1)
-            acc = alpha[..., None] * acc + p @ v[:, k_start:k_end]  # (B, Bm, D)
+            acc = alpha[..., None] * acc + p @ v_tile  # (B, G, Bm, D)
             row_max = new_max
         # A row that saw a key has l >= 1 (its largest term is exp(0)); l = 0 means no key.
         has_keys = row_sum > 0
-        o[:, q_start:q_end] = acc / torch.where(has_keys, row_sum, 1.0)[..., None]  # acc is 0 there
-        lse[:, q_start:q_end] = torch.where(has_keys, row_max + torch.log(row_sum), NEG_INF)
+        o[:, :, q_start:q_end] = acc / torch.where(has_keys, row_sum, 1.0)[..., None]  # acc is 0 there
+        lse[:, :, q_start:q_end] = torch.where(has_keys, row_max + torch.log(row_sum), NEG_INF)
     return o, lse
 
 
@@ -151,36 +219,46 @@ def tiled_backward(
     block_m: int,
     block_n: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) from the saved o (B, Nq, D) and lse (B, Nq), all in the compute dtype."""
-    num_queries, num_keys = q.shape[1], k.shape[1]
+    """(dq, dk, dv) from the saved o (B, G, Nq, D) and lse (B, G, Nq), all in the compute dtype.
+
+    Shapes as in ``tiled_forward`` (a 3-D q, o and do with a 2-D lse: G = 1);
+    dk and dv have k's shape, each K/V head's gradient summed over its G query heads.
+    """
+    if q.dim() == 3:
+        dq, dk, dv = tiled_backward(
+            q[:, None], k, v, o[:, None], lse[:, None], do[:, None], causal, scale, block_m, block_n
+        )
+        return dq[:, 0], dk, dv
+    num_queries, num_keys = q.shape[2], k.shape[1]
     offset = num_keys - num_queries
-    delta = (do * o).sum(dim=-1)  # (B, Nq): rowsum(dO * O) = rowsum(P * dP)
+    delta = (do * o).sum(dim=-1)  # (B, G, Nq): rowsum(dO * O) = rowsum(P * dP)
     # Rows without keys have lse -inf and only -inf scores: shift them by 0 (exp(-inf) = 0).
     lse_shift = torch.where(torch.isneginf(lse), 0.0, lse)
     dq = torch.zeros_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    for k_start in range(0, num_keys, block_n):  # one GPU program per (batch x head, key tile)
+    for k_start in range(0, num_keys, block_n):  # one GPU program per (batch x K/V head, key tile)
         k_end = min(k_start + block_n, num_keys)
-        k_tile, v_tile = k[:, k_start:k_end], v[:, k_start:k_end]  # (B, Bn, D)
-        dk_acc = torch.zeros_like(k_tile)
-        dv_acc = torch.zeros_like(v_tile)
+        k_tile, v_tile = k[:, None, k_start:k_end], v[:, None, k_start:k_end]  # (B, 1, Bn, D)
+        dk_acc = torch.zeros_like(k[:, k_start:k_end])  # (B, Bn, D): one per K/V head, not per query head
+        dv_acc = torch.zeros_like(v[:, k_start:k_end])
         # Causal: query i sees key k_start iff i >= k_start - offset; earlier query tiles are skipped.
         first_query = max(0, k_start - offset) if causal else 0
         for q_start in range(first_query // block_m * block_m, num_queries, block_m):
             q_end = min(q_start + block_m, num_queries)
-            q_tile, do_tile = q[:, q_start:q_end], do[:, q_start:q_end]  # (B, Bm, D)
-            scores = (q_tile @ k_tile.transpose(1, 2)) * scale  # (B, Bm, Bn), as in the forward
+            q_tile, do_tile = q[:, :, q_start:q_end], do[:, :, q_start:q_end]  # (B, G, Bm, D)
+            scores = (q_tile @ k_tile.transpose(-2, -1)) * scale  # (B, G, Bm, Bn), as in the forward
             if causal:
                 mask = _visible(q_start, q_end, k_start, k_end, offset, q.device)
                 if mask is not None:
                     scores = scores.masked_fill(~mask, NEG_INF)
-            p = torch.exp(scores - lse_shift[:, q_start:q_end, None])  # P recomputed, exact
-            dv_acc += p.transpose(1, 2) @ do_tile  # (B, Bn, D)
-            dp = do_tile @ v_tile.transpose(1, 2)  # (B, Bm, Bn)
-            ds = p * (dp - delta[:, q_start:q_end, None])  # (B, Bm, Bn)
-            dq[:, q_start:q_end] += scale * (ds @ k_tile)  # (B, Bm, D)
-            dk_acc += scale * (ds.transpose(1, 2) @ q_tile)  # (B, Bn, D)
+            p = torch.exp(scores - lse_shift[:, :, q_start:q_end, None])  # P recomputed, exact
+            dp = do_tile @ v_tile.transpose(-2, -1)  # (B, G, Bm, Bn)
+            ds = p * (dp - delta[:, :, q_start:q_end, None])  # (B, G, Bm, Bn)
+            dq[:, :, q_start:q_end] += scale * (ds @ k_tile)  # (B, G, Bm, D)
+            # The G query heads all read this K/V tile: their gradients add up (dim 1 is the group).
+            dv_acc += (p.transpose(-2, -1) @ do_tile).sum(dim=1)  # (B, Bn, D)
+            dk_acc += scale * (ds.transpose(-2, -1) @ q_tile).sum(dim=1)  # (B, Bn, D)
         dk[:, k_start:k_end] = dk_acc
         dv[:, k_start:k_end] = dv_acc
     return dq, dk, dv
@@ -192,16 +270,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class TiledAttentionFunction(torch.autograd.Function):
-    """Flattens leading dims to one batch dim, computes in float32 (or float64), casts back."""
+    """Views the inputs as (B, G, Nq, D) queries against (B, Nk, D) keys and values, B counting
+    K/V heads (the leading dims times Hkv) and G the query heads of each; computes in float32
+    (or float64) and casts back."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float, block_m: int, block_n: int):
         compute = _compute_dtype(q.dtype)
-        batch, num_queries, num_keys, head_dim = math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], q.shape[-1]
-        q3 = q.reshape(batch, num_queries, head_dim).to(compute)  # (B, Nq, D)
-        k3 = k.reshape(batch, num_keys, head_dim).to(compute)  # (B, Nk, D)
-        v3 = v.reshape(batch, num_keys, head_dim).to(compute)
-        o, lse = tiled_forward(q3, k3, v3, causal, scale, block_m, block_n)
+        kv_batch, group = math.prod(k.shape[:-2]), kv_group_size(q, k, v)
+        num_queries, num_keys, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+        # Hq = Hkv * G, consecutive query heads forming a group: the heads dim splits into (Hkv, G).
+        q4 = q.reshape(kv_batch, group, num_queries, head_dim).to(compute)  # (B, G, Nq, D)
+        k3 = k.reshape(kv_batch, num_keys, head_dim).to(compute)  # (B, Nk, D)
+        v3 = v.reshape(kv_batch, num_keys, head_dim).to(compute)
+        o, lse = tiled_forward(q4, k3, v3, causal, scale, block_m, block_n)
         o = o.to(q.dtype).reshape(q.shape)
         lse = lse.reshape(q.shape[:-1])
         # Like the kernel: O is kept in the output dtype, only the logsumexp in float32.
@@ -214,18 +296,22 @@ class TiledAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
         compute = _compute_dtype(q.dtype)
-        batch, num_queries, num_keys, head_dim = math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], q.shape[-1]
+        kv_batch, group = math.prod(k.shape[:-2]), kv_group_size(q, k, v)
+        num_queries, num_keys, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
 
-        def as_3d(tensor: Tensor, length: int) -> Tensor:
-            return tensor.reshape(batch, length, head_dim).to(compute)
+        def queries(tensor: Tensor) -> Tensor:  # q, o, do as (B, G, Nq, D)
+            return tensor.reshape(kv_batch, group, num_queries, head_dim).to(compute)
+
+        def keys(tensor: Tensor) -> Tensor:  # k, v as (B, Nk, D)
+            return tensor.reshape(kv_batch, num_keys, head_dim).to(compute)
 
         dq, dk, dv = tiled_backward(
-            as_3d(q, num_queries),
-            as_3d(k, num_keys),
-            as_3d(v, num_keys),
-            as_3d(o, num_queries),
-            lse.reshape(batch, num_queries),
-            as_3d(do, num_queries),
+            queries(q),
+            keys(k),
+            keys(v),
+            queries(o),
+            lse.reshape(kv_batch, group, num_queries),
+            queries(do),
             *ctx.settings,
         )
         return (
@@ -252,12 +338,7 @@ def _check_inputs(q: object, k: object, v: object, block_m: object, block_n: obj
             raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}; expected one device")
         if tensor.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype} but q has {q.dtype}; expected the same dtype")
-    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected the same leading dims and head_dim"
-        )
-    if v.shape != k.shape:
-        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; expected the same shape")
+    kv_group_size(q, k, v)
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"{name} is {block!r}; expected a positive int")
@@ -294,7 +375,10 @@ def flash_attention_tiled(
     """softmax(scale q k^T) v by FlashAttention-2's tiles, never forming the Nq x Nk matrix.
 
     q (..., Nq, D); k and v (..., Nk, D) with the same leading dims, D, device
-    and dtype (float32, bfloat16, float16, or float64). ``scale`` defaults to
+    and dtype (float32, bfloat16, float16, or float64); or, grouped-query
+    attention, k and v (..., Hkv, Nk, D) for q (..., Hq, Nq, D) with Hq a
+    multiple of Hkv, query head h using K/V head h // (Hq // Hkv) (see
+    ``kv_group_size``; dk and dv keep k's shape). ``scale`` defaults to
     D^-1/2; ``causal`` masks bottom-right (query i sees key j iff
     j <= i + Nk - Nq); a query with no key gets output 0. Computes in float32
     (float64 for float64 inputs), returns q's dtype. ``block_m`` x ``block_n``
