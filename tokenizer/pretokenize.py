@@ -2,16 +2,18 @@
 
 Byte-level BPE never merges across a pre-token boundary, so "dog." and "dog!"
 share the token for "dog" instead of learning two near-duplicates. The pieces
-come from GPT-2's regular expression, applied to the text *between* special
-tokens (a special token such as ``<|endoftext|>`` is never pre-tokenized or
-merged with its neighbours)::
+come from a pre-tokenizer (GPT-2's regular expression unless another preset
+of :mod:`scratchlm.tokenizer.pretokenizers` is named), applied to the text
+*between* special tokens (a special token such as ``<|endoftext|>`` is never
+pre-tokenized or merged with its neighbours)::
 
     >>> pretokenize("Hello, world! It's 2024.")
     ['Hello', ',', ' world', '!', ' It', "'s", ' 2024', '.']
 
 Long inputs are processed in pieces (by worker processes, or as a stream).
 A cut is only made where it cannot change the result; see
-:func:`is_safe_cut` for the rule and why it is exact.
+:func:`is_safe_cut` for GPT-2's rule and why it is exact, and
+:mod:`scratchlm.tokenizer.pretokenizers` for the other presets' rules.
 """
 
 from __future__ import annotations
@@ -21,42 +23,16 @@ from collections.abc import Iterator, Sequence
 
 import regex
 
-# GPT-2's pre-tokenizer, alternative by alternative: English contractions,
-# a run of letters, a run of digits, a run of other symbols (each optionally
-# led by one space, so " the" is one piece), then whitespace. `\s+(?!\S)`
-# takes a whitespace run but leaves its last character when a word follows,
-# so that character can lead the next piece (" word").
-GPT2_PRETOKENIZE_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-# The same pieces, found 18% faster (0.84 s -> 0.69 s on the 11 MB Python
-# docs): the regex engine tries alternatives in order at every position, so
-# the most common one goes first. Why the pieces are identical, position by
-# position (the engine takes the first alternative that matches there):
-# * At most one of ` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+` can match at a
-#   position: which one is decided by the class of its first character, or
-#   of the second when the first is a space, and the three classes are
-#   disjoint. Their order among themselves is free.
-# * A contraction starts with an apostrophe, which only the symbol
-#   alternative can also match, so contractions need only come before that
-#   one (and `'(?:[st]|re|ve|m|ll|d)` is the seven contractions, same order).
-# * The whitespace alternatives stay last: where a space leads a letter, digit
-#   or symbol run, that run's alternative must win. GPT-2's final `\s+` only
-#   runs when `\s+(?!\S)` failed, which happens only for a single whitespace
-#   character followed by a non-space (a longer run backs off by one), so it
-#   always matches exactly one character: `\s`.
-# tests/tokenizer/test_pretokenize.py checks the two on arbitrary Unicode and
-# the shared corpora.
-_GPT2_PRETOKENIZE_PATTERN_REORDERED = (
-    r""" ?\p{L}+|'(?:[st]|re|ve|m|ll|d)| ?[^\s\p{L}\p{N}]+| ?\p{N}+|\s+(?!\S)|\s"""
+# GPT-2's patterns live with the other presets; they are imported here too
+# for the callers that have always found them in this module.
+from scratchlm.tokenizer.pretokenizers import (  # noqa: F401
+    DEFAULT_PRETOKENIZER,
+    GPT2_PRETOKENIZE_PATTERN,
+    GPT2_PRETOKENIZE_REGEX,
+    PreTokenizer,
+    get_pretokenizer,
 )
-GPT2_PRETOKENIZE_REGEX = regex.compile(_GPT2_PRETOKENIZE_PATTERN_REORDERED)
 
-# A cut candidate: a whitespace character followed by a non-whitespace one.
-_CUT_CANDIDATE = regex.compile(r"\s(?=\S)")
-# The same in raw UTF-8 bytes, restricted to ASCII so a byte is always a whole
-# character: one of the six ASCII whitespace bytes (exactly the ones `\s`
-# matches below 0x80) followed by a printable non-space ASCII byte.
-_CUT_CANDIDATE_BYTES = regex.compile(rb"[\t\n\x0b\x0c\r ](?=[\x21-\x7e])")
 # Files are scanned for cut points in windows of this many bytes.
 _SCAN_WINDOW_BYTES = 1 << 16
 
@@ -91,14 +67,19 @@ def split_on_special_tokens(text: str, special_regex: regex.Pattern | None) -> l
     return special_regex.split(text)
 
 
-def pretokenize(text: str, special_tokens: Sequence[str] = ()) -> list[str]:
+def pretokenize(
+    text: str, special_tokens: Sequence[str] = (), pretokenizer: str | PreTokenizer = DEFAULT_PRETOKENIZER
+) -> list[str]:
     """The ordinary pre-tokens of ``text``, with special tokens removed.
 
     >>> pretokenize("one<|endoftext|>two", ["<|endoftext|>"])
     ['one', 'two']
+    >>> pretokenize("x = 1234", pretokenizer="llama3")
+    ['x', ' =', ' ', '123', '4']
     """
+    findall = get_pretokenizer(pretokenizer).regex.findall
     pieces = split_on_special_tokens(text, special_token_regex(special_tokens))
-    return [piece for segment in pieces[::2] for piece in GPT2_PRETOKENIZE_REGEX.findall(segment)]
+    return [piece for segment in pieces[::2] for piece in findall(segment)]
 
 
 def _overlaps_special_token(text, start: int, end: int, special_tokens: Sequence) -> bool:
@@ -116,10 +97,17 @@ def _overlaps_special_token(text, start: int, end: int, special_tokens: Sequence
     return False
 
 
-def is_safe_cut(text: str, position: int, special_tokens: Sequence[str] = ()) -> bool:
+def is_safe_cut(
+    text: str,
+    position: int,
+    special_tokens: Sequence[str] = (),
+    pretokenizer: str | PreTokenizer = DEFAULT_PRETOKENIZER,
+) -> bool:
     """Whether encoding ``text[:position]`` and ``text[position:]`` separately
     gives the same pre-tokens as encoding ``text`` whole.
 
+    Each preset has its own rule (its ``cut_regex``, argued in
+    :mod:`scratchlm.tokenizer.pretokenizers`); GPT-2's is proven here.
     The rule: ``text[position]`` is whitespace, ``text[position + 1]`` is not,
     and no special token occurs over those two characters. Why it is exact:
 
@@ -149,15 +137,22 @@ def is_safe_cut(text: str, position: int, special_tokens: Sequence[str] = ()) ->
     True
     >>> is_safe_cut("Hello  ", 5)
     False
+    >>> is_safe_cut("a \\nb", 2), is_safe_cut("a \\nb", 2, pretokenizer="llama3")
+    (True, False)
     """
     if not 0 < position < len(text) - 1:
         return False
-    if not (_CUT_CANDIDATE.match(text, position)):
+    if not get_pretokenizer(pretokenizer).cut_regex.match(text, position):
         return False
     return not _overlaps_special_token(text, position, position + 2, special_tokens)
 
 
-def last_safe_cut(text: str, special_tokens: Sequence[str] = (), search_from: int = 0) -> int:
+def last_safe_cut(
+    text: str,
+    special_tokens: Sequence[str] = (),
+    search_from: int = 0,
+    pretokenizer: str | PreTokenizer = DEFAULT_PRETOKENIZER,
+) -> int:
     """The largest safe cut position in ``text`` (see :func:`is_safe_cut`), or 0.
 
     Only positions whose special-token check is final (enough text after them)
@@ -174,20 +169,27 @@ def last_safe_cut(text: str, special_tokens: Sequence[str] = (), search_from: in
     if limit <= 0:
         return 0
     start = max(search_from, 1)
-    candidates = [match.start() for match in _CUT_CANDIDATE.finditer(text, start, limit + 1)]
+    preset = get_pretokenizer(pretokenizer)
+    candidates = [match.start() for match in preset.cut_regex.finditer(text, start, limit + 1)]
     for position in reversed(candidates):
-        if is_safe_cut(text, position, special_tokens):
+        if is_safe_cut(text, position, special_tokens, preset):
             return position
     return 0
 
 
-def next_safe_byte_cut(file, position: int, special_tokens: Sequence[bytes] = ()) -> int | None:
+def next_safe_byte_cut(
+    file,
+    position: int,
+    special_tokens: Sequence[bytes] = (),
+    pretokenizer: str | PreTokenizer = DEFAULT_PRETOKENIZER,
+) -> int | None:
     """The first safe cut at or after byte ``position`` of a binary file, or None.
 
     Same rule as :func:`is_safe_cut`, restricted to ASCII bytes so a cut never
     falls inside a multi-byte UTF-8 character. ``file`` is open in binary mode;
     its position is changed.
     """
+    candidate_regex = get_pretokenizer(pretokenizer).cut_regex_bytes
     longest = max((len(token) for token in special_tokens), default=0)
     # A candidate at p needs byte p + 1 and `longest` bytes after p (a special
     # token starting at p + 1), and `longest - 1` bytes before p (one ending
@@ -205,7 +207,7 @@ def next_safe_byte_cut(file, position: int, special_tokens: Sequence[bytes] = ()
         # endpos one past search_end lets the look-ahead see the byte after
         # the last candidate.
         endpos = min(search_end + 1, len(window))
-        for match in _CUT_CANDIDATE_BYTES.finditer(window, offset, endpos):
+        for match in candidate_regex.finditer(window, offset, endpos):
             if not _overlaps_special_token(window, match.start(), match.start() + 2, special_tokens):
                 return read_start + match.start()
         if at_end_of_file:
@@ -214,7 +216,10 @@ def next_safe_byte_cut(file, position: int, special_tokens: Sequence[bytes] = ()
 
 
 def safe_byte_ranges(
-    path: str | os.PathLike, target_bytes: int, special_tokens: Sequence[str] = ()
+    path: str | os.PathLike,
+    target_bytes: int,
+    special_tokens: Sequence[str] = (),
+    pretokenizer: str | PreTokenizer = DEFAULT_PRETOKENIZER,
 ) -> Iterator[tuple[int, int]]:
     """Split a UTF-8 file into ``(start, end)`` byte ranges at safe cuts.
 
@@ -226,12 +231,13 @@ def safe_byte_ranges(
         raise ValueError(f"target_bytes must be a positive int, got {target_bytes!r}")
     size = os.path.getsize(path)
     encoded_tokens = [token.encode("utf-8") for token in special_tokens]
+    preset = get_pretokenizer(pretokenizer)
     start = 0
     with open(path, "rb") as file:
         while start < size:
             cut = None
             if start + target_bytes < size:
-                cut = next_safe_byte_cut(file, start + target_bytes, encoded_tokens)
+                cut = next_safe_byte_cut(file, start + target_bytes, encoded_tokens, preset)
             end = size if cut is None else cut
             yield start, end
             start = end
