@@ -261,9 +261,19 @@ def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def load_gguf_file(path: str | os.PathLike, kernels="auto", device=None, dtype: torch.dtype | None = None) -> TransformerLM:
-    """The TransformerLM stored in a llama.cpp GGUF file (the tokenizer is read elsewhere).
+    """The TransformerLM stored in a llama.cpp GGUF file (see :func:`read_gguf_file`)."""
+    return read_gguf_file(path, kernels, device, dtype)[0]
 
-    ``dtype`` None keeps F32, F16 or BF16 when every matrix has that type, else float32.
+
+def read_gguf_file(
+    path: str | os.PathLike, kernels="auto", device=None, dtype: torch.dtype | None = None
+) -> tuple[TransformerLM, dict[str, Any]]:
+    """The TransformerLM stored in a llama.cpp GGUF file, and the file's ``tokenizer.*`` metadata.
+
+    ``dtype`` None keeps F32, F16 or BF16 when every matrix has that type,
+    else float32. The metadata comes back as {key: value} (strings, numbers,
+    lists), parsed once with the rest of the header, for the tokenizer to be
+    built from.
     """
     from gguf import GGMLQuantizationType
 
@@ -294,4 +304,5 @@ def load_gguf_file(path: str | os.PathLike, kernels="auto", device=None, dtype: 
         filler.fill(ours, _tensor_values(tensors[name]))
         _release_pages(reader, tensors[name])
     filler.finish()
-    return model
+    tokenizer_metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    return model, tokenizer_metadata

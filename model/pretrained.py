@@ -14,9 +14,7 @@ never runs code from the file). No reader executes anything it loads.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import torch
 
 from scratchlm.model.backends import KernelsSpec
 from scratchlm.model.config import ModelConfig
-from scratchlm.model.gguf_checkpoint import is_gguf_file, load_gguf_file, read_gguf_config
+from scratchlm.model.gguf_checkpoint import is_gguf_file, read_gguf_config, read_gguf_file
 from scratchlm.model.hf_checkpoint import CONFIG_FILE, PICKLE_WEIGHTS, config_from_hf, load_hf_folder, read_json
 from scratchlm.model.transformer import TransformerLM
 from scratchlm.model.weight_loading import PretrainedFormatError, WeightFiller, allocate, check_plan
@@ -62,7 +60,8 @@ def load_pretrained(
     if kind == "hf":
         return load_hf_folder(path, kernels, device, dtype), _hf_tokenizer(path)
     if kind == "gguf":
-        return load_gguf_file(path, kernels, device, dtype), _gguf_tokenizer(path)
+        model, tokenizer_metadata = read_gguf_file(path, kernels, device, dtype)
+        return model, _gguf_tokenizer(path, tokenizer_metadata)
     return _load_scratchlm_checkpoint(path, kernels, device, dtype)
 
 
@@ -148,13 +147,15 @@ def _hf_tokenizer(folder: Path) -> Any:
     return Tokenizer.from_hf(folder)
 
 
-def _gguf_tokenizer(path: Path) -> Any:
-    """The tokenizer in a GGUF file's metadata; None, with a warning, when it cannot be built."""
+def _gguf_tokenizer(path: Path, metadata: dict[str, Any]) -> Any:
+    """The tokenizer in a GGUF file's metadata: None when it has none, or, with a warning, when it cannot be built."""
+    if "tokenizer.ggml.model" not in metadata:
+        return None
     from scratchlm.tokenizer import Tokenizer
 
     try:
-        return Tokenizer.from_gguf(path)
-    except ValueError as e:
+        return Tokenizer.from_gguf_fields(metadata, source=f"GGUF file {str(path)!r}")
+    except (ValueError, NotImplementedError) as e:
         warnings.warn(f"GGUF file {str(path)!r}: the model loaded, but not its tokenizer: {e}", stacklevel=3)
         return None
 
@@ -171,11 +172,7 @@ def _checkpoint_tokenizer(extra: Any, source: str) -> Any:
         )
     from scratchlm.tokenizer import Tokenizer
 
-    # Tokenizer.load reads its document from a file: hand it one.
-    with tempfile.TemporaryDirectory() as folder:
-        document_path = Path(folder) / "tokenizer.json"
-        document_path.write_text(json.dumps(document), encoding="utf-8")
-        try:
-            return Tokenizer.load(document_path)
-        except (ValueError, KeyError, TypeError) as e:
-            raise PretrainedFormatError(f"checkpoint {source} holds a tokenizer that does not load: {e}") from e
+    try:
+        return Tokenizer.from_document(document, source=f"checkpoint {source} extra[{CHECKPOINT_TOKENIZER_KEY!r}]")
+    except (ValueError, KeyError, TypeError) as e:
+        raise PretrainedFormatError(f"checkpoint {source} holds a tokenizer that does not load: {e}") from e
