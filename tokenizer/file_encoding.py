@@ -1,7 +1,8 @@
 """Encoding a whole text file into a token file, streaming, in parallel if asked.
 
-The file is cut into byte ranges of about 1 MiB at safe cut points (see
-:func:`scratchlm.tokenizer.pretokenize.is_safe_cut`), each range is encoded on
+The file is cut into byte ranges of about 1 MiB at safe cut points of the
+tokenizer's pre-tokenizer (see :func:`scratchlm.tokenizer.pretokenize.is_safe_cut`
+and :mod:`scratchlm.tokenizer.pretokenizers`), each range is encoded on
 its own, and the ids are written in file order through
 :class:`~scratchlm.tokenizer.token_file.TokenFileWriter`. Because every cut is
 safe, the output equals ``tokenizer.encode(whole file)`` for any number of
@@ -58,14 +59,15 @@ def encode_file(
         raise FileNotFoundError(f"input_path {str(input_path)!r} is not a file")
     input_path = str(input_path)
     dtype = token_dtype(tokenizer.vocab_size)
-    ranges = safe_byte_ranges(input_path, _RANGE_BYTES, tokenizer.special_tokens)
+    ranges = safe_byte_ranges(input_path, _RANGE_BYTES, tokenizer.special_tokens, tokenizer.pretokenizer)
 
     with TokenFileWriter(Path(output_path), tokenizer.vocab_size) as writer:
         if num_processes == 1:
             for start, end in ranges:
                 writer.write(_encode_range(tokenizer, input_path, start, end, dtype))
         else:
-            state = (tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
+            # Everything that decides the ids (pre-tokenizer, ignore_merges, special ids) goes along.
+            state = tokenizer._constructor_arguments()
             context = multiprocessing.get_context()
             with context.Pool(num_processes, initializer=_init_worker, initargs=(state,)) as pool:
                 # A sliding window of async results, consumed in file order.
@@ -89,8 +91,8 @@ def _encode_range(tokenizer: Tokenizer, path: str, start: int, end: int, dtype: 
 
 def _init_worker(state: tuple) -> None:
     global _worker_tokenizer
-    vocab, merges, special_tokens = state
-    _worker_tokenizer = Tokenizer(vocab, merges, special_tokens)
+    args, kwargs = state
+    _worker_tokenizer = Tokenizer(*args, **kwargs)
 
 
 def _encode_range_in_worker(path: str, start: int, end: int, dtype: np.dtype) -> np.ndarray:

@@ -1,11 +1,21 @@
 """Writing a ``tokenizer.json`` that Hugging Face ``tokenizers`` loads.
 
-HF's byte-level BPE is the same algorithm as ours: GPT-2's regex splits the
-text (its ``ByteLevel`` pre-tokenizer with ``use_regex``), each piece's bytes
-are written with GPT-2's byte -> character table, and merges apply by rank.
-So the export is a change of spelling: tokens and merges go through
-:func:`scratchlm.tokenizer.gpt2_files.encode_gpt2_token`, and special tokens
-become HF "added tokens", which HF, like us, splits off before pre-tokenizing.
+HF's byte-level BPE is the same algorithm as ours: a pre-tokenizer splits the
+text, each piece's bytes are written with GPT-2's byte -> character table,
+and merges apply by rank. So the export is a change of spelling: tokens and
+merges go through :func:`scratchlm.tokenizer.gpt2_files.encode_gpt2_token`,
+special tokens become HF "added tokens", which HF, like us, splits off before
+pre-tokenizing, and the pre-tokenizer preset becomes HF's pipeline of steps:
+
+    gpt2          ByteLevel(use_regex=True)
+    llama3        Sequence[Split(Llama 3's regex, "Isolated"), ByteLevel(use_regex=False)]
+    gpt2-digits   Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)]
+
+``ignore_merges`` is the BPE model's option of that name, and ``add_bos``
+becomes a TemplateProcessing post-processor that puts the bos token first, as
+Llama 3's own file does. :func:`save_hf_folder` adds the
+``tokenizer_config.json`` that ``transformers.AutoTokenizer`` reads (bos/eos).
+:mod:`scratchlm.tokenizer.hf_reader` reads all of this back.
 
 >>> tokenizer.save_hf("tokenizer.json")  # doctest: +SKIP
 >>> tokenizers.Tokenizer.from_file("tokenizer.json").encode("Hello world").ids  # doctest: +SKIP
@@ -20,13 +30,75 @@ from pathlib import Path
 
 from scratchlm.atomic import atomic_write
 from scratchlm.tokenizer.gpt2_files import encode_gpt2_token
+from scratchlm.tokenizer.pretokenizers import (
+    DEFAULT_PRETOKENIZER,
+    DIGITS_PATTERN,
+    GPT2_PRETOKENIZE_PATTERN,
+    get_pretokenizer,
+)
 
-# GPT-2's settings: no space added before the text, GPT-2's regex.
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+# No space added before the text; with use_regex, GPT-2's regex. As a decoder
+# only the byte -> character table matters.
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
 
+def hf_pre_tokenizer(pretokenizer: str) -> dict:
+    """HF's ``pre_tokenizer`` section for a preset: its splits as HF steps, then ByteLevel.
+
+    >>> hf_pre_tokenizer("gpt2-digits")["pretokenizers"][0]
+    {'type': 'Digits', 'individual_digits': True}
+    """
+    splits = list(get_pretokenizer(pretokenizer).splits)
+    # ByteLevel runs GPT-2's regex itself when it is the last split.
+    use_regex = bool(splits) and splits[-1] == GPT2_PRETOKENIZE_PATTERN
+    if use_regex:
+        splits.pop()
+    steps = []
+    for pattern in splits:
+        if pattern == DIGITS_PATTERN:
+            steps.append({"type": "Digits", "individual_digits": True})
+        else:
+            steps.append({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False})
+    byte_level = _BYTE_LEVEL | {"use_regex": use_regex}
+    return {"type": "Sequence", "pretokenizers": [*steps, byte_level]} if steps else byte_level
+
+
+def _token_text(vocab: dict[int, bytes], token_id: int, name: str) -> str:
+    try:
+        return vocab[token_id].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name} {token_id} is {vocab[token_id]!r}, not UTF-8 text; HF names tokens by text") from None
+
+
+def _bos_template(vocab: dict[int, bytes], bos_id: int) -> dict:
+    """A post-processor that puts the bos token before the text (before each text of a pair)."""
+    bos = _token_text(vocab, bos_id, "bos_id")
+    first = {"SpecialToken": {"id": bos, "type_id": 0}}
+    return {
+        "type": "TemplateProcessing",
+        "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            first,
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+
+
 def hf_tokenizer_document(
-    vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], special_token_ids: dict[str, int]
+    vocab: dict[int, bytes],
+    merges: list[tuple[bytes, bytes]],
+    special_token_ids: dict[str, int],
+    *,
+    pretokenizer: str = DEFAULT_PRETOKENIZER,
+    ignore_merges: bool = False,
+    bos_id: int | None = None,
+    add_bos: bool = False,
 ) -> dict:
     """The ``tokenizer.json`` contents, as a dict ready for ``json.dump``."""
     model_vocab: dict[str, int] = {}
@@ -51,8 +123,8 @@ def hf_tokenizer_document(
         "padding": None,
         "added_tokens": added_tokens,
         "normalizer": None,
-        "pre_tokenizer": _BYTE_LEVEL,
-        "post_processor": None,
+        "pre_tokenizer": hf_pre_tokenizer(pretokenizer),
+        "post_processor": _bos_template(vocab, bos_id) if add_bos and bos_id is not None else None,
         "decoder": _BYTE_LEVEL,
         "model": {
             "type": "BPE",
@@ -62,8 +134,8 @@ def hf_tokenizer_document(
             "end_of_word_suffix": None,
             "fuse_unk": False,
             "byte_fallback": False,
-            # False: a piece found whole in the vocab is still merged step by step, as here.
-            "ignore_merges": False,
+            # False: a piece found whole in the vocab is still merged step by step.
+            "ignore_merges": ignore_merges,
             "vocab": model_vocab,
             # "left right" strings: GPT-2's table never yields a space, and every HF version reads this form.
             "merges": [f"{encode_gpt2_token(left)} {encode_gpt2_token(right)}" for left, right in merges],
@@ -76,9 +148,77 @@ def save_hf_tokenizer(
     vocab: dict[int, bytes],
     merges: list[tuple[bytes, bytes]],
     special_token_ids: dict[str, int],
+    **settings,
 ) -> Path:
-    """Write :func:`hf_tokenizer_document` to ``path`` as JSON, atomically."""
+    """Write :func:`hf_tokenizer_document` to ``path`` as JSON, atomically.
+
+    ``settings`` are its keyword arguments (pre-tokenizer, ignore_merges, bos).
+    """
     path = Path(path)
+    document = hf_tokenizer_document(vocab, merges, special_token_ids, **settings)
     with atomic_write(path, "w", encoding="utf-8") as file:
-        json.dump(hf_tokenizer_document(vocab, merges, special_token_ids), file, ensure_ascii=False)
+        json.dump(document, file, ensure_ascii=False)
     return path
+
+
+def hf_tokenizer_config(
+    vocab: dict[int, bytes], special_token_ids: dict[str, int], bos_id: int | None, eos_id: int | None, add_bos: bool
+) -> dict:
+    """The ``tokenizer_config.json`` contents: the generic fast tokenizer, with bos/eos.
+
+    ``transformers`` makes a bos/eos token that is not an added token into a
+    new one, which would then be split off the text; so they must be special
+    tokens here.
+    """
+    specials = set(special_token_ids.values())
+    names = {}
+    for name, token_id in (("bos_id", bos_id), ("eos_id", eos_id)):
+        if token_id is not None and token_id not in specials:
+            raise ValueError(
+                f"{name}={token_id} is not a special token; transformers would turn it into one, "
+                "changing how text splits"
+            )
+        names[name] = None if token_id is None else _token_text(vocab, token_id, name)
+    return {
+        # The generic fast tokenizer runs tokenizer.json exactly as written.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": names["bos_id"],
+        "eos_token": names["eos_id"],
+        "add_bos_token": add_bos,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def save_hf_folder(
+    directory: str | os.PathLike,
+    vocab: dict[int, bytes],
+    merges: list[tuple[bytes, bytes]],
+    special_token_ids: dict[str, int],
+    *,
+    pretokenizer: str = DEFAULT_PRETOKENIZER,
+    ignore_merges: bool = False,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    add_bos: bool = False,
+) -> Path:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory`` (created if needed).
+
+    Each file is written atomically; the config is checked before either is written.
+    """
+    directory = Path(directory)
+    config = hf_tokenizer_config(vocab, special_token_ids, bos_id, eos_id, add_bos)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_hf_tokenizer(
+        directory / TOKENIZER_FILE,
+        vocab,
+        merges,
+        special_token_ids,
+        pretokenizer=pretokenizer,
+        ignore_merges=ignore_merges,
+        bos_id=bos_id,
+        add_bos=add_bos,
+    )
+    with atomic_write(directory / TOKENIZER_CONFIG_FILE, "w", encoding="utf-8") as file:
+        json.dump(config, file, ensure_ascii=False, indent=1)
+    return directory

@@ -22,29 +22,50 @@ Saved tokenizers are JSON (never pickle, which would run code on load)::
       "merges": [["61", "62"], ["6162", "63"]],   # pairs of hex bytes, by rank
       "special_tokens": ["<|endoftext|>"]          # strings; ids are in vocab
     }
+
+Version 2 adds what version 1 cannot say, and is written only when a
+tokenizer needs it (version 1 files stay readable by older code, and every
+version 1 file loads as before, with GPT-2's pre-tokenizer)::
+
+      "version": 2,
+      "special_tokens": {"<|begin_of_text|>": 128000},   # text -> id, exactly
+      "pretokenizer": "llama3",                           # a preset name
+      "ignore_merges": true,
+      "bos_id": 128000, "eos_id": 128001, "add_bos": true # ids or null
+
+Tokenizers of the Llama family load from their own files:
+:meth:`Tokenizer.from_hf` (Hugging Face ``tokenizer.json``) and
+:meth:`Tokenizer.from_gguf` (llama.cpp's GGUF metadata).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from scratchlm.atomic import atomic_write
 from scratchlm.tokenizer.apply_merges import LONG_PIECE_BYTES, merge_by_rank, merge_by_rank_heap
+from scratchlm.tokenizer.gguf_vocab import gguf_tokenizer_arguments, read_gguf_tokenizer_fields
 from scratchlm.tokenizer.gpt2_files import load_gpt2_files, save_gpt2_files
-from scratchlm.tokenizer.hf_files import save_hf_tokenizer
+from scratchlm.tokenizer.hf_files import save_hf_folder, save_hf_tokenizer
+from scratchlm.tokenizer.hf_reader import read_hf_tokenizer
 from scratchlm.tokenizer.merge_batch import MAX_ID, MAX_PIECE_BYTES, BatchMerger
-from scratchlm.tokenizer.pretokenize import (
+from scratchlm.tokenizer.pretokenize import (  # noqa: F401  (GPT2_PRETOKENIZE_REGEX: for callers of this module)
     GPT2_PRETOKENIZE_REGEX,
     last_safe_cut,
     special_token_regex,
     split_on_special_tokens,
 )
-
-SAVE_FORMAT = "scratchlm-bpe-tokenizer"
-SAVE_FORMAT_VERSION = 1
+from scratchlm.tokenizer.pretokenizers import DEFAULT_PRETOKENIZER, PreTokenizer, get_pretokenizer
+from scratchlm.tokenizer.saved_format import (  # noqa: F401  (the format's names, for callers of this module)
+    SAVE_FORMAT,
+    SAVE_FORMAT_VERSION,
+    tokenizer_arguments,
+    tokenizer_document,
+)
 # Most text repeats its pre-tokens (" the", ",", " of" ...), so each distinct
 # pre-token is merged once and remembered. The cache is emptied when it holds
 # this many entries, which bounds memory (~30 MB) on endless distinct input.
@@ -77,22 +98,46 @@ class Tokenizer:
     ``merges`` lists merged pairs, earliest (highest priority) first.
     ``special_tokens`` are strings kept whole and never merged with their
     neighbours; one whose bytes are already in ``vocab`` keeps that id, others
-    get new ids after the largest one. When overlapping special tokens could
-    match at one place, the longest wins. Without special tokens, a string
-    such as ``"<|endoftext|>"`` is encoded as ordinary text.
+    get new ids after the largest one. They may instead be given as a mapping
+    text -> id, which fixes each id (an id not in ``vocab`` is added to it;
+    one holding other bytes is an error): that is how files with their own
+    numbering load. When overlapping special tokens could match at one place,
+    the longest wins. Without special tokens, a string such as
+    ``"<|endoftext|>"`` is encoded as ordinary text.
+
+    Keyword-only settings, for tokenizers of the Llama family:
+
+    * ``pretokenizer``: the name of a preset of
+      :mod:`scratchlm.tokenizer.pretokenizers` (``"gpt2"``, ``"llama3"``,
+      ``"gpt2-digits"``); GPT-2's regex by default.
+    * ``ignore_merges``: a pre-token whose bytes are a token of the vocabulary
+      becomes that one token without merging (Hugging Face's BPE option of
+      that name; Llama 3 sets it, since its vocabulary holds tokens that its
+      merges never build).
+    * ``bos_token``, ``eos_token``: the text or id of the begin and end of
+      sequence tokens, kept as ``bos_id`` and ``eos_id`` (None when unset).
+    * ``add_bos``: whether a model expects ``bos_id`` before every prompt.
+      :meth:`encode` never adds it; generation does.
     """
 
     def __init__(
         self,
         vocab: dict[int, bytes],
         merges: Sequence[tuple[bytes, bytes]],
-        special_tokens: Sequence[str] | None = None,
+        special_tokens: Sequence[str] | Mapping[str, int] | None = None,
+        *,
+        pretokenizer: str = DEFAULT_PRETOKENIZER,
+        ignore_merges: bool = False,
+        bos_token: str | int | None = None,
+        eos_token: str | int | None = None,
+        add_bos: bool = False,
     ):
         self.vocab: dict[int, bytes] = {}
         for token_id, token in vocab.items():
             if not isinstance(token_id, int) or token_id < 0 or not isinstance(token, bytes):
                 raise ValueError(f"vocab must map non-negative int ids to bytes, got {token_id!r}: {token!r}")
             self.vocab[token_id] = token
+        fixed_special_ids = self._add_fixed_special_ids(special_tokens) if isinstance(special_tokens, Mapping) else {}
         self._token_ids: dict[bytes, int] = {}
         for token_id in sorted(self.vocab):
             # If a token appears twice, the lower id encodes it.
@@ -115,20 +160,71 @@ class Tokenizer:
             self.merges.append((left, right))
             self._merge_ranks.setdefault((ids[0], ids[1]), (rank, ids[2]))
 
-        self.special_token_ids: dict[str, int] = {}
-        for token in special_tokens or ():
-            if not isinstance(token, str) or not token:
-                raise ValueError(f"special_tokens must hold non-empty strings, got {token!r}")
-            encoded = token.encode("utf-8")
-            if encoded not in self._token_ids:
-                new_id = max(self.vocab) + 1
-                self.vocab[new_id] = encoded
-                self._token_ids[encoded] = new_id
-            self.special_token_ids[token] = self._token_ids[encoded]
+        self.special_token_ids: dict[str, int] = fixed_special_ids
+        if not isinstance(special_tokens, Mapping):
+            for token in special_tokens or ():
+                if not isinstance(token, str) or not token:
+                    raise ValueError(f"special_tokens must hold non-empty strings, got {token!r}")
+                encoded = token.encode("utf-8")
+                if encoded not in self._token_ids:
+                    new_id = max(self.vocab) + 1
+                    self.vocab[new_id] = encoded
+                    self._token_ids[encoded] = new_id
+                self.special_token_ids[token] = self._token_ids[encoded]
         self.special_tokens: list[str] = list(self.special_token_ids)
         self._special_regex = special_token_regex(self.special_tokens)
+
+        self._pretokenizer: PreTokenizer = get_pretokenizer(pretokenizer)
+        if not isinstance(ignore_merges, bool):
+            raise ValueError(f"ignore_merges must be a bool, got {ignore_merges!r}")
+        self.ignore_merges = ignore_merges
+        self.bos_id: int | None = self._resolve_token("bos_token", bos_token)
+        self.eos_id: int | None = self._resolve_token("eos_token", eos_token)
+        if not isinstance(add_bos, bool):
+            raise ValueError(f"add_bos must be a bool, got {add_bos!r}")
+        if add_bos and self.bos_id is None:
+            raise ValueError("add_bos=True needs a bos_token")
+        self.add_bos = add_bos
+
         self._cache: dict[str, tuple[int, ...]] = {}
         self._batch_merger: BatchMerger | None = None  # built on first use (~20 ms for GPT-2)
+
+    def _add_fixed_special_ids(self, special_tokens: Mapping[str, int]) -> dict[str, int]:
+        """Check special tokens given as text -> id, adding to ``vocab`` the ids it lacks."""
+        fixed: dict[str, int] = {}
+        for token, token_id in special_tokens.items():
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"special_tokens must have non-empty strings as keys, got {token!r}")
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                raise ValueError(f"special_tokens[{token!r}] must be a non-negative int id, got {token_id!r}")
+            encoded = token.encode("utf-8")
+            held = self.vocab.setdefault(token_id, encoded)
+            if held != encoded:
+                raise ValueError(
+                    f"special_tokens[{token!r}] = {token_id}, but vocab[{token_id}] is {held!r}, another token"
+                )
+            fixed[token] = token_id
+        return fixed
+
+    def _resolve_token(self, name: str, token: str | int | None) -> int | None:
+        """The id of a bos/eos token given as its text (a special token or in vocab) or its id."""
+        if token is None:
+            return None
+        if isinstance(token, int) and not isinstance(token, bool):
+            if token not in self.vocab:
+                raise ValueError(f"{name}={token} is not an id of the vocabulary (ids are 0..{self.vocab_size - 1})")
+            return token
+        if isinstance(token, str) and token:
+            found = self.special_token_ids.get(token, self._token_ids.get(token.encode("utf-8")))
+            if found is None:
+                raise ValueError(f"{name}={token!r} is neither a special token nor a token of the vocabulary")
+            return found
+        raise ValueError(f"{name} must be a token's text, its id, or None; got {token!r}")
+
+    @property
+    def pretokenizer(self) -> str:
+        """The name of the pre-tokenizer preset (see :mod:`scratchlm.tokenizer.pretokenizers`)."""
+        return self._pretokenizer.name
 
     @property
     def vocab_size(self) -> int:
@@ -138,8 +234,17 @@ class Tokenizer:
     # ----------------------------------------------------------------- encode
 
     def _merge_pretoken(self, piece: str) -> tuple[int, ...]:
-        """BPE on one pre-token, from its bytes (rule in :mod:`scratchlm.tokenizer.apply_merges`)."""
+        """BPE on one pre-token, from its bytes (rule in :mod:`scratchlm.tokenizer.apply_merges`).
+
+        With ``ignore_merges``, a pre-token that is a token of the vocabulary
+        is that token. Every encode path (the cache, the batch, streams and
+        file workers) gets its ids from here or from :meth:`_batch_merge_missing`.
+        """
         encoded = piece.encode("utf-8")
+        if self.ignore_merges:
+            whole = self._token_ids.get(encoded)
+            if whole is not None:
+                return (whole,)
         ids = [self._byte_ids[b] for b in encoded]
         if len(ids) >= LONG_PIECE_BYTES:
             return tuple(merge_by_rank_heap(ids, self._merge_ranks))
@@ -158,9 +263,12 @@ class Tokenizer:
             cache.clear()
             missing = distinct
         short, encoded = [], []
+        whole_ids = self._token_ids if self.ignore_merges else None
         for piece in missing:
             data = piece.encode("utf-8")
-            if len(data) <= _BATCH_MAX_BYTES:
+            if whole_ids is not None and data in whole_ids:
+                cache[piece] = (whole_ids[data],)
+            elif len(data) <= _BATCH_MAX_BYTES:
                 short.append(piece)
                 encoded.append(data)
         if self._batch_merger is None:
@@ -170,7 +278,7 @@ class Tokenizer:
 
     def _encode_ordinary(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (no special tokens in it) to ``out``."""
-        pieces = GPT2_PRETOKENIZE_REGEX.findall(text)
+        pieces = self._pretokenizer.regex.findall(text)
         cache = self._cache
         if len(pieces) >= _BATCH_MIN_PIECES and self.vocab_size <= MAX_ID:
             sample_misses = sum(1 for piece in pieces[:_SAMPLE_PIECES] if piece not in cache)
@@ -189,7 +297,7 @@ class Tokenizer:
             extend(ids)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``.
+        """Token ids of ``text``: special tokens by their ids, nothing added (no bos, whatever ``add_bos`` says).
 
         >>> Tokenizer({i: bytes([i]) for i in range(256)}, []).encode("hi")
         [104, 105]
@@ -210,7 +318,7 @@ class Tokenizer:
 
         Yields exactly ``encode("".join(iterable))`` while holding only a
         bounded window of text: pieces are gathered until 64K characters, then
-        encoded up to the last safe cut (see
+        encoded up to the last safe cut of the pre-tokenizer (see
         :func:`scratchlm.tokenizer.pretokenize.is_safe_cut`), and the rest is
         kept for the next round. A pre-token or special token split across two
         strings is therefore never cut. Memory grows beyond the window only
@@ -236,7 +344,7 @@ class Tokenizer:
             search_from = max(0, len(carried) - recheck_chars)
             text = carried + "".join(pending)
             pending, pending_chars = [], 0
-            cut = last_safe_cut(text, self.special_tokens, search_from)
+            cut = last_safe_cut(text, self.special_tokens, search_from, self._pretokenizer)
             if cut == 0:
                 carried = text
                 continue
@@ -274,35 +382,98 @@ class Tokenizer:
 
     # ------------------------------------------------------------ save / load
 
+    def _constructor_arguments(self) -> tuple[tuple, dict[str, Any]]:
+        """``(args, kwargs)`` that build an equal tokenizer (for worker processes)."""
+        args = (self.vocab, self.merges, self.special_token_ids)
+        kwargs = {
+            "pretokenizer": self.pretokenizer,
+            "ignore_merges": self.ignore_merges,
+            "bos_token": self.bos_id,
+            "eos_token": self.eos_id,
+            "add_bos": self.add_bos,
+        }
+        return args, kwargs
+
+    def to_document(self) -> dict[str, Any]:
+        """The JSON document :meth:`save` writes (format in the module docstring), as a dict."""
+        return tokenizer_document(
+            self.vocab,
+            self.merges,
+            self.special_token_ids,
+            pretokenizer=self.pretokenizer,
+            ignore_merges=self.ignore_merges,
+            bos_id=self.bos_id,
+            eos_id=self.eos_id,
+            add_bos=self.add_bos,
+        )
+
+    @classmethod
+    def from_document(cls, document: Any, source: str = "document") -> "Tokenizer":
+        """The tokenizer of a document from :meth:`to_document` (either format version).
+
+        ``source`` names it in error messages.
+        """
+        args, kwargs = tokenizer_arguments(document, source)
+        return cls(*args, **kwargs)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer as JSON (format in the module docstring), atomically."""
         path = Path(path)
-        document = {
-            "format": SAVE_FORMAT,
-            "version": SAVE_FORMAT_VERSION,
-            "vocab": {str(token_id): token.hex() for token_id, token in sorted(self.vocab.items())},
-            "merges": [[left.hex(), right.hex()] for left, right in self.merges],
-            "special_tokens": self.special_tokens,
-        }
         with atomic_write(path, "w", encoding="utf-8") as file:
-            json.dump(document, file, ensure_ascii=False, indent=1)
+            json.dump(self.to_document(), file, ensure_ascii=False, indent=1)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Read a tokenizer written by :meth:`save`."""
-        with open(path, encoding="utf-8") as file:
-            document = json.load(file)
-        if not isinstance(document, dict) or document.get("format") != SAVE_FORMAT:
-            raise ValueError(f"path {str(path)!r} is not a saved tokenizer (expected \"format\": {SAVE_FORMAT!r})")
-        if document.get("version") != SAVE_FORMAT_VERSION:
-            raise ValueError(
-                f"path {str(path)!r} has tokenizer format version {document.get('version')!r}; "
-                f"this code reads version {SAVE_FORMAT_VERSION}"
-            )
-        vocab = {int(token_id): bytes.fromhex(token) for token_id, token in document["vocab"].items()}
-        merges = [(bytes.fromhex(left), bytes.fromhex(right)) for left, right in document["merges"]]
-        return cls(vocab, merges, document["special_tokens"])
+        """Read a tokenizer written by :meth:`save` (either format version)."""
+        source = f"path {str(path)!r}"
+        try:
+            with open(path, encoding="utf-8") as file:
+                document = json.load(file)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{source} is not valid JSON (truncated or corrupt?): {error}") from None
+        return cls.from_document(document, source)
+
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a Hugging Face ``tokenizer.json`` (a file, or the folder holding it).
+
+        Byte-level BPE only, with a pre-tokenizer that is one of the presets;
+        bos/eos come from ``tokenizer_config.json`` beside it and from the
+        post-processor. Anything this class cannot reproduce exactly is
+        refused with a ValueError naming the field and value; the rules are
+        in :mod:`scratchlm.tokenizer.hf_reader`. Ids are the file's own.
+
+        >>> llama = Tokenizer.from_hf("Llama-3.2-1B/")  # doctest: +SKIP
+        >>> llama.pretokenizer, llama.ignore_merges, llama.bos_id, llama.add_bos  # doctest: +SKIP
+        ('llama3', True, 128000, True)
+        """
+        vocab, merges, special_tokens, kwargs = read_hf_tokenizer(path)
+        return cls(vocab, merges, special_tokens, **kwargs)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load the tokenizer stored in a llama.cpp GGUF file's metadata.
+
+        Reads the ``tokenizer.ggml.*`` fields with the ``gguf`` package (see
+        :func:`scratchlm.tokenizer.gguf_vocab.read_gguf_tokenizer_fields`) and
+        builds the tokenizer with :meth:`from_gguf_fields`.
+
+        >>> Tokenizer.from_gguf("Llama-3.2-1B-Q4_K_M.gguf").pretokenizer  # doctest: +SKIP
+        'llama3'
+        """
+        return cls.from_gguf_fields(read_gguf_tokenizer_fields(path), source=f"GGUF file {str(path)!r}")
+
+    @classmethod
+    def from_gguf_fields(cls, fields: Mapping[str, Any], source: str = "GGUF metadata") -> "Tokenizer":
+        """Build a tokenizer from GGUF tokenizer metadata already read into plain Python values.
+
+        ``fields`` maps GGUF keys (``"tokenizer.ggml.model"``, ``"tokenizer.ggml.tokens"``,
+        ...) to strings, ints, bools and lists; the rules are in
+        :mod:`scratchlm.tokenizer.gguf_vocab`. ``source`` names them in errors.
+        """
+        vocab, merges, special_tokens, kwargs = gguf_tokenizer_arguments(fields, source)
+        return cls(vocab, merges, special_tokens, **kwargs)
 
     @classmethod
     def from_files(
@@ -332,11 +503,35 @@ class Tokenizer:
         save_gpt2_files(self.vocab, self.merges, vocab_filepath, merges_filepath)
 
     def save_hf(self, path: str | os.PathLike) -> Path:
-        """Write a ``tokenizer.json`` for Hugging Face ``tokenizers`` (see :mod:`scratchlm.tokenizer.hf_files`)."""
-        return save_hf_tokenizer(path, self.vocab, self.merges, self.special_token_ids)
+        """Write a ``tokenizer.json`` for Hugging Face ``tokenizers`` (see :mod:`scratchlm.tokenizer.hf_files`).
+
+        It holds the pre-tokenizer, ``ignore_merges`` and, when ``add_bos``,
+        a post-processor that adds ``bos_id``; :meth:`from_hf` reads it back.
+        """
+        return save_hf_tokenizer(path, self.vocab, self.merges, self.special_token_ids, **self._hf_settings())
+
+    def save_hf_folder(self, directory: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (bos/eos) into ``directory``.
+
+        ``transformers.AutoTokenizer.from_pretrained(directory)`` then gives
+        the ids of :meth:`encode` (with ``add_special_tokens=False``, or with
+        it when ``add_bos`` is False).
+        """
+        return save_hf_folder(directory, self.vocab, self.merges, self.special_token_ids, **self._hf_settings(),
+                              eos_id=self.eos_id)
+
+    def _hf_settings(self) -> dict[str, Any]:
+        return {
+            "pretokenizer": self.pretokenizer,
+            "ignore_merges": self.ignore_merges,
+            "bos_id": self.bos_id,
+            "add_bos": self.add_bos,
+        }
 
     def __repr__(self) -> str:
+        settings = "" if self.pretokenizer == DEFAULT_PRETOKENIZER else f", pretokenizer={self.pretokenizer!r}"
+        settings += ", ignore_merges=True" if self.ignore_merges else ""
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
-            f"special_tokens={self.special_tokens!r})"
+            f"special_tokens={self.special_tokens!r}{settings})"
         )

@@ -1,0 +1,407 @@
+"""Reading a Hugging Face ``tokenizer.json`` (and the ``tokenizer_config.json`` beside it).
+
+Only what this package reproduces exactly loads; anything else is refused
+before any work with a ValueError naming the file, the field and its value.
+The files are only parsed as JSON: nothing in them is ever executed (a
+config's ``auto_map`` of custom code is ignored, and so is ``chat_template``).
+
+What loads:
+
+* ``model``: byte-level BPE (``"type": "BPE"``, or no type with vocab and
+  merges, which HF also reads as BPE). Unigram, WordPiece and WordLevel are
+  refused, and so are the BPE options that make it something else:
+  ``byte_fallback`` (SentencePiece-style ``<0x..>`` tokens),
+  ``continuing_subword_prefix`` and ``end_of_word_suffix`` (word-piece-style
+  markers) and a non-zero ``dropout`` (random merges). ``ignore_merges`` is
+  kept. The vocabulary must be spelled with GPT-2's byte -> character table
+  and hold all 256 bytes. Merges may be ``"a b"`` strings or ``["a", "b"]``
+  pairs; a pair listed twice takes its last rank, as in HF.
+* ``normalizer``: none (null, or an empty Sequence).
+* ``pre_tokenizer``: a ``ByteLevel`` step last (``add_prefix_space`` false),
+  after ``Split`` (regex, ``"Isolated"``, not inverted) and ``Digits``
+  (``individual_digits``) steps, together exactly one of the presets of
+  :mod:`scratchlm.tokenizer.pretokenizers`. A regex is matched by its text.
+* ``decoder``: ``ByteLevel``.
+* ``added_tokens``: kept whole like special tokens, at their ids, special or
+  not; an id must be the one HF itself gives the token when it loads the
+  file. ``lstrip``, ``rstrip`` and ``single_word`` must be false. HF splits
+  off the tokens with ``normalized`` false before those with it true; with no
+  normalizer that differs from splitting all at once only where a token of
+  one kind can overlap one of the other, which is refused.
+* ``post_processor``: none, ``ByteLevel`` (it only trims offsets), a
+  ``TemplateProcessing`` whose single-text template is ``$A`` or one special
+  token then ``$A`` (that token is bos, and ``add_bos`` is true), or a
+  ``Sequence`` of these. A template adding anything else is refused: encode
+  could not reproduce it.
+* ``tokenizer_config.json``: ``bos_token`` and ``eos_token`` (a string or
+  ``{"content": ...}``) and ``add_bos_token``, which override the template's;
+  a bos token different from the template's is refused, and so are
+  ``add_eos_token`` and ``add_prefix_space`` when true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
+from scratchlm.tokenizer.pretokenizers import (
+    DIGITS_PATTERN,
+    GPT2_PRETOKENIZE_PATTERN,
+    PRETOKENIZERS,
+    find_pretokenizer,
+)
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# Values quoted in error messages are cut to this many characters.
+_MAX_QUOTED = 200
+
+
+class _Source:
+    """Names a file in error messages: ``refuse`` builds the ValueError for one field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def refuse(self, field: str, value: Any, expected: str) -> ValueError:
+        quoted = repr(value)
+        if len(quoted) > _MAX_QUOTED:
+            quoted = quoted[:_MAX_QUOTED] + "..."
+        return ValueError(f"{str(self.path)!r}: {field} is {quoted}; {expected}")
+
+
+def read_hf_tokenizer(path: str | os.PathLike) -> tuple[dict[int, bytes], list, dict[str, int], dict[str, Any]]:
+    """``(vocab, merges, special_tokens, settings)`` for ``Tokenizer`` from a tokenizer.json or its folder.
+
+    ``special_tokens`` maps each added token to its id; ``settings`` holds the
+    keyword arguments (pre-tokenizer, ignore_merges, bos/eos, add_bos).
+    ``tokenizer_config.json`` is read from the folder, or from beside a file
+    named ``tokenizer.json``.
+    """
+    tokenizer_path, config_path = _locate(Path(path))
+    source = _Source(tokenizer_path)
+    document = _read_json_object(tokenizer_path)
+    config = _read_json_object(config_path) if config_path is not None else {}
+
+    model = document.get("model")
+    if not isinstance(model, dict):
+        raise source.refuse("model", model, "expected an object")
+    ignore_merges = _check_model(model, source)
+    _check_normalizer(document.get("normalizer"), source)
+    pretokenizer = _pretokenizer_name(document.get("pre_tokenizer"), source)
+    decoder = document.get("decoder")
+    if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
+        raise source.refuse("decoder", decoder, "expected a ByteLevel decoder (a byte-level BPE tokenizer)")
+
+    if not isinstance(model.get("vocab"), dict):
+        raise source.refuse("model.vocab", model.get("vocab"), "expected an object token -> id")
+    added = _added_tokens(document.get("added_tokens", []), model["vocab"], source)
+    vocab = _vocab(model["vocab"], added, source)
+    merges = _merges(model.get("merges"), source)
+    template_bos = _post_processor_bos(document.get("post_processor"), "post_processor", source)
+    settings = _bos_eos(config, config_path, template_bos, added, vocab)
+    settings |= {"pretokenizer": pretokenizer, "ignore_merges": ignore_merges}
+    return vocab, merges, added, settings
+
+
+def _locate(path: Path) -> tuple[Path, Path | None]:
+    """The tokenizer.json to read and the tokenizer_config.json beside it, if any."""
+    if path.is_dir():
+        tokenizer_path = path / TOKENIZER_FILE
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(f"folder {str(path)!r} holds no {TOKENIZER_FILE}")
+    elif path.is_file():
+        tokenizer_path = path
+    else:
+        raise FileNotFoundError(f"path {str(path)!r} is neither a {TOKENIZER_FILE} file nor a folder holding one")
+    config_path = tokenizer_path.parent / TOKENIZER_CONFIG_FILE
+    if tokenizer_path.name != TOKENIZER_FILE or not config_path.is_file():
+        config_path = None
+    return tokenizer_path, config_path
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON (truncated or corrupt?): {error}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{str(path)!r} holds JSON {type(document).__name__}, not an object")
+    return document
+
+
+# ------------------------------------------------------------------- model
+
+
+def _check_model(model: dict, source: _Source) -> bool:
+    """Refuse anything but plain byte-level BPE; return ``ignore_merges``."""
+    model_type = model.get("type", "BPE" if "merges" in model and "vocab" in model else None)
+    if model_type != "BPE":
+        raise source.refuse(
+            "model.type", model_type,
+            "only byte-level BPE (\"BPE\") loads; Unigram (SentencePiece), WordPiece and WordLevel do not",
+        )
+    if model.get("byte_fallback"):
+        raise source.refuse(
+            "model.byte_fallback", model["byte_fallback"],
+            "byte fallback (<0x..> tokens) is SentencePiece-style BPE, not byte-level",
+        )
+    for field in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(field) not in (None, ""):
+            raise source.refuse(f"model.{field}", model[field], "word-piece markers are not byte-level BPE")
+    if model.get("dropout") not in (None, 0, 0.0):
+        raise source.refuse("model.dropout", model["dropout"], "BPE dropout merges at random; expected null")
+    ignore_merges = model.get("ignore_merges", False)
+    if not isinstance(ignore_merges, bool):
+        raise source.refuse("model.ignore_merges", ignore_merges, "expected true or false")
+    return ignore_merges
+
+
+def _check_normalizer(normalizer: Any, source: _Source) -> None:
+    empty_sequence = isinstance(normalizer, dict) and normalizer.get("type") == "Sequence" and not normalizer.get(
+        "normalizers"
+    )
+    if normalizer is not None and not empty_sequence:
+        raise source.refuse("normalizer", normalizer, "only tokenizers without a normalizer (null) load")
+
+
+def _pretokenizer_steps(node: Any, field: str, source: _Source) -> list[tuple[str, Any]]:
+    """The pipeline as ``("split", pattern)`` and ``("byte_level", use_regex)`` steps, Sequences flattened."""
+    kind = node.get("type") if isinstance(node, dict) else None
+    if kind == "Sequence":
+        steps = []
+        for index, step in enumerate(node.get("pretokenizers") or []):
+            steps += _pretokenizer_steps(step, f"{field}.pretokenizers[{index}]", source)
+        return steps
+    if kind == "ByteLevel":
+        if node.get("add_prefix_space") is not False:
+            raise source.refuse(f"{field}.add_prefix_space", node.get("add_prefix_space"), "expected false")
+        return [("byte_level", node.get("use_regex", True))]
+    if kind == "Split":
+        pattern = node.get("pattern")
+        if not (isinstance(pattern, dict) and isinstance(pattern.get("Regex"), str)):
+            raise source.refuse(f"{field}.pattern", pattern, "expected {\"Regex\": ...}")
+        if node.get("behavior") != "Isolated":
+            raise source.refuse(f"{field}.behavior", node.get("behavior"), "only \"Isolated\" splits load")
+        if node.get("invert"):
+            raise source.refuse(f"{field}.invert", node.get("invert"), "expected false")
+        return [("split", pattern["Regex"])]
+    if kind == "Digits":
+        if node.get("individual_digits") is not True:
+            raise source.refuse(f"{field}.individual_digits", node.get("individual_digits"), "expected true")
+        return [("split", DIGITS_PATTERN)]
+    if node is None:
+        raise source.refuse(field, None, "a byte-level tokenizer needs a ByteLevel pre-tokenizer")
+    raise source.refuse(f"{field}.type", kind, "supported steps are ByteLevel, Split, Digits and Sequence")
+
+
+def _pretokenizer_name(node: Any, source: _Source) -> str:
+    """The preset whose pipeline the file's pre_tokenizer is."""
+    steps = _pretokenizer_steps(node, "pre_tokenizer", source)
+    if not steps or steps[-1][0] != "byte_level" or any(kind == "byte_level" for kind, _ in steps[:-1]):
+        raise source.refuse("pre_tokenizer", node, "expected exactly one ByteLevel step, the last")
+    splits = [pattern for kind, pattern in steps[:-1]]
+    if steps[-1][1]:
+        splits.append(GPT2_PRETOKENIZE_PATTERN)
+    preset = find_pretokenizer(splits)
+    if preset is None:
+        known = "; ".join(f"{name}: {list(preset.splits)}" for name, preset in PRETOKENIZERS.items())
+        raise source.refuse(
+            "pre_tokenizer", splits, f"the regex splits must be those of a preset ({known}); no other is known exact"
+        )
+    return preset.name
+
+
+# ------------------------------------------------------ tokens and merges
+
+
+def _added_tokens(entries: Any, model_vocab: dict, source: _Source) -> dict[str, int]:
+    """Added tokens, content -> id, checked; see the module docstring for the rules.
+
+    HF does not take an added token's id from the file: it adds the tokens
+    in order, each taking the id of the same text in the model's vocabulary,
+    or else the next id after the vocabulary and the tokens added so far
+    (and only warns when the file said otherwise). A file whose ids disagree
+    with that is refused, since it would mean different ids here and in HF.
+    """
+    if not isinstance(entries, list):
+        raise source.refuse("added_tokens", entries, "expected a list")
+    model_size = len(model_vocab)
+    added: dict[str, int] = {}
+    by_normalized: dict[bool, list[str]] = {False: [], True: []}
+    for index, entry in enumerate(entries):
+        field = f"added_tokens[{index}]"
+        if not isinstance(entry, dict):
+            raise source.refuse(field, entry, "expected an object")
+        content, token_id = entry.get("content"), entry.get("id")
+        if not isinstance(content, str) or not content:
+            raise source.refuse(f"{field}.content", content, "expected a non-empty string")
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+            raise source.refuse(f"{field}.id", token_id, "expected a non-negative integer")
+        for option in ("lstrip", "rstrip", "single_word"):
+            if entry.get(option):
+                raise source.refuse(f"{field}.{option}", entry[option], f"({content!r}) only false is supported")
+        if content in added:
+            hf_id = added[content]
+        elif content in model_vocab:
+            hf_id = model_vocab[content]
+        elif not added:
+            hf_id = model_size
+        else:
+            largest = max(added.values())
+            hf_id = largest + 1 if largest >= model_size or model_size == 0 else model_size
+        if token_id != hf_id:
+            raise source.refuse(
+                f"{field}.id", token_id, f"HF gives {content!r} id {hf_id} when it loads this file (the file is inconsistent)"
+            )
+        added[content] = token_id
+        by_normalized[bool(entry.get("normalized", not entry.get("special", False)))].append(content)
+    for first in by_normalized[False]:
+        for second in by_normalized[True]:
+            if _can_overlap(first, second):
+                raise source.refuse(
+                    "added_tokens", [first, second],
+                    "HF splits off non-normalized tokens first, then normalized ones; these two can overlap, "
+                    "so that order could matter, and it is not reproduced",
+                )
+    return added
+
+
+def _can_overlap(a: str, b: str) -> bool:
+    """Whether occurrences of ``a`` and ``b`` in some text can share a character."""
+    if a in b or b in a:
+        return True
+    return any(a.endswith(b[:k]) for k in range(1, len(b))) or any(b.endswith(a[:k]) for k in range(1, len(a)))
+
+
+def _vocab(model_vocab: dict, added: dict[str, int], source: _Source) -> dict[int, bytes]:
+    """id -> bytes for the model's vocabulary and the added tokens."""
+    added_at = {token_id: content for content, token_id in added.items()}
+    vocab: dict[int, bytes] = {}
+    for spelled, token_id in model_vocab.items():
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+            raise source.refuse(f"model.vocab[{spelled!r}]", token_id, "expected a non-negative integer id")
+        if token_id in vocab:
+            raise source.refuse(f"model.vocab[{spelled!r}]", token_id, "that id is given to two tokens")
+        try:
+            vocab[token_id] = decode_gpt2_token(spelled)
+        except ValueError:
+            # An added token listed in the vocabulary too is written as plain text.
+            if added_at.get(token_id) != spelled:
+                raise source.refuse(
+                    "model.vocab key", spelled,
+                    "it is not spelled with GPT-2's byte -> character table, so this is not a byte-level vocabulary",
+                ) from None
+            vocab[token_id] = spelled.encode("utf-8")
+    for content, token_id in added.items():
+        held = vocab.setdefault(token_id, content.encode("utf-8"))
+        if held != content.encode("utf-8"):
+            raise source.refuse(
+                f"added token {content!r}'s id", token_id, f"model.vocab gives that id to {held!r}"
+            )
+    return vocab
+
+
+def _merges(entries: Any, source: _Source) -> list[tuple[bytes, bytes]]:
+    """Merges by rank; a pair listed twice keeps only its last position, as HF's merge table does."""
+    if not isinstance(entries, list):
+        raise source.refuse("model.merges", entries, "expected a list")
+    pairs: list[tuple[bytes, bytes]] = []
+    for index, entry in enumerate(entries):
+        parts = entry.split(" ") if isinstance(entry, str) else entry
+        if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and all(isinstance(p, str) and p for p in parts)):
+            raise source.refuse(f"model.merges[{index}]", entry, "expected \"left right\" or [\"left\", \"right\"]")
+        try:
+            pairs.append((decode_gpt2_token(parts[0]), decode_gpt2_token(parts[1])))
+        except ValueError as error:
+            raise source.refuse(f"model.merges[{index}]", entry, str(error)) from None
+    last = {pair: index for index, pair in enumerate(pairs)}
+    return [pair for index, pair in enumerate(pairs) if last[pair] == index]
+
+
+# ----------------------------------------------------------------- bos/eos
+
+
+def _post_processor_bos(node: Any, field: str, source: _Source) -> int | bool:
+    """The bos id a TemplateProcessing adds; False when nothing adds one."""
+    if node is None:
+        return False
+    kind = node.get("type") if isinstance(node, dict) else None
+    if kind == "ByteLevel":
+        return False
+    if kind == "Sequence":
+        found: int | bool = False
+        for index, step in enumerate(node.get("processors") or []):
+            bos = _post_processor_bos(step, f"{field}.processors[{index}]", source)
+            if bos is not False:
+                if found is not False:
+                    raise source.refuse(field, node, "expected at most one TemplateProcessing that adds a token")
+                found = bos
+        return found
+    if kind != "TemplateProcessing":
+        raise source.refuse(f"{field}.type", kind, "supported post-processors are ByteLevel and TemplateProcessing")
+    single = node.get("single")
+    # Each item is {"SpecialToken": {"id": text, ...}} or {"Sequence": {"id": "A", ...}}.
+    items = []
+    for item in single if isinstance(single, list) else [None]:
+        kind_and_value = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (None, None)
+        value = kind_and_value[1]
+        items.append((kind_and_value[0], value.get("id") if isinstance(value, dict) else None))
+    if items == [("Sequence", "A")]:
+        return False
+    if len(items) == 2 and items[0][0] == "SpecialToken" and items[1] == ("Sequence", "A"):
+        name = items[0][1]
+        entry = (node.get("special_tokens") or {}).get(name)
+        ids = entry.get("ids") if isinstance(entry, dict) else None
+        if not (isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], int) and not isinstance(ids[0], bool)):
+            raise source.refuse(f"{field}.special_tokens[{name!r}].ids", ids, "expected a list of one id")
+        return ids[0]
+    raise source.refuse(
+        f"{field}.single", single, "only a template that adds nothing, or one special token before $A, is reproduced"
+    )
+
+
+def _config_token(config: dict, name: str, config_source: _Source) -> str | None:
+    value = config.get(name)
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and (not isinstance(value, str) or not value):
+        raise config_source.refuse(name, config.get(name), "expected a token's text or {\"content\": text}")
+    return value
+
+
+def _bos_eos(
+    config: dict, config_path: Path | None, template_bos: int | bool, added: dict[str, int], vocab: dict[int, bytes]
+) -> dict[str, Any]:
+    """``bos_token``, ``eos_token`` and ``add_bos`` from the config and the post-processor's template."""
+    config_source = _Source(config_path or Path(TOKENIZER_CONFIG_FILE))
+    for flag in ("add_eos_token", "add_prefix_space"):
+        if config.get(flag):
+            raise config_source.refuse(flag, config[flag], "only false is supported (encode adds nothing)")
+    lowest_ids: dict[bytes, int] = {}
+    for token_id in sorted(vocab):
+        lowest_ids.setdefault(vocab[token_id], token_id)
+    ids, texts = {}, {}
+    for name in ("bos_token", "eos_token"):
+        texts[name] = text = _config_token(config, name, config_source)
+        ids[name] = None if text is None else added.get(text, lowest_ids.get(text.encode("utf-8")))
+        if text is not None and ids[name] is None:
+            raise config_source.refuse(name, text, "it is not a token of the tokenizer.json beside it")
+    bos = ids["bos_token"]
+    if template_bos is not False:
+        if bos is not None and bos != template_bos:
+            raise config_source.refuse(
+                "bos_token", texts["bos_token"],
+                f"that is id {bos}, but the post-processor's template adds id {template_bos} first",
+            )
+        bos = template_bos
+    add_bos = config.get("add_bos_token", template_bos is not False)
+    if not isinstance(add_bos, bool):
+        raise config_source.refuse("add_bos_token", add_bos, "expected true or false")
+    if add_bos and bos is None:
+        raise config_source.refuse("add_bos_token", add_bos, "but no bos_token is given")
+    return {"bos_token": bos, "eos_token": ids["eos_token"], "add_bos": add_bos}

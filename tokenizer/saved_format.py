@@ -1,0 +1,99 @@
+"""The scratchlm tokenizer JSON document (``Tokenizer.save`` / ``Tokenizer.load``), both versions.
+
+Version 1 holds a GPT-2-style tokenizer: vocab, merges and special tokens by
+text. Version 2 adds the pre-tokenizer preset, ``ignore_merges``, bos/eos and
+``add_bos``, and special tokens with their exact ids. A tokenizer is written as
+version 1 whenever version 1 describes it completely, so such files stay
+readable by code that only knows version 1; code that knows only version 1
+refuses a version 2 file instead of encoding it with the wrong pre-tokenizer.
+The layout is shown in :mod:`scratchlm.tokenizer.tokenizer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scratchlm.tokenizer.pretokenizers import DEFAULT_PRETOKENIZER
+
+SAVE_FORMAT = "scratchlm-bpe-tokenizer"
+SAVE_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+
+
+def tokenizer_document(
+    vocab: dict[int, bytes],
+    merges: list[tuple[bytes, bytes]],
+    special_token_ids: dict[str, int],
+    *,
+    pretokenizer: str,
+    ignore_merges: bool,
+    bos_id: int | None,
+    eos_id: int | None,
+    add_bos: bool,
+) -> dict[str, Any]:
+    """The JSON document of a tokenizer: version 1 when that is enough, else version 2."""
+    # Version 1 reloads special tokens by text, each taking the lowest id that
+    # holds its bytes; it is exact only when that is each one's id.
+    lowest_ids: dict[bytes, int] = {}
+    for token_id in sorted(vocab):
+        lowest_ids.setdefault(vocab[token_id], token_id)
+    version_1_is_enough = (
+        pretokenizer == DEFAULT_PRETOKENIZER
+        and not ignore_merges
+        and bos_id is None
+        and eos_id is None
+        and not add_bos
+        and all(lowest_ids[token.encode("utf-8")] == token_id for token, token_id in special_token_ids.items())
+    )
+    document: dict[str, Any] = {
+        "format": SAVE_FORMAT,
+        "version": 1 if version_1_is_enough else SAVE_FORMAT_VERSION,
+        "vocab": {str(token_id): token.hex() for token_id, token in sorted(vocab.items())},
+        "merges": [[left.hex(), right.hex()] for left, right in merges],
+    }
+    if version_1_is_enough:
+        document["special_tokens"] = list(special_token_ids)
+    else:
+        document |= {
+            "special_tokens": dict(special_token_ids),
+            "pretokenizer": pretokenizer,
+            "ignore_merges": ignore_merges,
+            "bos_id": bos_id,
+            "eos_id": eos_id,
+            "add_bos": add_bos,
+        }
+    return document
+
+
+def tokenizer_arguments(document: Any, source: str) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` for ``Tokenizer`` from a document of either version.
+
+    ``source`` names where the document came from, for error messages
+    (``"path 'tok.json'"``). A malformed document raises ValueError.
+    """
+    if not isinstance(document, dict) or document.get("format") != SAVE_FORMAT:
+        raise ValueError(f"{source} is not a saved tokenizer (expected \"format\": {SAVE_FORMAT!r})")
+    version = document.get("version")
+    if version not in _READABLE_VERSIONS:
+        raise ValueError(
+            f"{source} has tokenizer format version {version!r}; this code reads versions "
+            f"{', '.join(map(str, _READABLE_VERSIONS))}"
+        )
+    try:
+        vocab = {int(token_id): bytes.fromhex(token) for token_id, token in document["vocab"].items()}
+        merges = [(bytes.fromhex(left), bytes.fromhex(right)) for left, right in document["merges"]]
+        special_tokens = document["special_tokens"]
+        if version == 1:
+            return (vocab, merges, special_tokens), {}
+        kwargs = {
+            "pretokenizer": document["pretokenizer"],
+            "ignore_merges": document["ignore_merges"],
+            "bos_token": document["bos_id"],
+            "eos_token": document["eos_id"],
+            "add_bos": document["add_bos"],
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{source} is a malformed version {version} tokenizer: {type(error).__name__}: {error}") from None
+    if not isinstance(special_tokens, dict):
+        raise ValueError(f"{source}: version 2 \"special_tokens\" must be an object text -> id")
+    return (vocab, merges, special_tokens), kwargs
