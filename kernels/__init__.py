@@ -8,7 +8,9 @@ backward are Triton kernels, registered as PyTorch operators so that
 - ``swiglu(a, b)``: silu(a) * b, elementwise
 - ``apply_rope(x, cos, sin)``: x (..., seq, d); cos, sin (seq, d/2), adjacent pairs
 - ``flash_attention(q, k, v, causal=True, scale=None)``: FlashAttention-2, q (..., Nq, D),
-  k and v (..., Nk, D); saves only the float32 logsumexp (..., Nq) for backward
+  k and v (..., Nk, D); saves only the float32 logsumexp (..., Nq) for backward.
+  Grouped-query attention: k and v may have fewer heads (dim -3) than q, Hkv
+  dividing Hq; query head h uses K/V head h // (Hq // Hkv), read without a copy
 
 ``flash_attention_tiled`` is the same algorithm in plain PyTorch, written to be
 read (and a second reference in the tests).

@@ -270,3 +270,99 @@ def test_causal_tiles_above_the_diagonal_are_skipped(num_queries, num_keys, bloc
 def test_bad_input_is_refused(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         flash_attention_tiled(*args, **kwargs)
+
+
+# Grouped-query attention: (dims before the heads, query heads Hq, K/V heads Hkv).
+# Groups of 1, 2 and 4 query heads per K/V head, MQA (Hkv = 1), a group of 3
+# with no batch dim, and two leading dims.
+GQA_HEADS = [((2,), 2, 2), ((2,), 4, 2), ((1,), 8, 2), ((2,), 4, 1), ((), 6, 3), ((2, 1), 4, 1)]
+GQA_LENGTHS = [(17, 17), (37, 37), (17, 97), (97, 17)]
+
+
+def _gqa_inputs(leading, q_heads, kv_heads, num_queries, num_keys, dtype, head_dim=HEAD_DIM):
+    q = torch.randn(*leading, q_heads, num_queries, head_dim, dtype=dtype)
+    k = torch.randn(*leading, kv_heads, num_keys, head_dim, dtype=dtype)
+    v = torch.randn(*leading, kv_heads, num_keys, head_dim, dtype=dtype)
+    do = torch.randn(*leading, q_heads, num_queries, head_dim, dtype=dtype)
+    return q, k, v, do
+
+
+def _gqa_reference(q, k, v, do, causal, scale, dtype):
+    """``_reference`` on K/V heads repeated for the query heads of their groups, with each
+    shared head's dk and dv the sum of its group's gradients: (o, lse, dq, dk, dv)."""
+    kv_heads, group = k.shape[-3], q.shape[-3] // k.shape[-3]
+    repeated_k, repeated_v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    o, lse, dq, dk, dv = _reference(q, repeated_k, repeated_v, do, causal, scale, dtype)
+    return o, lse, dq, dk.unflatten(-3, (kv_heads, group)).sum(-3), dv.unflatten(-3, (kv_heads, group)).sum(-3)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", EXACT_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("num_queries, num_keys", GQA_LENGTHS)
+@pytest.mark.parametrize("leading, q_heads, kv_heads", GQA_HEADS)
+def test_grouped_query_attention_matches_float64_reference(
+    leading, q_heads, kv_heads, num_queries, num_keys, causal, dtype, atol, rtol
+):
+    q, k, v, do = _gqa_inputs(leading, q_heads, kv_heads, num_queries, num_keys, dtype)
+    got = _run_tiled(q, k, v, do, causal, None, 16, 32)
+    assert got[0].shape == q.shape and got[2].shape == q.shape
+    assert got[3].shape == k.shape and got[4].shape == v.shape  # one gradient per K/V head, not per query head
+    _assert_all_close(got, _gqa_reference(q, k, v, do, causal, None, torch.float64), atol, rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("num_queries, num_keys", [(37, 37), (17, 97), (97, 17)])
+@pytest.mark.parametrize("leading, q_heads, kv_heads", [((2,), 4, 2), ((1,), 4, 1)])
+def test_grouped_query_attention_low_precision_within_torch_error(
+    leading, q_heads, kv_heads, num_queries, num_keys, causal, dtype
+):
+    q, k, v, do = _gqa_inputs(leading, q_heads, kv_heads, num_queries, num_keys, dtype)
+    q = q * 2
+    got = _run_tiled(q, k, v, do, causal, None, 32, 16)
+    want = _gqa_reference(q, k, v, do, causal, None, torch.float64)
+    torch_same_dtype = _gqa_reference(q, k, v, do, causal, None, dtype)
+    assert_close(got[1], want[1], atol=1e-4, rtol=1e-5, name=f"lse {dtype}")
+    for index, name in zip((0, 2, 3, 4), NAMES):
+        assert_within_torch_error(got[index], torch_same_dtype[index], want[index], name=f"{name} {dtype}")
+
+
+def test_grouped_query_attention_gradcheck_float64():
+    q, k, v, _ = _gqa_inputs((1,), 4, 2, 5, 7, torch.float64, head_dim=3)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def attention(q, k, v):
+        return flash_attention_tiled(q, k, v, True, 0.8, 2, 3)
+
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+def test_grouped_query_attention_never_repeats_k_or_v():
+    # One K/V head shared by 8 query heads. A repeated K would hold
+    # 8 x 128 x 16 = 16384 numbers; the largest tensor allowed is k itself
+    # (2048) or a tile for the whole group, such as the group's partial dK
+    # tile (8 x 32 x 16 = 4096) before its sum. Each tile is one batched
+    # product for all 8 heads, so the product count does not grow with the group.
+    group, num_queries, num_keys, head_dim, block = 8, 4, 128, 16, 32
+    q = torch.randn(1, group, num_queries, head_dim)  # (K/V heads, G, Nq, D)
+    k, v = torch.randn(1, num_keys, head_dim), torch.randn(1, num_keys, head_dim)
+    forward, backward = _forward_backward_recorded(q, k, v, False, block, block)
+    allowed = max(k.numel(), group * block * head_dim)
+    assert forward.largest <= allowed and backward.largest <= allowed < group * k.numel()
+    tiles = -(-num_queries // block) * -(-num_keys // block)
+    assert forward.matmuls == 2 * tiles and backward.matmuls == 5 * tiles
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, match",
+    [
+        ((2, 6, 5, 4), (2, 4, 5, 4), r"q's 6 heads are not a multiple of k's 4"),
+        ((2, 2, 5, 4), (2, 4, 5, 4), r"q's 2 heads are not a multiple of k's 4"),
+        ((2, 4, 5, 4), (1, 2, 5, 4), r"expected \(2, 4, Nk, 4\), or \(2, Hkv, Nk, 4\).*dims before the heads differ"),
+        ((2, 4, 5, 4), (2, 2, 5, 8), r"head_dim 8 is not q's 4"),
+        ((4, 5, 4), (2, 4, 5, 4), r"k has 4 dims where q has 3"),
+    ],
+)
+def test_bad_head_counts_are_refused(q_shape, k_shape, match):
+    with pytest.raises(ValueError, match=match):
+        flash_attention_tiled(torch.ones(q_shape), torch.ones(k_shape), torch.ones(k_shape))

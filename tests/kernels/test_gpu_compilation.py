@@ -37,6 +37,8 @@ def compile_for_h100(fn, constexprs, dtype, num_warps, num_stages=2):
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype}"
         else:
+            # Lengths, sizes and counts such as flash attention's group (query heads per K/V head)
+            # are runtime i32, as Triton compiles any int other than 1.
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
