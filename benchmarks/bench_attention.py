@@ -19,6 +19,14 @@ float32 N x N matrix would pass ``REFERENCE_MATRIX_LIMIT``), PyTorch's
 ``scaled_dot_product_attention`` pinned to each backend in turn with
 ``torch.nn.attention.sdpa_kernel`` (those this torch build or GPU lacks are
 skipped with PyTorch's reason), and this project's Triton kernel.
+
+Grouped-query attention (``bench_attention_gqa``, CUDA only) at Llama-3-8B's
+attention shape: 32 query heads sharing 8 K/V heads, head_dim 128, causal,
+N = 4096 and 8192 with batch x N = 16384. The FLOPs are those of 32 heads (a
+shared K/V head saves memory traffic, not arithmetic). Providers: the Triton
+kernel (``triton_gqa``) and SDPA with ``enable_gqa=True`` (``sdpa_gqa``),
+pinned to the flash backend where that backend takes grouped heads, else
+left to SDPA's own choice; each row's note names the backend that ran.
 """
 
 from __future__ import annotations
@@ -67,6 +75,17 @@ SHAPES = pick_shapes(
     ],
     smoke=[(2, 4, 128, 64), (1, 4, 256, 64)],
 )
+
+
+# Llama-3-8B's attention: (batch, query heads, K/V heads, N, head_dim), batch x N = TOKENS.
+GQA_SHAPES = pick_shapes(
+    full=[(TOKENS // n, 32, 8, n, 128) for n in (4096, 8192)],
+    smoke=[(2, 8, 2, 256, 128)],
+)
+GQA_MODES = ("fwd", "fwd_bwd")
+# Names of their own: the report plots every attention row by provider against
+# N, and these rows must not join the lines of the equal-heads benchmark.
+GQA_PROVIDERS = ("sdpa_gqa", "triton_gqa")
 
 
 def attention_flops(batch: int, heads: int, n: int, head_dim: int, mode: str, causal: bool = True) -> int:
@@ -170,4 +189,87 @@ def bench_attention(benchmark, provider: str, shape: tuple[int, int, int, int], 
         flops=attention_flops(batch, heads, n, head_dim, mode),
         dtype=dtype,
         extra={"batch": batch, "heads": heads, "seq_len": n, "head_dim": head_dim, "causal": True},
+    )
+
+
+def sdpa_backend_chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The backend SDPA picks for causal grouped-query attention on these inputs, by its own
+    (private) chooser; a plain statement where this torch does not expose it."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, True, enable_gqa=True)).name
+    except (AttributeError, ImportError, RuntimeError, TypeError, ValueError):
+        return "not reported by this torch"
+
+
+def gqa_step(op: Callable[..., torch.Tensor], q, k, v, mode: str) -> Callable[[], None]:
+    if mode == "fwd":
+        return forward_step(op, (q, k, v))
+    return forward_backward_step(op, (q, k, v), (q, k, v), (torch.randn_like(q),))
+
+
+@pytest.mark.parametrize("mode", GQA_MODES)
+@pytest.mark.parametrize("shape", GQA_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("provider", GQA_PROVIDERS)
+def bench_attention_gqa(benchmark, provider: str, shape: tuple[int, int, int, int, int], mode: str) -> None:
+    batch, q_heads, kv_heads, n, head_dim = shape
+    if not ON_CUDA:
+        pytest.skip(f"{provider}: grouped-query attention is benchmarked on CUDA only (no CUDA device here)")
+    dtype = dtype_under_test()
+    q = torch.randn(batch, q_heads, n, head_dim, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(batch, kv_heads, n, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
+    for tensor in (q, k, v):
+        tensor.requires_grad_(mode != "fwd")
+    if provider == "triton_gqa":
+        require_provider("triton")
+        flash_attention = import_kernel("flash_attention", "flash_attention")
+        step = gqa_step(lambda q, k, v: flash_attention(q, k, v, causal=True), q, k, v, mode)
+        note = "k and v read in place by the query heads of each group"
+    else:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:
+            pytest.skip(f"{provider}: torch {torch.__version__} has no torch.nn.attention.sdpa_kernel")
+
+        def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return sdpa(q, k, v)
+
+        step = gqa_step(sdpa_flash, q, k, v, mode)
+        note = "enable_gqa=True, FLASH_ATTENTION backend (pinned)"
+        try:
+            step()
+        except torch.cuda.OutOfMemoryError:
+            pass  # not a refusal: run_or_skip below meets it again and skips with the reason
+        except RuntimeError as error:
+            refusal = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            step = gqa_step(sdpa, q, k, v, mode)
+            note = (
+                f"enable_gqa=True, SDPA's own choice: {sdpa_backend_chosen(q, k, v)} "
+                f"(FLASH_ATTENTION refused these inputs: {refusal})"
+            )
+    run_or_skip(provider, step)
+    measure(
+        benchmark,
+        step,
+        op="attention_gqa",
+        provider=provider,
+        mode=mode,
+        shape=shape,
+        shape_label=f"{batch} x {q_heads}/{kv_heads} x {n} x {head_dim}",
+        flops=attention_flops(batch, q_heads, n, head_dim, mode),
+        dtype=dtype,
+        note=note,
+        extra={
+            "batch": batch,
+            "heads": q_heads,
+            "kv_heads": kv_heads,
+            "seq_len": n,
+            "head_dim": head_dim,
+            "causal": True,
+        },
     )

@@ -88,7 +88,8 @@ query heads itself, so dK and dV still have one writer each and need no
 atomic adds. dQ is per query head, as before.
 
 Memory: beyond inputs and outputs, L, delta and the float32 gradient
-buffers (all O(N D)); the largest temporary is one (batch, G, Bm, Bn) tile.
+buffers (all O(N D)); the largest temporaries are tiles for a whole group,
+(batch, G, Bm, Bn) scores and the (batch, G, Bn, D) terms of dK and dV.
 """
 
 from __future__ import annotations
