@@ -17,6 +17,11 @@ from scratchlm.tokenizer.gpt2_files import encode_gpt2_token
 BOS, EOS, USER = "<|begin_of_text|>", "<|end_of_text|>", "<|user|>"
 TRAIN_BYTES = 250_000
 VOCAB_SIZE = 1500
+# Training text when the shared corpora are absent.
+SYNTHETIC = (
+    "def function(x):\n    return x ** 2  # 12345 values\n\n"
+    "The Python module's object holds a value.\r\n\tGrößere Füße, 中文的字。\n"
+) * 400
 # Whole words added to the vocabulary without merges that build them, as
 # Llama 3's vocabulary has: only ignore_merges ever produces them.
 UNREACHABLE_WORDS = [" function", " return", " module", " object", " the", " value", "Python", " ü", " 的"]

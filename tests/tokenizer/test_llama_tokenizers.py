@@ -14,40 +14,9 @@ from hypothesis import strategies as st
 
 from scratchlm.tokenizer import Tokenizer, read_gguf_tokenizer_fields
 
-from hf_trained_tokenizers import BOS, EOS, STYLES, TRAIN_BYTES, UNREACHABLE_WORDS, USER, train_hf_folder, write_gguf_tokenizer
+from hf_trained_tokenizers import BOS, EOS, STYLES, SYNTHETIC, UNREACHABLE_WORDS, USER, write_gguf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
-
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-SYNTHETIC = (
-    "def function(x):\n    return x ** 2  # 12345 values\n\n"
-    "The Python module's object holds a value.\r\n\tGrößere Füße, 中文的字。\n"
-) * 400
-
-
-@pytest.fixture(scope="module")
-def hf_folders(tmp_path_factory) -> dict[str, Path]:
-    """One trained HF tokenizer folder per style (on the shared corpus when present)."""
-    root = tmp_path_factory.mktemp("hf")
-    corpus = root / "corpus.txt"
-    if SHARED_DATA.is_dir():
-        docs = (SHARED_DATA / "python-docs.txt").read_bytes()[:TRAIN_BYTES].decode("utf-8", errors="ignore")
-        multilingual = (SHARED_DATA / "multilingual.txt").read_bytes()[:50_000].decode("utf-8", errors="ignore")
-        corpus.write_text(docs + multilingual, encoding="utf-8")
-    else:
-        corpus.write_text(SYNTHETIC, encoding="utf-8")
-    return {style: train_hf_folder(style, corpus, root / style) for style in STYLES}
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizers(hf_folders):
-    return {style: tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")) for style, folder in hf_folders.items()}
-
-
-@pytest.fixture(scope="module")
-def ours(hf_folders) -> dict[str, Tokenizer]:
-    return {style: Tokenizer.from_hf(folder) for style, folder in hf_folders.items()}
-
 
 def corpus_slices(shared_data: Path, name: str, count: int, size: int) -> str:
     """``count`` slices of ``size`` bytes from evenly spread places, joined by special tokens."""
