@@ -3,8 +3,8 @@
     out_dir/config.json              LlamaForCausalLM hyper-parameters
     out_dir/generation_config.json   bos/eos ids
     out_dir/model.safetensors        weights, q/k rows in HF's rotate_half order
-    out_dir/tokenizer.json           Tokenizer.save_hf (when a tokenizer is given)
-    out_dir/tokenizer_config.json    what AutoTokenizer needs to pick the fast tokenizer
+    out_dir/tokenizer.json           } Tokenizer.save_hf_folder, when a tokenizer is given:
+    out_dir/tokenizer_config.json    } the generic fast tokenizer, with bos/eos
 
 The folder appears whole or not at all: everything is written into a hidden
 temporary sibling, flushed to disk, and renamed into place.
@@ -27,8 +27,6 @@ from scratchlm.model.transformer import TransformerLM
 from scratchlm.model.weight_loading import adjacent_to_half_split_rows, expected_shapes
 
 GENERATION_CONFIG_FILE = "generation_config.json"
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -104,31 +102,6 @@ def _write_weights(model: TransformerLM, path: Path) -> None:
         os.fsync(file.fileno())
 
 
-def _token_text(tokenizer: Any, token_id: int | None) -> str | None:
-    if token_id is None:
-        return None
-    return tokenizer.vocab[token_id].decode("utf-8", errors="replace")
-
-
-def _write_tokenizer(tokenizer: Any, folder: Path, context_length: int) -> None:
-    tokenizer.save_hf(folder / TOKENIZER_FILE)
-    bos_id, eos_id = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)
-    _write_json(
-        folder / TOKENIZER_CONFIG_FILE,
-        {
-            # The generic fast tokenizer runs tokenizer.json exactly as written;
-            # a model-specific class could add its own normaliser or prefix space.
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": _token_text(tokenizer, bos_id),
-            "eos_token": _token_text(tokenizer, eos_id),
-            "add_bos_token": bool(getattr(tokenizer, "add_bos", False)),
-            "add_eos_token": False,
-            "model_max_length": context_length,
-            "clean_up_tokenization_spaces": False,
-        },
-    )
-
-
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir={str(out_dir)!r} exists and is not a folder")
@@ -162,7 +135,7 @@ def export_hf(model: TransformerLM, tokenizer: Any, out_dir: str | os.PathLike, 
         )
         _write_weights(model, staging / WEIGHTS_FILE)
         if tokenizer is not None:
-            _write_tokenizer(tokenizer, staging, model.config.context_length)
+            tokenizer.save_hf_folder(staging)  # tokenizer.json and tokenizer_config.json
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is an ordinary one
         if out_dir.exists():
             _check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
