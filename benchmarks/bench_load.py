@@ -237,7 +237,9 @@ def main() -> None:
     parser.add_argument("--shard-gb", dest="shard_gb", type=float, default=1.0, help="safetensors shard size, GiB")
     parser.add_argument("--tmp-dir", dest="tmp_dir", default=None, help="where the synthetic files go")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic files")
-    parser.add_argument("--repeats", type=int, default=3, help="loads per format and cache state; the fastest is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="loads per format and cache state; the fastest is reported"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "load.json"), help="JSON results")
     args = parser.parse_args()
     if args.child:
@@ -254,7 +256,10 @@ def main() -> None:
         "formats": {},
     }
     try:
-        targets = {"hf-bf16-safetensors": (work / "hf", write_hf_folder), "gguf-f16": (work / "model.gguf", write_gguf_file)}
+        targets = {
+            "hf-bf16-safetensors": (work / "hf", write_hf_folder),
+            "gguf-f16": (work / "model.gguf", write_gguf_file),
+        }
         for name, (path, write) in targets.items():
             start = time.perf_counter()
             weights = write(path, args)
@@ -271,7 +276,8 @@ def main() -> None:
             print(f"{name}: weights {weights / GIB:.2f} GiB, written in {written:.1f} s")
             print(
                 f"  the model alone (allocated, not loaded) adds {allocated:.0f} MiB; loading adds "
-                f"{entry['loader_overhead_mib']:.0f} MiB more (largest tensor {entry['warm']['largest_tensor_mib']:.0f} MiB)"
+                f"{entry['loader_overhead_mib']:.0f} MiB more "
+                f"(largest tensor {entry['warm']['largest_tensor_mib']:.0f} MiB)"
             )
             for phase in ("cold", "warm"):
                 r = entry[phase]

@@ -147,7 +147,9 @@ def _open(path: Path) -> Any:
     file_size = path.stat().st_size
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > file_size:
-            raise PretrainedFormatError(f"{str(path)!r} is truncated: tensor {tensor.name!r} runs past the end of the file")
+            raise PretrainedFormatError(
+                f"{str(path)!r} is truncated: tensor {tensor.name!r} runs past the end of the file"
+            )
     return reader
 
 
@@ -214,7 +216,10 @@ def _config(meta: _Metadata, tensors: dict[str, Any], source: str) -> ModelConfi
 
 
 def _tensor_values(tensor: Any) -> torch.Tensor:
-    """One tensor as PyTorch, in its logical (PyTorch-order) shape: F32/F16/BF16 as stored, others dequantised to float32."""
+    """One tensor as PyTorch in its logical (PyTorch-order) shape.
+
+    F32, F16 and BF16 come as stored (views of the mapping); other types are dequantised to float32.
+    """
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -260,7 +265,9 @@ def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
     return _config(_Metadata(reader, repr(str(path))), {t.name: t for t in reader.tensors}, repr(str(path)))
 
 
-def load_gguf_file(path: str | os.PathLike, kernels="auto", device=None, dtype: torch.dtype | None = None) -> TransformerLM:
+def load_gguf_file(
+    path: str | os.PathLike, kernels="auto", device=None, dtype: torch.dtype | None = None
+) -> TransformerLM:
     """The TransformerLM stored in a llama.cpp GGUF file (see :func:`read_gguf_file`)."""
     return read_gguf_file(path, kernels, device, dtype)[0]
 

@@ -94,7 +94,9 @@ def llama3_scaling_from_factors(
     """
     factors = np.asarray(factors, dtype=np.float64).reshape(-1)
     if factors.shape != (head_dim // 2,):
-        raise ValueError(f"{source}: rope_freqs.weight has {factors.size} values; expected head_dim / 2 = {head_dim // 2}")
+        raise ValueError(
+            f"{source}: rope_freqs.weight has {factors.size} values; expected head_dim / 2 = {head_dim // 2}"
+        )
     if not np.all(np.isfinite(factors)) or np.any(factors <= 0):
         raise ValueError(f"{source}: rope_freqs.weight holds non-positive or non-finite values")
     if np.allclose(factors, 1.0, rtol=_RTOL, atol=0):

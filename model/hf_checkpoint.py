@@ -158,7 +158,8 @@ def config_from_hf(values: Any, source: str) -> ModelConfig:
     if values.get("sliding_window") is not None:
         raise _refuse(source, "sliding_window", values["sliding_window"], "expected null (full causal attention)")
     if values.get("quantization_config") is not None:
-        method = values["quantization_config"].get("quant_method") if isinstance(values["quantization_config"], dict) else None
+        quantization = values["quantization_config"]
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
         raise _refuse(source, "quantization_config.quant_method", method, "expected unquantised float weights")
 
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -207,7 +208,9 @@ def _shard_files(folder: Path) -> list[Path]:
         names = sorted(set(weight_map.values()))
         for name in names:
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-                raise PretrainedFormatError(f"{str(index_path)!r} names shard {name!r}; expected a file name in the folder")
+                raise PretrainedFormatError(
+                    f"{str(index_path)!r} names shard {name!r}; expected a file name in the folder"
+                )
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{str(index_path)!r} lists shards missing from the folder: {missing}")
@@ -235,7 +238,9 @@ def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 entries[name] = (tensor_slice.get_dtype(), tuple(tensor_slice.get_shape()))
             return entries
     except SafetensorError as e:
-        raise PretrainedFormatError(f"{str(path)!r} is not a readable safetensors file ({e}); truncated or corrupt?") from e
+        raise PretrainedFormatError(
+            f"{str(path)!r} is not a readable safetensors file ({e}); truncated or corrupt?"
+        ) from e
 
 
 def _plan(
@@ -251,11 +256,15 @@ def _plan(
                 continue
             ours = hf_to_scratchlm_name(hf_name)
             if ours is None:
-                raise PretrainedFormatError(f"{str(path)!r} has tensor {hf_name!r}, which a LlamaForCausalLM does not have")
+                raise PretrainedFormatError(
+                    f"{str(path)!r} has tensor {hf_name!r}, which a LlamaForCausalLM does not have"
+                )
             if ours == "lm_head.weight" and config.tie_embeddings:
                 continue  # tied: transformers ignores a stored copy too
             if ours in locations:
-                raise PretrainedFormatError(f"tensor {hf_name!r} is stored twice: in {locations[ours][0].name} and {path.name}")
+                raise PretrainedFormatError(
+                    f"tensor {hf_name!r} is stored twice: in {locations[ours][0].name} and {path.name}"
+                )
             if dtype not in _FLOAT_DTYPES:
                 raise PretrainedFormatError(
                     f"{str(path)!r} stores {hf_name!r} as {dtype}; expected one of {sorted(_FLOAT_DTYPES)}"

@@ -92,7 +92,8 @@ def _kind(path: Path) -> str:
         return "gguf"
     if path.is_file() and (path.name in PICKLE_WEIGHTS or path.suffix == ".safetensors"):
         raise PretrainedFormatError(
-            f"path {str(path)!r} is a single weights file; pass the Hugging Face folder holding it and its {CONFIG_FILE}"
+            f"path {str(path)!r} is a single weights file; "
+            f"pass the Hugging Face folder holding it and its {CONFIG_FILE}"
         )
     return "scratchlm"
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-from pathlib import Path
 from typing import BinaryIO
 
 import torch
@@ -54,7 +52,7 @@ class SafetensorsStreamWriter:
         metadata: dict[str, str] | None = None,
     ) -> None:
         if sys.byteorder != "little":
-            raise NotImplementedError("safetensors data is little-endian; writing it on a big-endian host is not supported")
+            raise NotImplementedError("safetensors data is little-endian; this host is big-endian")
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = dict(metadata)
@@ -66,7 +64,11 @@ class SafetensorsStreamWriter:
             if dtype not in SAFETENSORS_DTYPES:
                 raise ValueError(f"tensor {name!r} has dtype {dtype}; expected one of {list(SAFETENSORS_DTYPES)}")
             size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             self._order.append((name, size))
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -89,7 +91,7 @@ class SafetensorsStreamWriter:
             )
         data = tensor.detach().to("cpu").contiguous()
         # numpy has no bfloat16: write the same bytes through an integer view.
-        if data.element_size() > 0 and data.numel() > 0:
+        if data.numel() > 0:
             as_int = data.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()])
             self._file.write(memoryview(as_int.numpy()).cast("B"))
         self._next += 1
@@ -99,17 +101,3 @@ class SafetensorsStreamWriter:
         if self._next != len(self._order):
             missing = [name for name, _ in self._order[self._next :]]
             raise ValueError(f"safetensors file ended before tensors {missing[:3]}... were written")
-
-
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """Write ``tensors`` (already in memory) to ``path``, streaming; returns the path."""
-    path = Path(path)
-    entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-    with open(path, "wb") as file:
-        writer = SafetensorsStreamWriter(file, entries, metadata)
-        for name, tensor in tensors.items():
-            writer.write(name, tensor)
-        writer.close()
-        file.flush()
-        os.fsync(file.fileno())
-    return path

@@ -70,7 +70,8 @@ def check_plan(plan: dict[str, tuple[str, tuple[int, ...]]], config: ModelConfig
     missing = [name for name in expected if name not in plan]
     if missing:
         raise PretrainedFormatError(
-            f"{source} lacks the tensor for {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            f"{source} lacks the tensor for {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     for name, (file_name, shape) in plan.items():
         if name not in expected:
