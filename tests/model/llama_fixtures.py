@@ -1,0 +1,263 @@
+"""Tiny Llama checkpoints written by transformers and gguf themselves, for the loader tests.
+
+Every builder is seeded, so a test sees the same weights on every run. The
+GGUF writer follows llama.cpp's convert_hf_to_gguf.py: its tensor names, its
+q/k row permutation (back to Meta's adjacent pairs), its metadata keys, norms
+kept in F32, and Llama 3.1 rope scaling stored as per-frequency factors.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.gpt2_files import gpt2_bytes_to_unicode
+
+transformers = pytest.importorskip("transformers", reason="transformers is needed to build the reference models")
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+SAMPLE_TEXT = "the theory of the three thrushes: they thought then the other ones were there."
+# Merges that fire on SAMPLE_TEXT, so encoding exercises real BPE.
+_MERGES = [
+    (b"t", b"h"), (b"th", b"e"), (b" ", b"th"), (b" ", b"the"), (b"e", b"r"), (b"o", b"r"),
+    (b"r", b"e"), (b"h", b"e"), (b" t", b"h"), (b"o", b"n"), (b" ", b"o"), (b"e", b"s"),
+    (b"h", b"r"), (b"th", b"r"), (b"u", b"s"), (b"e", b"y"), (b"ou", b"g"), (b"o", b"u"),
+]  # fmt: skip
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """A byte-level BPE tokenizer: 256 bytes, a few merges, BOS and EOS."""
+    vocab = {i: bytes([i]) for i in range(256)}
+    for left, right in _MERGES:
+        if left + right not in vocab.values():
+            vocab[len(vocab)] = left + right
+    merges = [pair for pair in _MERGES if all(part in vocab.values() for part in pair)]
+    return Tokenizer(vocab, merges, [BOS, EOS], bos_token=BOS, eos_token=EOS)
+
+
+TOKENIZER = tiny_tokenizer()
+VOCAB_SIZE = TOKENIZER.vocab_size
+
+# d_model 64 with 4 heads: head_dim 16; every width a multiple of 32 (GGUF block size).
+TINY_LLAMA = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    # Large enough that logits differ by ~1 between tokens, so greedy choices are not near-ties.
+    initializer_range=0.2,
+    bos_token_id=TOKENIZER.special_token_ids[BOS],
+    eos_token_id=TOKENIZER.special_token_ids[EOS],
+)
+
+# Llama 3.1's scaling with a short original context, so it changes the frequencies a 64-token test sees.
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+
+def hf_llama(seed: int = 0, rope_theta: float = 10000.0, rope_scaling: dict | None = None, **overrides):
+    """A seeded, randomly initialised transformers LlamaForCausalLM (float32, eval, eager attention)."""
+    values = {**TINY_LLAMA, **overrides}
+    values["rope_parameters"] = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
+    config = transformers.LlamaConfig(**values)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        # Norm weights start at 1, which would hide a missing or misplaced multiply.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.5 * torch.randn_like(param))
+    return model.eval()
+
+
+def save_hf_folder(model, folder: Path, *, tokenizer: Tokenizer | None = TOKENIZER, max_shard_size=None) -> Path:
+    """model.save_pretrained (safetensors, sharded when max_shard_size is given) plus the tokenizer files."""
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(folder, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_hf_folder(folder)
+    return folder
+
+
+def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """transformers' greedy ``generate``: exactly ``steps`` new ids, never stopped early by an eos."""
+    settings = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=steps, min_new_tokens=steps, eos_token_id=None, pad_token_id=0
+    )
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, generation_config=settings, attention_mask=torch.ones_like(ids))
+    return out[0, len(prompt) :].tolist()
+
+
+# ------------------------------------------------------------------ GGUF, the way llama.cpp writes it
+
+
+def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute: HF rotate_half rows -> Meta's adjacent pairs."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def llama_cpp_rope_factors(scaling: dict, theta: float, head_dim: int) -> np.ndarray:
+    """convert_hf_to_gguf's rope_freqs for rope_type llama3 (float32 frequencies, as there)."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    low_wavelen = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
+    high_wavelen = scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(scaling["factor"])
+        else:
+            smooth = (scaling["original_max_position_embeddings"] / wavelen - scaling["low_freq_factor"]) / (
+                scaling["high_freq_factor"] - scaling["low_freq_factor"]
+            )
+            factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in _GGUF_NAMES:
+        return _GGUF_NAMES[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    return f"blk.{layer}.{_GGUF_NAMES[rest]}"
+
+
+def add_tokenizer_metadata(writer, tokenizer: Tokenizer) -> None:
+    """tokenizer.ggml.* keys for a byte-level BPE ("gpt2") vocabulary, as llama.cpp writes them."""
+    spelling = gpt2_bytes_to_unicode()
+    specials = set(tokenizer.special_token_ids.values())
+    tokens, types = [], []
+    for token_id in range(tokenizer.vocab_size):
+        token = tokenizer.vocab[token_id]
+        if token_id in specials:
+            tokens.append(token.decode("utf-8"))
+            types.append(3)  # CONTROL
+        else:
+            tokens.append("".join(spelling[b] for b in token))
+            types.append(1)  # NORMAL
+    merges = [
+        " ".join("".join(spelling[b] for b in part) for part in pair) for pair in tokenizer.merges
+    ]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.special_token_ids[BOS])
+    writer.add_eos_token_id(tokenizer.special_token_ids[EOS])
+    writer.add_add_bos_token(False)
+
+
+def write_gguf(model, path: Path, qtype: str = "F32", *, tokenizer: Tokenizer | None = TOKENIZER,
+               extra_metadata=None, skip=(), extra_tensors=None) -> Path:  # fmt: skip
+    """``model`` (a transformers LlamaForCausalLM) as a llama.cpp GGUF file.
+
+    ``qtype`` is the ggml type of every matrix ("F32", "F16", "BF16", "Q8_0",
+    "Q4_0", ...); 1-D norms stay F32 as llama.cpp keeps them. ``skip`` leaves
+    tensors out; ``extra_tensors`` {name: float32 array or (raw bytes, ggml type)} are added;
+    ``extra_metadata`` {key: value} overrides or adds llama.* keys.
+    """
+    import gguf
+
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    rope = config.rope_parameters
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key, value in (extra_metadata or {}).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
+    if tokenizer is not None:
+        add_tokenizer_metadata(writer, tokenizer)
+
+    if rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(rope, rope["rope_theta"], head_dim))
+    ggml_type = gguf.GGMLQuantizationType[qtype]
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        name = gguf_name(hf_name)
+        if name in skip:
+            continue
+        data = tensor.detach().float().numpy()
+        if name.endswith("attn_q.weight"):
+            data = llama_cpp_permute(data, config.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            data = llama_cpp_permute(data, config.num_key_value_heads)
+        if data.ndim == 1 or ggml_type == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, ggml_type), raw_dtype=ggml_type)
+    for name, data in (extra_tensors or {}).items():
+        if isinstance(data, tuple):  # (raw bytes, ggml type)
+            writer.add_tensor(name, data[0], raw_dtype=data[1])
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def dequantized_state(model, qtype: str) -> dict[str, torch.Tensor]:
+    """The HF model's state dict after a round trip through ``qtype`` (what a GGUF of that type holds)."""
+    import gguf
+
+    ggml_type = gguf.GGMLQuantizationType[qtype]
+    state = {}
+    for name, tensor in model.state_dict().items():
+        data = tensor.detach().float().numpy()
+        if data.ndim >= 2 and ggml_type != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.dequantize(gguf.quants.quantize(data, ggml_type), ggml_type)
+        state[name] = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    return state
