@@ -60,6 +60,7 @@ def logits(model, ids):
 
 
 def transformers_from_gguf(path):
+    pytest.importorskip("accelerate", reason="transformers reads GGUF weights only with accelerate installed")
     return transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
     ).eval()
