@@ -98,6 +98,20 @@ def test_greedy_generation_matches_transformers_with_and_without_cache(folders, 
     assert ours[True] == hf_greedy(hf_model, prompts[0], steps)
 
 
+def test_transformers_4_config_spelling_reads_the_same(folders, tmp_path):
+    """Hub configs of Llama 3.x put rope_theta and rope_scaling (with "type" in older ones) at the top level."""
+    _, folder = folders["llama3-scaling"]
+    legacy = tmp_path / "legacy"
+    shutil.copytree(folder, legacy)
+    values = json.loads((legacy / "config.json").read_text())
+    parameters = values.pop("rope_parameters")
+    values["rope_theta"] = parameters.pop("rope_theta")
+    values["rope_scaling"] = {"type": parameters.pop("rope_type"), **parameters}
+    (legacy / "config.json").write_text(json.dumps(values))
+    assert read_pretrained_config(legacy) == read_pretrained_config(folder)
+    assert read_pretrained_config(legacy).rope_scaling == LLAMA3_SCALING
+
+
 def test_sharded_checkpoint_loads_the_same_weights(folders, tmp_path):
     hf_model, _ = folders["gqa-untied"]
     folder = save_hf_folder(hf_model, tmp_path / "sharded", max_shard_size="60KB")
