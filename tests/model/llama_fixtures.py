@@ -18,7 +18,9 @@ import torch
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.tokenizer.gpt2_files import gpt2_bytes_to_unicode
 
-transformers = pytest.importorskip("transformers", reason="transformers is needed to build the reference models")
+
+def _transformers():
+    return pytest.importorskip("transformers", reason="transformers builds the reference models")
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 SAMPLE_TEXT = "the theory of the three thrushes: they thought then the other ones were there."
@@ -73,6 +75,7 @@ def hf_llama(seed: int = 0, rope_theta: float = 10000.0, rope_scaling: dict | No
     """A seeded, randomly initialised transformers LlamaForCausalLM (float32, eval, eager attention)."""
     values = {**TINY_LLAMA, **overrides}
     values["rope_parameters"] = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
+    transformers = _transformers()
     config = transformers.LlamaConfig(**values)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
@@ -95,7 +98,7 @@ def save_hf_folder(model, folder: Path, *, tokenizer: Tokenizer | None = TOKENIZ
 
 def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
     """transformers' greedy ``generate``: exactly ``steps`` new ids, never stopped early by an eos."""
-    settings = transformers.GenerationConfig(
+    settings = _transformers().GenerationConfig(
         do_sample=False, max_new_tokens=steps, min_new_tokens=steps, eos_token_id=None, pad_token_id=0
     )
     ids = torch.tensor([prompt])
