@@ -40,18 +40,10 @@ Tokenizers of the Llama family load from their own files:
 
 from __future__ import annotations
 
-import json
-import os
+import json  # noqa: F401  (tests patch json.dump through this module)
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
-from scratchlm.atomic import atomic_write
 from scratchlm.tokenizer.apply_merges import LONG_PIECE_BYTES, merge_by_rank, merge_by_rank_heap
-from scratchlm.tokenizer.gguf_vocab import gguf_tokenizer_arguments, read_gguf_tokenizer_fields
-from scratchlm.tokenizer.gpt2_files import load_gpt2_files, save_gpt2_files
-from scratchlm.tokenizer.hf_files import save_hf_folder, save_hf_tokenizer
-from scratchlm.tokenizer.hf_reader import read_hf_tokenizer
 from scratchlm.tokenizer.merge_batch import MAX_ID, MAX_PIECE_BYTES, BatchMerger
 from scratchlm.tokenizer.pretokenize import (  # noqa: F401  (GPT2_PRETOKENIZE_REGEX: for callers of this module)
     GPT2_PRETOKENIZE_REGEX,
@@ -60,12 +52,8 @@ from scratchlm.tokenizer.pretokenize import (  # noqa: F401  (GPT2_PRETOKENIZE_R
     split_on_special_tokens,
 )
 from scratchlm.tokenizer.pretokenizers import DEFAULT_PRETOKENIZER, PreTokenizer, get_pretokenizer
-from scratchlm.tokenizer.saved_format import (  # noqa: F401  (the format's names, for callers of this module)
-    SAVE_FORMAT,
-    SAVE_FORMAT_VERSION,
-    tokenizer_arguments,
-    tokenizer_document,
-)
+from scratchlm.tokenizer.saved_format import SAVE_FORMAT, SAVE_FORMAT_VERSION  # noqa: F401  (for callers)
+from scratchlm.tokenizer.tokenizer_files import TokenizerFiles
 # Most text repeats its pre-tokens (" the", ",", " of" ...), so each distinct
 # pre-token is merged once and remembered. The cache is emptied when it holds
 # this many entries, which bounds memory (~30 MB) on endless distinct input.
@@ -91,7 +79,7 @@ _BATCH_MAX_BYTES = MAX_PIECE_BYTES
 _STREAM_MIN_CHARS = 1 << 16
 
 
-class Tokenizer:
+class Tokenizer(TokenizerFiles):
     """Byte-level BPE tokenizer.
 
     ``vocab`` maps id -> token bytes and must contain all 256 single bytes;
@@ -118,6 +106,9 @@ class Tokenizer:
       sequence tokens, kept as ``bos_id`` and ``eos_id`` (None when unset).
     * ``add_bos``: whether a model expects ``bos_id`` before every prompt.
       :meth:`encode` never adds it; generation does.
+
+    Reading and writing files (:meth:`save`, :meth:`load`, :meth:`from_hf`,
+    :meth:`from_gguf`, ...) is in :class:`~scratchlm.tokenizer.tokenizer_files.TokenizerFiles`.
     """
 
     def __init__(
@@ -379,154 +370,6 @@ class Tokenizer:
         'h\\ufffd'
         """
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    # ------------------------------------------------------------ save / load
-
-    def _constructor_arguments(self) -> tuple[tuple, dict[str, Any]]:
-        """``(args, kwargs)`` that build an equal tokenizer (for worker processes)."""
-        args = (self.vocab, self.merges, self.special_token_ids)
-        kwargs = {
-            "pretokenizer": self.pretokenizer,
-            "ignore_merges": self.ignore_merges,
-            "bos_token": self.bos_id,
-            "eos_token": self.eos_id,
-            "add_bos": self.add_bos,
-        }
-        return args, kwargs
-
-    def to_document(self) -> dict[str, Any]:
-        """The JSON document :meth:`save` writes (format in the module docstring), as a dict."""
-        return tokenizer_document(
-            self.vocab,
-            self.merges,
-            self.special_token_ids,
-            pretokenizer=self.pretokenizer,
-            ignore_merges=self.ignore_merges,
-            bos_id=self.bos_id,
-            eos_id=self.eos_id,
-            add_bos=self.add_bos,
-        )
-
-    @classmethod
-    def from_document(cls, document: Any, source: str = "document") -> "Tokenizer":
-        """The tokenizer of a document from :meth:`to_document` (either format version).
-
-        ``source`` names it in error messages.
-        """
-        args, kwargs = tokenizer_arguments(document, source)
-        return cls(*args, **kwargs)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the tokenizer as JSON (format in the module docstring), atomically."""
-        path = Path(path)
-        with atomic_write(path, "w", encoding="utf-8") as file:
-            json.dump(self.to_document(), file, ensure_ascii=False, indent=1)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Read a tokenizer written by :meth:`save` (either format version)."""
-        source = f"path {str(path)!r}"
-        try:
-            with open(path, encoding="utf-8") as file:
-                document = json.load(file)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{source} is not valid JSON (truncated or corrupt?): {error}") from None
-        return cls.from_document(document, source)
-
-    @classmethod
-    def from_hf(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a Hugging Face ``tokenizer.json`` (a file, or the folder holding it).
-
-        Byte-level BPE only, with a pre-tokenizer that is one of the presets;
-        bos/eos come from ``tokenizer_config.json`` beside it and from the
-        post-processor. Anything this class cannot reproduce exactly is
-        refused with a ValueError naming the field and value; the rules are
-        in :mod:`scratchlm.tokenizer.hf_reader`. Ids are the file's own.
-
-        >>> llama = Tokenizer.from_hf("Llama-3.2-1B/")  # doctest: +SKIP
-        >>> llama.pretokenizer, llama.ignore_merges, llama.bos_id, llama.add_bos  # doctest: +SKIP
-        ('llama3', True, 128000, True)
-        """
-        vocab, merges, special_tokens, kwargs = read_hf_tokenizer(path)
-        return cls(vocab, merges, special_tokens, **kwargs)
-
-    @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load the tokenizer stored in a llama.cpp GGUF file's metadata.
-
-        Reads the ``tokenizer.ggml.*`` fields with the ``gguf`` package (see
-        :func:`scratchlm.tokenizer.gguf_vocab.read_gguf_tokenizer_fields`) and
-        builds the tokenizer with :meth:`from_gguf_fields`.
-
-        >>> Tokenizer.from_gguf("Llama-3.2-1B-Q4_K_M.gguf").pretokenizer  # doctest: +SKIP
-        'llama3'
-        """
-        return cls.from_gguf_fields(read_gguf_tokenizer_fields(path), source=f"GGUF file {str(path)!r}")
-
-    @classmethod
-    def from_gguf_fields(cls, fields: Mapping[str, Any], source: str = "GGUF metadata") -> "Tokenizer":
-        """Build a tokenizer from GGUF tokenizer metadata already read into plain Python values.
-
-        ``fields`` maps GGUF keys (``"tokenizer.ggml.model"``, ``"tokenizer.ggml.tokens"``,
-        ...) to strings, ints, bools and lists; the rules are in
-        :mod:`scratchlm.tokenizer.gguf_vocab`. ``source`` names them in errors.
-        """
-        vocab, merges, special_tokens, kwargs = gguf_tokenizer_arguments(fields, source)
-        return cls(vocab, merges, special_tokens, **kwargs)
-
-    @classmethod
-    def from_files(
-        cls,
-        vocab_filepath: str | os.PathLike,
-        merges_filepath: str | os.PathLike,
-        special_tokens: Sequence[str] | None = None,
-    ) -> "Tokenizer":
-        """Load GPT-2-style files: ``encoder.json`` (token -> id) and the merges text file.
-
-        >>> gpt2 = Tokenizer.from_files("gpt2_vocab.json", "gpt2_merges.txt", ["<|endoftext|>"])  # doctest: +SKIP
-        >>> gpt2.encode("Hello world<|endoftext|>")  # doctest: +SKIP
-        [15496, 995, 50256]
-        """
-        vocab, merges = load_gpt2_files(vocab_filepath, merges_filepath)
-        return cls(vocab, merges, special_tokens)
-
-    def save_gpt2_files(self, vocab_filepath: str | os.PathLike, merges_filepath: str | os.PathLike) -> None:
-        """Write GPT-2-style ``encoder.json`` and merges files, which :meth:`from_files` reads back.
-
-        The special tokens are in ``encoder.json`` but not marked special
-        there: pass them again to :meth:`from_files`.
-
-        >>> tokenizer.save_gpt2_files("encoder.json", "vocab.bpe")  # doctest: +SKIP
-        >>> Tokenizer.from_files("encoder.json", "vocab.bpe", tokenizer.special_tokens)  # doctest: +SKIP
-        """
-        save_gpt2_files(self.vocab, self.merges, vocab_filepath, merges_filepath)
-
-    def save_hf(self, path: str | os.PathLike) -> Path:
-        """Write a ``tokenizer.json`` for Hugging Face ``tokenizers`` (see :mod:`scratchlm.tokenizer.hf_files`).
-
-        It holds the pre-tokenizer, ``ignore_merges`` and, when ``add_bos``,
-        a post-processor that adds ``bos_id``; :meth:`from_hf` reads it back.
-        """
-        return save_hf_tokenizer(path, self.vocab, self.merges, self.special_token_ids, **self._hf_settings())
-
-    def save_hf_folder(self, directory: str | os.PathLike) -> Path:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (bos/eos) into ``directory``.
-
-        ``transformers.AutoTokenizer.from_pretrained(directory)`` then gives
-        the ids of :meth:`encode` (with ``add_special_tokens=False``, or with
-        it when ``add_bos`` is False).
-        """
-        return save_hf_folder(directory, self.vocab, self.merges, self.special_token_ids, **self._hf_settings(),
-                              eos_id=self.eos_id)
-
-    def _hf_settings(self) -> dict[str, Any]:
-        return {
-            "pretokenizer": self.pretokenizer,
-            "ignore_merges": self.ignore_merges,
-            "bos_id": self.bos_id,
-            "add_bos": self.add_bos,
-        }
 
     def __repr__(self) -> str:
         settings = "" if self.pretokenizer == DEFAULT_PRETOKENIZER else f", pretokenizer={self.pretokenizer!r}"
