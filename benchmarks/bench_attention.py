@@ -203,7 +203,10 @@ def sdpa_backend_chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> st
         return "not reported by this torch"
 
 
-def gqa_step(op: Callable[..., torch.Tensor], q, k, v, mode: str) -> Callable[[], None]:
+def gqa_step(
+    op: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str
+) -> Callable[[], None]:
+    """The timed callable: op's forward, or its forward and the gradients of q, k and v."""
     if mode == "fwd":
         return forward_step(op, (q, k, v))
     return forward_backward_step(op, (q, k, v), (q, k, v), (torch.randn_like(q),))
