@@ -45,6 +45,8 @@ setup(
             "matplotlib",
             # Parity tests of pretrained-model loading and export: tiny Llamas built by transformers itself.
             "transformers",
+            # transformers reads GGUF files (the independent check of our GGUF reader) only with accelerate.
+            "accelerate",
         ],
         # `make bench` draws its plot with matplotlib (skipped with a note without it);
         # bench_tokenizer.py compares training with Hugging Face's tokenizers.

@@ -4,6 +4,8 @@
     scratchlm tokenize --tokenizer tok.json --input corpus.txt --output corpus.npy
     scratchlm train --train_data_path train.npy --val_data_path val.npy ...
     scratchlm generate --checkpoint out --tokenizer tok.json --prompt "def "
+    scratchlm generate --checkpoint Llama-3.2-1B/ --prompt "The capital of France is"
+    scratchlm convert model.gguf model.pt
     scratchlm plot out
     scratchlm demo
 """
@@ -43,7 +45,13 @@ def _run_tokenizer_train(args) -> int:
 
 def _add_tokenize(subparsers) -> None:
     p = subparsers.add_parser("tokenize", help="encode a text file into a token file (.npy) for training")
-    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer JSON written by `scratchlm tokenizer train`")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        type=Path,
+        help="tokenizer JSON written by `scratchlm tokenizer train`, a Hugging Face tokenizer.json (or its "
+        "folder), or a .gguf file (its tokenizer)",
+    )
     p.add_argument("--input", required=True, type=Path, help="UTF-8 text file to encode")
     p.add_argument("--output", required=True, type=Path, help="token file to write (.npy, uint16 or uint32 ids)")
     p.add_argument("--num_processes", type=int, default=None, help="encoding workers (default: all cores)")
@@ -51,23 +59,31 @@ def _add_tokenize(subparsers) -> None:
 
 
 def _run_tokenize(args) -> int:
-    from scratchlm.tokenizer import Tokenizer, encode_file
+    from scratchlm.convert import read_tokenizer
+    from scratchlm.tokenizer import encode_file
 
-    tokenizer = Tokenizer.load(args.tokenizer)
+    tokenizer = read_tokenizer(args.tokenizer)
     count = encode_file(tokenizer, args.input, args.output, num_processes=args.num_processes)
     print(f"tokenize: {count} tokens -> {args.output}")
     return 0
 
 
 def _add_generate(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="sample text from a trained checkpoint, streamed as it is produced")
+    p = subparsers.add_parser("generate", help="sample text from a model, streamed as it is produced")
     p.add_argument(
         "--checkpoint",
         required=True,
         type=Path,
-        help="checkpoint file written by `scratchlm train`, or its run folder (the newest checkpoint)",
+        help="a checkpoint file written by `scratchlm train` or `scratchlm convert`, a run folder (its newest "
+        "checkpoint), a Hugging Face Llama folder, or a .gguf file",
     )
-    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer JSON the training data was encoded with")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer the model's data was encoded with (scratchlm JSON, Hugging Face tokenizer.json or "
+        "folder, .gguf); default: the one the checkpoint carries",
+    )
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max_tokens", type=int, default=200, help="most new tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 means greedy")
@@ -81,13 +97,16 @@ def _add_generate(subparsers) -> None:
 def _run_generate(args) -> int:
     import torch
 
-    from scratchlm.model import stream
-    from scratchlm.tokenizer import Tokenizer
-    from scratchlm.train import load_model
+    from scratchlm.convert import read_tokenizer
+    from scratchlm.model import load_pretrained, stream
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = Tokenizer.load(args.tokenizer)
-    model = load_model(args.checkpoint, device=device, kernels=args.kernels)
+    # Read the tokenizer first: a bad --tokenizer fails before a large model loads.
+    tokenizer = read_tokenizer(args.tokenizer) if args.tokenizer is not None else None
+    model, own_tokenizer = load_pretrained(args.checkpoint, kernels=args.kernels, device=device)
+    tokenizer = tokenizer or own_tokenizer
+    if tokenizer is None:
+        raise ValueError(f"--checkpoint {str(args.checkpoint)!r} carries no tokenizer; pass --tokenizer")
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -106,6 +125,16 @@ def _run_generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _add_convert(subparsers) -> None:
+    from scratchlm import convert
+
+    p = subparsers.add_parser(
+        "convert", help="GGUF or Hugging Face -> scratchlm checkpoint (.pt), or any model -> Hugging Face folder"
+    )
+    convert.add_arguments(p)
+    p.set_defaults(func=convert.run)
 
 
 def _add_train(subparsers) -> None:
@@ -151,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenize(commands)
     _add_train(commands)
     _add_generate(commands)
+    _add_convert(commands)
     _add_plot(commands)
     _add_demo(commands)
     return parser

@@ -189,7 +189,10 @@ def read_checkpoint(src: str | os.PathLike | IO[bytes], map_location: str | torc
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
         raise FileNotFoundError(f"checkpoint {where} does not exist")
     try:
-        payload = torch.load(src, map_location=map_location, weights_only=True)
+        # A path is memory-mapped: tensors are read as they are copied out, so loading a
+        # model from a checkpoint never holds a second whole copy of its weights.
+        is_path = isinstance(src, (str, os.PathLike))
+        payload = torch.load(src, map_location=map_location, weights_only=True, **({"mmap": True} if is_path else {}))
     except Exception as e:  # torch reports truncation as RuntimeError, EOFError or UnpicklingError
         raise CheckpointError(
             f"checkpoint {where} could not be read ({type(e).__name__}: {e}); "

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from scratchlm.train.config import TrainConfig, load_json_settings
+from scratchlm.train.config import MODEL_SHAPE_SETTINGS, TrainConfig, load_json_settings
 
 # --resume given without a path: continue from the newest complete checkpoint in output_dir.
 _RESUME_LATEST = "<output_dir>"
@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         flag = f"--{f.name}"
         if f.default is dataclasses.MISSING:
             help_text += " (required, here or in --config)"
+        elif f.name in MODEL_SHAPE_SETTINGS:
+            help_text += " (required unless --init_from)"
         if f.name == "resume":
             parser.add_argument(
                 flag, nargs="?", const=_RESUME_LATEST, default=argparse.SUPPRESS, metavar="CHECKPOINT", help=help_text

@@ -36,19 +36,40 @@ class TrainConfig:
     # Data: token files written by `scratchlm tokenize` (see scratchlm.tokenizer.token_file).
     train_data_path: str = _setting(kind=str, help="token file (.npy) to train on")
     val_data_path: str = _setting(kind=str, help="token file (.npy) to measure validation loss on")
-    # Model shape (stored in every checkpoint as the model config).
-    vocab_size: int = _setting(kind=int, help="vocabulary size; every id in the data files must be below it")
-    context_length: int = _setting(kind=int, help="tokens per training window (and the model's maximum length)")
-    d_model: int = _setting(kind=int, help="width of the residual stream")
-    num_layers: int = _setting(kind=int, help="number of transformer blocks")
-    num_heads: int = _setting(kind=int, help="attention heads; must divide d_model, leaving an even head size")
-    d_ff: int = _setting(kind=int, help="hidden width of the SwiGLU feed-forward layers")
     # Run length and where it goes.
     total_iters: int = _setting(kind=int, help="optimizer steps in the whole run; the cosine schedule ends here")
     output_dir: str = _setting(
         kind=str, help="folder for checkpoint_<step>.pt files, metrics.jsonl and train_config.json"
     )
-    rope_theta: float = _setting(10000.0, kind=float, help="RoPE base theta (default 10000)")
+    # Model shape (stored in every checkpoint as the model config): required for a new
+    # model, taken from the checkpoint with --init_from (given values must then agree).
+    vocab_size: int | None = _setting(
+        None, kind=int, help="vocabulary size; every id in the data files must be below it"
+    )
+    context_length: int | None = _setting(
+        None,
+        kind=int,
+        help="tokens per training window (and the model's maximum length; with --init_from the model keeps "
+        "its own, and windows may be shorter; default: the model's)",
+    )
+    d_model: int | None = _setting(None, kind=int, help="width of the residual stream")
+    num_layers: int | None = _setting(None, kind=int, help="number of transformer blocks")
+    num_heads: int | None = _setting(
+        None, kind=int, help="attention heads; must divide d_model, leaving an even head size"
+    )
+    d_ff: int | None = _setting(None, kind=int, help="hidden width of the SwiGLU feed-forward layers")
+    rope_theta: float | None = _setting(None, kind=float, help="RoPE base theta (default 10000)")
+    num_kv_heads: int | None = _setting(
+        None, kind=int, help="key/value heads for grouped-query attention; must divide num_heads (default num_heads)"
+    )
+    tie_embeddings: bool = _setting(False, kind=bool, help="let lm_head share the token embedding matrix")
+    init_from: str | None = _setting(
+        None,
+        kind=str,
+        help="fine-tune a pretrained model: a Hugging Face Llama folder, a .gguf file, or a scratchlm checkpoint or "
+        "run folder; its shape replaces the model flags, its weights the random init (token files must be "
+        "made with its tokenizer)",
+    )
     # Optimization (AdamW with linear warmup and cosine decay).
     batch_size: int = _setting(32, kind=int, help="windows per optimizer step (default 32)")
     learning_rate: float = _setting(3e-4, kind=float, help="peak learning rate, reached after warmup (default 3e-4)")
@@ -144,11 +165,10 @@ class TrainConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"{source} has unknown settings {unknown}; valid ones are {known}")
-        missing = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.name not in values
-        ]
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        if values.get("init_from") is None:
+            required += MODEL_SHAPE_SETTINGS
+        missing = [name for name in required if values.get(name) is None]
         if missing:
             raise ValueError(
                 f"{source} lacks required settings {missing}; give them as --flags or in a --config JSON file"
@@ -174,17 +194,27 @@ class TrainConfig:
             values["warmup_iters"] = self.total_iters // 20
         if values["device"] is None:
             values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        if values["rope_theta"] is None and self.init_from is None:
+            values["rope_theta"] = 10000.0
         return TrainConfig(**values)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting, its value and what was expected."""
         positive_ints = (
-            "vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff",
             "total_iters", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval",
             "log_interval", "grad_accum_steps", "max_skipped_steps",
         )  # fmt: skip
         for name in positive_ints:
             _expect_int(name, getattr(self, name), minimum=1)
+        if self.init_from is None:
+            missing = [name for name in MODEL_SHAPE_SETTINGS if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"settings {missing} are required for a new model (or give --init_from)")
+        elif not isinstance(self.init_from, (str, os.PathLike)) or str(self.init_from) == "":
+            raise ValueError(f"--init_from must be a path, got {self.init_from!r}")
+        for name in (*MODEL_SHAPE_SETTINGS, "num_kv_heads"):
+            if getattr(self, name) is not None:
+                _expect_int(name, getattr(self, name), minimum=1)
         _expect_int("seed", self.seed, minimum=0)
         _expect_int("keep_checkpoints", self.keep_checkpoints, minimum=0)
         _expect_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
@@ -210,17 +240,24 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (str, os.PathLike)) or str(value) == "":
                 raise ValueError(f"--{name} must be a non-empty path, got {value!r}")
-        if self.d_model % self.num_heads != 0:
+        if self.d_model is not None and self.num_heads is not None:
+            if self.d_model % self.num_heads != 0:
+                raise ValueError(
+                    f"--d_model={self.d_model} must be divisible by --num_heads={self.num_heads} "
+                    "(each head gets d_model / num_heads dims)"
+                )
+            if (self.d_model // self.num_heads) % 2 != 0:
+                raise ValueError(
+                    f"--d_model / --num_heads = {self.d_model // self.num_heads} must be even: "
+                    "RoPE rotates the head dims in pairs"
+                )
+        if self.num_kv_heads is not None and self.num_heads is not None and self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"--d_model={self.d_model} must be divisible by --num_heads={self.num_heads} "
-                "(each head gets d_model / num_heads dims)"
+                f"--num_kv_heads={self.num_kv_heads} must divide --num_heads={self.num_heads} "
+                "(each key/value head serves an equal group of query heads)"
             )
-        if (self.d_model // self.num_heads) % 2 != 0:
-            raise ValueError(
-                f"--d_model / --num_heads = {self.d_model // self.num_heads} must be even: "
-                "RoPE rotates the head dims in pairs"
-            )
-        _expect_float("rope_theta", self.rope_theta, minimum=0.0, strict=True)
+        if self.rope_theta is not None:
+            _expect_float("rope_theta", self.rope_theta, minimum=0.0, strict=True)
         _expect_float("learning_rate", self.learning_rate, minimum=0.0)
         if self.min_learning_rate is not None:
             _expect_float("min_learning_rate", self.min_learning_rate, minimum=0.0)
@@ -239,7 +276,7 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be in [0, 1), got {value!r}")
         if self.peak_tflops is not None:
             _expect_float("peak_tflops", self.peak_tflops, minimum=0.0, strict=True)
-        for name in ("overwrite", "activation_checkpointing", "compile"):
+        for name in ("overwrite", "activation_checkpointing", "compile", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"--{name} must be true or false, got {getattr(self, name)!r}")
         if self.resume is not None and (not isinstance(self.resume, (str, os.PathLike)) or str(self.resume) == ""):
@@ -248,6 +285,10 @@ class TrainConfig:
             raise ValueError(f"--kernels must be a backend name or a dict per op, got {self.kernels!r}")
         if self.device is not None:
             _check_device(self.device)
+
+
+# The settings that give a model its shape: required unless --init_from supplies them.
+MODEL_SHAPE_SETTINGS = ["vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"]
 
 
 def _expect_int(name: str, value, *, minimum: int) -> None:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from scratchlm.atomic import atomic_write
 from scratchlm.model import ModelConfig, TransformerLM
+from scratchlm.model.pretrained import read_pretrained_config
 from scratchlm.train import distributed
 from scratchlm.train.checkpoint import (
     CheckpointError,
@@ -46,7 +47,7 @@ from scratchlm.train.checkpoint import (
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.data import load_token_dataset
 from scratchlm.train.metrics import METRICS_NAME, MetricsLog, format_step
-from scratchlm.train.trainer import SAMPLER, Trainer, model_config_of, resolve_train_kernels
+from scratchlm.train.trainer import SAMPLER, Trainer, adopt_pretrained_shape, model_config_of, resolve_train_kernels
 
 CONFIG_NAME = "train_config.json"
 
@@ -60,18 +61,30 @@ def _check_batch_split(config: TrainConfig, world_size: int) -> None:
         )
 
 
-def _read_resume_checkpoint(config: TrainConfig, model_config: ModelConfig) -> tuple[Path, dict]:
+def _read_resume_checkpoint(config: TrainConfig) -> tuple[Path, dict, ModelConfig]:
+    """The checkpoint --resume names, its contents and the model config it stores."""
     try:
         path, payload = read_file_or_newest(config.resume)
     except (FileNotFoundError, CheckpointError) as e:
         raise type(e)(f"--resume: {e}") from e
     where = repr(str(path))
     stored = payload.get("model_config")
-    if stored != model_config.to_dict():
-        if not isinstance(stored, dict):
-            raise CheckpointError(f"--resume {where} stores no model config to check against the flags")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"--resume {where} stores no model config to check against the flags")
+    try:
+        return path, payload, ModelConfig.from_dict(stored)
+    except ValueError as e:
+        raise CheckpointError(f"--resume {where} has an unusable model config: {e}") from e
+
+
+def _check_resume_fits(config: TrainConfig, model_config: ModelConfig, path: Path, payload: dict) -> None:
+    where = repr(str(path))
+    stored_config = ModelConfig.from_dict(payload["model_config"])
+    if stored_config != model_config:
         differing = {
-            key: (stored.get(key), value) for key, value in model_config.to_dict().items() if stored.get(key) != value
+            key: (getattr(stored_config, key), getattr(model_config, key))
+            for key in ModelConfig.__dataclass_fields__
+            if getattr(stored_config, key) != getattr(model_config, key)
         }
         raise ValueError(
             f"--resume {where} was trained with a different model; "
@@ -85,7 +98,14 @@ def _read_resume_checkpoint(config: TrainConfig, model_config: ModelConfig) -> t
         )
     if "generators" not in (payload.get("rng") or {}) or SAMPLER not in payload["rng"]["generators"]:
         raise CheckpointError(f"--resume {where} holds no batch-sampler state, so it cannot resume a training run")
-    return path, payload
+
+
+def _read_pretrained_config(path: str) -> ModelConfig:
+    """The shape of --init_from's model, read from its headers (no weights yet)."""
+    try:
+        return read_pretrained_config(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"--init_from: {e}") from e
 
 
 def _check_output_dir(config: TrainConfig, resume_iteration: int | None) -> tuple[Path, list[Path]]:
@@ -133,9 +153,15 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     """
     # ---- 1. Everything that can be checked, before anything is built or written.
     config = config.resolved()
+    resumed = _read_resume_checkpoint(config) if config.resume is not None else None
+    pretrained = None
+    if config.init_from is not None:
+        # A resumed fine-tuning run has its model in the checkpoint: --init_from need not exist any more.
+        pretrained = resumed[2] if resumed is not None else _read_pretrained_config(config.init_from)
+        config = adopt_pretrained_shape(config, pretrained)
     distributed.check_launch(config.parallel)
     _check_batch_split(config, distributed.launched_world_size() if config.parallel != "none" else 1)
-    model_config = model_config_of(config)
+    model_config = model_config_of(config, pretrained)
     backends = resolve_train_kernels(config)
     train_data = load_token_dataset(
         config.train_data_path, config.vocab_size, config.context_length, argument="--train_data_path"
@@ -143,13 +169,17 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     val_data = load_token_dataset(
         config.val_data_path, config.vocab_size, config.context_length, argument="--val_data_path"
     )
-    resume_payload = _read_resume_checkpoint(config, model_config)[1] if config.resume is not None else None
+    resume_payload = None
+    if resumed is not None:
+        path, resume_payload, _ = resumed
+        _check_resume_fits(config, model_config, path, resume_payload)
+        del resumed
     out_dir, replaced = _check_output_dir(config, None if resume_payload is None else resume_payload["iteration"])
 
     # ---- 2. Join the other ranks and build.
     parallel, device = distributed.start(config.parallel, config.device)
     try:
-        trainer = Trainer(config, parallel, device, resume_payload)
+        trainer = Trainer(config, parallel, device, resume_payload, model_config)
         del resume_payload  # the optimizer state is loaded; let the CPU copy go
         if parallel.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchlm.model import ModelConfig, TransformerLM, resolve_kernels
+from scratchlm.model import ModelConfig, TransformerLM, load_pretrained, resolve_kernels
+from scratchlm.model.pretrained import CHECKPOINT_TOKENIZER_KEY as TOKENIZER_KEY
 from scratchlm.train import distributed
 from scratchlm.train.checkpoint import (
     CheckpointError,
@@ -46,7 +47,10 @@ from scratchlm.train.throughput import mfu, peak_tflops_for
 SAMPLER = "train_sampler"
 
 
-def model_config_of(config: TrainConfig) -> ModelConfig:
+def model_config_of(config: TrainConfig, pretrained: ModelConfig | None = None) -> ModelConfig:
+    """The model a run trains: ``pretrained``'s (with --init_from), else the one the flags describe."""
+    if pretrained is not None:
+        return pretrained
     return ModelConfig(
         vocab_size=config.vocab_size,
         context_length=config.context_length,
@@ -55,7 +59,39 @@ def model_config_of(config: TrainConfig) -> ModelConfig:
         num_heads=config.num_heads,
         d_ff=config.d_ff,
         rope_theta=float(config.rope_theta),
+        num_kv_heads=config.num_kv_heads,
+        tie_embeddings=config.tie_embeddings,
     )
+
+
+def adopt_pretrained_shape(config: TrainConfig, pretrained: ModelConfig) -> TrainConfig:
+    """``config`` with the model flags filled from --init_from's model; flags given must agree with it.
+
+    --context_length is the training window: it defaults to the model's
+    context length and may be shorter (the model keeps its own, so an export
+    still describes the original model).
+    """
+    values = config.to_dict()
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta", "num_kv_heads"):
+        given, stored = values[name], getattr(pretrained, name)
+        if given is not None and given != stored:
+            raise ValueError(
+                f"--{name}={given!r} but --init_from {config.init_from!r} holds a model with {name}={stored!r}; "
+                f"leave --{name} out (the checkpoint decides the model's shape)"
+            )
+        values[name] = stored
+    if config.tie_embeddings and not pretrained.tie_embeddings:
+        raise ValueError(f"--tie_embeddings, but --init_from {config.init_from!r} holds a model with untied embeddings")
+    values["tie_embeddings"] = pretrained.tie_embeddings
+    window = values["context_length"]
+    if window is None:
+        values["context_length"] = pretrained.context_length
+    elif window > pretrained.context_length:
+        raise ValueError(
+            f"--context_length={window} is longer than --init_from {config.init_from!r}'s context length "
+            f"{pretrained.context_length}; expected at most that"
+        )
+    return TrainConfig(**values)
 
 
 def resolve_train_kernels(config: TrainConfig) -> dict[str, str]:
@@ -89,6 +125,15 @@ def _adamw_for(model: torch.nn.Module, config: TrainConfig, device: torch.device
     return AdamW(groups, foreach=kind == "foreach", **settings)
 
 
+def _load_pretrained(path: str, kernels: dict[str, str], device: torch.device):
+    """--init_from's model in float32 (the master weights; autocast makes the 16-bit copies) and tokenizer."""
+    try:
+        model, tokenizer = load_pretrained(path, kernels=kernels, device=device, dtype=torch.float32)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"--init_from: {e}") from e
+    return model.train(), tokenizer
+
+
 class Trainer:
     """The moving parts of one run on one rank: model, optimizer, precision, sampler and counters.
 
@@ -103,18 +148,30 @@ class Trainer:
         parallel: distributed.Parallel,
         device: torch.device,
         resume_payload: dict | None = None,
+        model_config: ModelConfig | None = None,
     ):
         self.config = config
         self.parallel = parallel
         self.device = device
-        self.model_config = model_config_of(config)
+        self.model_config = model_config if model_config is not None else model_config_of(config)
         # The seed fixes the initial weights and the batch order, on every rank alike.
         _seed_everything(config.seed)
-        self.model = TransformerLM(self.model_config, kernels=resolve_train_kernels(config), device=device)
+        kernels = resolve_train_kernels(config)
+        # The tokenizer travels in every checkpoint of a run that started from a
+        # pretrained model, as plain data, so generate and export find it there.
+        self.tokenizer_document = None
+        if resume_payload is None and config.init_from is not None:
+            self.model, tokenizer = _load_pretrained(config.init_from, kernels, device)
+            self.tokenizer_document = None if tokenizer is None else tokenizer.to_document()
+        else:
+            self.model = TransformerLM(self.model_config, kernels=kernels, device=device)
+        if self.model.config != self.model_config:
+            raise ValueError(f"--init_from {config.init_from!r} changed while this run started; its model differs")
         self.model.activation_checkpointing = config.activation_checkpointing
         if resume_payload is not None:
             # Before wrapping: FSDP then shards the loaded weights.
             apply_checkpoint(resume_payload, self.model, restore_rng=False, source="--resume checkpoint")
+            self.tokenizer_document = (resume_payload.get("extra") or {}).get(TOKENIZER_KEY)
         self.module = distributed.wrap(self.model, parallel, device)
         if config.compile:
             self.module.compile()
@@ -241,7 +298,11 @@ class Trainer:
                 self.step,
                 model_config=self.model_config.to_dict(),
                 generators={SAMPLER: self.sampler},
-                extra={"train_config": self.config.to_dict(), "train_state": train_state},
+                extra={
+                    "train_config": self.config.to_dict(),
+                    "train_state": train_state,
+                    TOKENIZER_KEY: self.tokenizer_document,
+                },
             )
             write_checkpoint(payload, path)
             prune_checkpoints(path.parent, self.config.keep_checkpoints)
