@@ -34,11 +34,10 @@ from tqdm.auto import tqdm
 
 from scratchlm.atomic import atomic_write
 from scratchlm.model import ModelConfig, TransformerLM
-from scratchlm.model.pretrained import read_pretrained_config
+from scratchlm.model.pretrained import load_pretrained, read_pretrained_config
 from scratchlm.train import distributed
 from scratchlm.train.checkpoint import (
     CheckpointError,
-    apply_checkpoint,
     checkpoint_path,
     list_checkpoints,
     read_file_or_newest,
@@ -273,17 +272,8 @@ def load_model(
 
     ``checkpoint_path`` is a checkpoint file or a run folder (its newest
     checkpoint). The shape comes from the model config stored in the
-    checkpoint, so no flags are needed. ``device`` defaults to CUDA when available.
+    checkpoint, so no flags are needed. ``device`` defaults to CUDA when
+    available. ``scratchlm.model.load_pretrained`` does the work (and also
+    reads Hugging Face folders and GGUF files, and returns the tokenizer).
     """
-    checkpoint_path, payload = read_file_or_newest(checkpoint_path)
-    stored = payload.get("model_config")
-    if not isinstance(stored, dict):
-        raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} stores no model config to rebuild the model from")
-    try:
-        model_config = ModelConfig.from_dict(stored)
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} has an unusable model config: {e}") from e
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = TransformerLM(model_config, kernels=kernels, device=device)
-    apply_checkpoint(payload, model, restore_rng=False, source=repr(str(checkpoint_path)))
-    return model.eval()
+    return load_pretrained(checkpoint_path, kernels=kernels, device=device)[0]
