@@ -26,6 +26,8 @@ it is copied: the peak stays at the model plus one tensor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mmap
 import os
 import re
@@ -273,14 +275,19 @@ def load_gguf_file(
 
 
 def read_gguf_file(
-    path: str | os.PathLike, kernels="auto", device=None, dtype: torch.dtype | None = None
-) -> tuple[TransformerLM, dict[str, Any]]:
-    """The TransformerLM stored in a llama.cpp GGUF file, and the file's ``tokenizer.*`` metadata.
+    path: str | os.PathLike,
+    kernels="auto",
+    device=None,
+    dtype: torch.dtype | None = None,
+    tokenizer_from: Callable[[dict[str, Any]], Any] | None = None,
+) -> tuple[TransformerLM, Any]:
+    """The TransformerLM stored in a llama.cpp GGUF file, and ``tokenizer_from(metadata)``.
 
     ``dtype`` None keeps F32, F16 or BF16 when every matrix has that type,
-    else float32. The metadata comes back as {key: value} (strings, numbers,
-    lists), parsed once with the rest of the header, for the tokenizer to be
-    built from.
+    else float32. ``tokenizer_from`` gets the file's ``tokenizer.*`` metadata
+    as {key: value} (strings, numbers, lists), parsed once with the rest of
+    the header, and runs before any weight is read, so a tokenizer it refuses
+    costs no loading; without it the second value is None.
     """
     from gguf import GGMLQuantizationType
 
@@ -304,6 +311,10 @@ def read_gguf_file(
             )
         plan[ours] = (name, _logical_shape(tensor))
     check_plan(plan, config, source)
+    tokenizer = None
+    if tokenizer_from is not None:
+        metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+        tokenizer = tokenizer_from(metadata)
 
     model = allocate(config, kernels, device, dtype or _default_dtype(tensors))
     filler = WeightFiller(model, source)
@@ -311,5 +322,4 @@ def read_gguf_file(
         filler.fill(ours, _tensor_values(tensors[name]))
         _release_pages(reader, tensors[name])
     filler.finish()
-    tokenizer_metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
-    return model, tokenizer_metadata
+    return model, tokenizer

@@ -15,7 +15,7 @@ never runs code from the file). No reader executes anything it loads.
 from __future__ import annotations
 
 import os
-import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ def load_pretrained(
     kernels: KernelsSpec = "auto",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    tokenizer: bool = True,
 ) -> tuple[TransformerLM, Any]:
     """Load a model and its tokenizer from a Hugging Face folder, a GGUF file or a scratchlm checkpoint.
 
@@ -49,6 +51,11 @@ def load_pretrained(
     dtype (float32 for a quantised GGUF file, whose weights are dequantised
     as they load).
 
+    The tokenizer is read first: one scratchlm cannot use (SentencePiece or
+    Unigram, as in Llama 2 and TinyLlama) is refused before any weight is
+    read. ``tokenizer=False`` skips it and returns None in its place, for
+    the weights alone (with a tokenizer of your own, or none).
+
     Raises ``FileNotFoundError`` for a missing path and
     ``PretrainedFormatError`` (a ValueError) for anything it cannot load,
     before reading any weight when the headers already tell.
@@ -58,11 +65,12 @@ def load_pretrained(
         raise ValueError(f"dtype={dtype!r}: expected None or a floating-point torch.dtype")
     kind = _kind(path)
     if kind == "hf":
-        return load_hf_folder(path, kernels, device, dtype), _hf_tokenizer(path)
+        found = _hf_tokenizer(path) if tokenizer else None
+        return load_hf_folder(path, kernels, device, dtype), found
     if kind == "gguf":
-        model, tokenizer_metadata = read_gguf_file(path, kernels, device, dtype)
-        return model, _gguf_tokenizer(path, tokenizer_metadata)
-    return _load_scratchlm_checkpoint(path, kernels, device, dtype)
+        return read_gguf_file(path, kernels, device, dtype, partial(_gguf_tokenizer, path) if tokenizer else None)
+    model, found = _load_scratchlm_checkpoint(path, kernels, device, dtype)
+    return model, found if tokenizer else None
 
 
 def read_pretrained_config(path: str | os.PathLike) -> ModelConfig:
@@ -149,16 +157,12 @@ def _hf_tokenizer(folder: Path) -> Any:
 
 
 def _gguf_tokenizer(path: Path, metadata: dict[str, Any]) -> Any:
-    """The tokenizer in a GGUF file's metadata: None when it has none, or, with a warning, when it cannot be built."""
+    """The tokenizer in a GGUF file's metadata, None when it has none."""
     if "tokenizer.ggml.model" not in metadata:
         return None
     from scratchlm.tokenizer import Tokenizer
 
-    try:
-        return Tokenizer.from_gguf_fields(metadata, source=f"GGUF file {str(path)!r}")
-    except (ValueError, NotImplementedError) as e:
-        warnings.warn(f"GGUF file {str(path)!r}: the model loaded, but not its tokenizer: {e}", stacklevel=3)
-        return None
+    return Tokenizer.from_gguf_fields(metadata, source=f"GGUF file {str(path)!r}")
 
 
 def _checkpoint_tokenizer(extra: Any, source: str) -> Any:

@@ -131,12 +131,15 @@ def test_no_tokenizer_metadata_gives_none(gqa_model, tmp_path):
     assert load_pretrained(path, kernels="reference", device="cpu")[1] is None
 
 
-def test_a_tokenizer_scratchlm_cannot_build_warns_and_the_model_still_loads(gqa_model, tmp_path):
-    """A SentencePiece ("llama") vocabulary, as in Llama 2 files: the weights are still usable."""
+def test_a_tokenizer_scratchlm_cannot_build_is_refused_before_the_weights(gqa_model, tmp_path, monkeypatch):
+    """A SentencePiece ("llama") vocabulary, as in Llama 2 files; tokenizer=False still gives the weights."""
     path = tmp_path / "spm.gguf"
     write_gguf(gqa_model, path, "F32", tokenizer=None, extra_metadata={"tokenizer.ggml.model": "llama"})
-    with pytest.warns(UserWarning, match="the model loaded, but not its tokenizer"):
-        model, tokenizer = load_pretrained(path, kernels="reference", device="cpu")
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_checkpoint, "allocate", lambda *args: pytest.fail("weights were read"))
+        with pytest.raises(ValueError, match="tokenizer.ggml.model"):
+            load_pretrained(path, kernels="reference", device="cpu")
+    model, tokenizer = load_pretrained(path, kernels="reference", device="cpu", tokenizer=False)
     assert tokenizer is None and model.config.vocab_size == VOCAB_SIZE
 
 

@@ -207,6 +207,20 @@ def test_unsupported_config_is_refused_naming_field_and_value(folder_copy, no_we
         load_pretrained(folder_copy, device="cpu")
 
 
+def test_a_sentencepiece_style_tokenizer_is_refused_before_the_weights(folder_copy, monkeypatch):
+    """Llama 2 / TinyLlama tokenizer.json: BPE over characters with byte fallback, not byte-level BPE."""
+    path = folder_copy / "tokenizer.json"
+    document = json.loads(path.read_text())
+    document["model"]["byte_fallback"] = True
+    path.write_text(json.dumps(document))
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_checkpoint, "allocate", lambda *args: pytest.fail("weights were read"))
+        with pytest.raises(ValueError, match="byte_fallback"):
+            load_pretrained(folder_copy, device="cpu")
+    model, tokenizer = load_pretrained(folder_copy, kernels="reference", device="cpu", tokenizer=False)
+    assert tokenizer is None and model.config.num_kv_heads == 2
+
+
 def test_read_pretrained_config_reads_only_config_json(folders, folder_copy):
     for _, folder in folders.values():
         assert read_pretrained_config(folder) == load_pretrained(folder, kernels="reference", device="cpu")[0].config
