@@ -1,6 +1,6 @@
 """Tokenizer speed next to tiktoken and Hugging Face ``tokenizers``, in one run.
 
-Four measurements, each against the library that sets its target, and one opt-in:
+Five measurements, each against the library that sets its target (the last has none), and one opt-in:
 
 * encode: ``Tokenizer.encode`` with GPT-2's files on python-docs.txt, one
   process, vs tiktoken's ``encode_ordinary`` built offline from the same files
@@ -13,6 +13,11 @@ Four measurements, each against the library that sets its target, and one opt-in
   (same corpus, vocab size and special token). Trained twice, with one and
   with ``--processes`` workers; the merges must be equal. Target: <= 2x HF's time.
 * multilingual: round trip and tiktoken agreement on multilingual.txt.
+* llama3: the same GPT-2 vocabulary under the "llama3" pre-tokenizer with
+  ``ignore_merges`` (Llama 3's settings) on python-docs.txt, cold, vs tiktoken
+  with Llama 3's regex on the same ranks (tiktoken always takes a piece found
+  whole in the vocabulary as one token, which is ignore_merges). The ids must
+  be identical. No target: it shows what the Llama 3 path costs.
 * large file (opt-in, ``--large-file-gb``): ``encode_file`` over
   ``--processes`` workers on a file of that many GB (the corpora repeated),
   for its memory: the issue asks that a 1 GB input need at most ~2 GB of RAM.
@@ -42,7 +47,14 @@ from pathlib import Path
 
 import numpy as np
 
-from scratchlm.tokenizer import GPT2_PRETOKENIZE_PATTERN, Tokenizer, encode_file, read_token_file, train_bpe
+from scratchlm.tokenizer import (
+    GPT2_PRETOKENIZE_PATTERN,
+    LLAMA3_PRETOKENIZE_PATTERN,
+    Tokenizer,
+    encode_file,
+    read_token_file,
+    train_bpe,
+)
 from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
 
 from process_memory import TreeMemorySampler, children_peak_memory_mib, peak_memory_mib, reset_peak_memory
@@ -62,15 +74,15 @@ def timed(function, *args, **kwargs):
     return result, seconds, peak_memory_mib()
 
 
-def offline_tiktoken(vocab_path: Path, merges_path: Path):
-    """tiktoken's GPT-2 encoding built from the local files (no download)."""
+def offline_tiktoken(vocab_path: Path, merges_path: Path, pattern: str = GPT2_PRETOKENIZE_PATTERN):
+    """tiktoken's GPT-2 encoding built from the local files (no download), with ``pattern`` as its regex."""
     import tiktoken
 
     encoder = json.loads(vocab_path.read_text(encoding="utf-8"))
     ranks = {decode_gpt2_token(token): rank for token, rank in encoder.items() if token != EOT}
     return tiktoken.Encoding(
         name="gpt2-offline",
-        pat_str=GPT2_PRETOKENIZE_PATTERN,
+        pat_str=pattern,
         mergeable_ranks=ranks,
         special_tokens={EOT: encoder[EOT]},
     )
@@ -186,6 +198,20 @@ def measure_multilingual(tokenizer: Tokenizer, encoding, text: str, megabytes: f
     }
 
 
+def measure_llama3(gpt2: Tokenizer, encoding, text: str, megabytes: float) -> dict:
+    tokenizer = Tokenizer(gpt2.vocab, gpt2.merges, gpt2.special_tokens, pretokenizer="llama3", ignore_merges=True)
+    ours, seconds, _ = timed(tokenizer.encode, text)
+    theirs, their_seconds, _ = timed(encoding.encode_ordinary, text)
+    return {
+        "megabytes": megabytes,
+        "tokens": len(ours),
+        "identical_to_tiktoken": ours == theirs,
+        "scratchlm_mb_per_s": megabytes / seconds,
+        "tiktoken_mb_per_s": megabytes / their_seconds,
+        "ratio": their_seconds / seconds,
+    }
+
+
 def measure_large_file(tokenizer: Tokenizer, corpora: list[Path], gigabytes: float, processes: int,
                        work_dir: Path) -> dict:
     big = work_dir / "large_input.txt"
@@ -259,6 +285,11 @@ def print_table(results: dict) -> None:
         f"{multi['ratio']:.2f}x", "exact", str(multi["round_trips"] and multi["identical_to_tiktoken"]),
         f"round trip: {multi['round_trips']}, ids equal: {multi['identical_to_tiktoken']}", "",
     ))
+    llama3 = results["llama3"]
+    rows.append((
+        "llama3 preset (MB/s)", f"{llama3['scratchlm_mb_per_s']:.2f}", f"{llama3['tiktoken_mb_per_s']:.2f} tiktoken",
+        f"{llama3['ratio']:.2f}x", "", "", f"ids equal: {llama3['identical_to_tiktoken']}", "",
+    ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
@@ -314,6 +345,11 @@ def main() -> None:
     results["encode"] = measure_encode(tokenizer, encoding, raw.decode("utf-8"), len(raw) / 1e6)
     raw = (args.data_dir / "multilingual.txt").read_bytes()
     results["multilingual"] = measure_multilingual(tokenizer, encoding, raw.decode("utf-8"), len(raw) / 1e6)
+    raw = corpus.read_bytes()
+    llama3_encoding = offline_tiktoken(
+        args.data_dir / "gpt2_vocab.json", args.data_dir / "gpt2_merges.txt", LLAMA3_PRETOKENIZE_PATTERN
+    )
+    results["llama3"] = measure_llama3(tokenizer, llama3_encoding, raw.decode("utf-8"), len(raw) / 1e6)
     del raw
     if not args.skip_encode_file:
         with tempfile.TemporaryDirectory() as work_dir:
