@@ -99,6 +99,18 @@ def test_load_model_rebuilds_the_trained_model(tmp_path):
     assert logits.shape == (1, 5, VOCAB)
 
 
+def test_trains_a_grouped_query_model_with_tied_embeddings_from_scratch(tmp_path):
+    summary = train(tiny_config(tmp_path, num_kv_heads=2, tie_embeddings=True, total_iters=10), progress=False)
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    stored = read_checkpoint(summary["checkpoint"])
+    assert stored["model_config"]["num_kv_heads"] == 2 and stored["model_config"]["tie_embeddings"] is True
+    model = load_model(summary["checkpoint"], device="cpu", kernels="reference")
+    assert model.lm_head.weight is model.token_embeddings.weight
+    assert model.layers[0].attn.k_proj.weight.shape == (2 * 8, 32)
+    # AdamW updated the one tied matrix once per step: its moments exist for it once.
+    assert len(stored["optimizer"]["state"]) == len(list(model.parameters()))
+
+
 def test_load_model_needs_a_model_config(tmp_path):
     module = torch.nn.Linear(2, 2)
     save_checkpoint(module, torch.optim.SGD(module.parameters(), lr=0.1), 0, tmp_path / "c.pt")
@@ -160,6 +172,9 @@ BAD_INPUTS = {
     "float iterations": ("total_iters", lambda p: 20.5, ValueError, r"--total_iters must be an int >= 1, got 20.5"),
     "bad device": ("device", lambda p: "tpu", ValueError, r"--device='tpu'"),
     "negative lr": ("learning_rate", lambda p: -1e-3, ValueError, r"--learning_rate must be a finite number >= 0.0, got -0.001"),
+    "kv heads do not divide heads": ("num_kv_heads", lambda p: 3, ValueError, r"--num_kv_heads=3 must divide --num_heads=4"),
+    "no model shape": ("d_model", lambda p: None, ValueError, r"\['d_model'\] are required for a new model \(or give --init_from\)"),
+    "missing init_from": ("init_from", lambda p: str(p / "absent"), FileNotFoundError, r"--init_from: path .*absent"),
 }
 # fmt: on
 if not torch.cuda.is_available():
