@@ -142,9 +142,10 @@ def is_safe_cut(
     """
     if not 0 < position < len(text) - 1:
         return False
-    if not get_pretokenizer(pretokenizer).cut_regex.match(text, position):
+    preset = get_pretokenizer(pretokenizer)
+    if not preset.cut_regex.match(text, position):
         return False
-    return not _overlaps_special_token(text, position, position + 2, special_tokens)
+    return not _overlaps_special_token(text, position - preset.cut_chars_before, position + 2, special_tokens)
 
 
 def last_safe_cut(
@@ -185,19 +186,22 @@ def next_safe_byte_cut(
 ) -> int | None:
     """The first safe cut at or after byte ``position`` of a binary file, or None.
 
-    Same rule as :func:`is_safe_cut`, restricted to ASCII bytes so a cut never
-    falls inside a multi-byte UTF-8 character. ``file`` is open in binary mode;
-    its position is changed.
+    Same rule as :func:`is_safe_cut`, on bytes, never inside a multi-byte
+    UTF-8 character (see the byte rules in
+    :mod:`scratchlm.tokenizer.pretokenizers`). ``file`` is open in binary
+    mode; its position is changed.
     """
-    candidate_regex = get_pretokenizer(pretokenizer).cut_regex_bytes
+    preset = get_pretokenizer(pretokenizer)
+    before = preset.cut_chars_before  # the bytes a rule looks behind at are ASCII: one byte each
     longest = max((len(token) for token in special_tokens), default=0)
     # A candidate at p needs byte p + 1 and `longest` bytes after p (a special
-    # token starting at p + 1), and `longest - 1` bytes before p (one ending
-    # at p); windows overlap by that much.
+    # token starting at p + 1), and `longest - 1 + before` bytes before p (one
+    # ending at p - before, and the bytes its rule reads there); windows
+    # overlap by that much.
     context = max(longest, 1)
     window_start = max(position, 1)
     while True:
-        read_start = max(0, window_start - longest)
+        read_start = max(0, window_start - longest - before)
         offset = window_start - read_start
         file.seek(read_start)
         want = offset + _SCAN_WINDOW_BYTES + context
@@ -207,8 +211,8 @@ def next_safe_byte_cut(
         # endpos one past search_end lets the look-ahead see the byte after
         # the last candidate.
         endpos = min(search_end + 1, len(window))
-        for match in candidate_regex.finditer(window, offset, endpos):
-            if not _overlaps_special_token(window, match.start(), match.start() + 2, special_tokens):
+        for match in preset.cut_regex_bytes.finditer(window, offset, endpos):
+            if not _overlaps_special_token(window, match.start() - before, match.start() + 2, special_tokens):
                 return read_start + match.start()
         if at_end_of_file:
             return None

@@ -119,9 +119,10 @@ _GPT2_DIGITS_PATTERN_FUSED = (
 # GPT-2: text[p] is whitespace and text[p+1] is not; the proof is in
 # scratchlm.tokenizer.pretokenize.is_safe_cut.
 #
-# Llama 3: text[p] is whitespace other than CR or LF, and text[p+1] is not
-# whitespace. Let R be the whitespace run ending with text[p], less the line
-# breaks a symbol run before it took (` ?[^\s\p{L}\p{N}]+[\r\n]*`).
+# Llama 3 has two rules. (a) text[p] is whitespace other than CR or LF, and
+# text[p+1] is not whitespace. Let R be the whitespace run ending with
+# text[p], less the line breaks a symbol run before it took
+# (` ?[^\s\p{L}\p{N}]+[\r\n]*`).
 # * No alternative starts inside R before its last character and runs past
 #   it: a letter run needs a letter within one character, a symbol run a
 #   symbol, and both see only whitespace; the piece before R ends in a
@@ -137,10 +138,16 @@ _GPT2_DIGITS_PATTERN_FUSED = (
 # * From p, in both texts, text[p] leads the next piece (" word", " .") or is
 #   a piece alone.
 # Cutting before a CR or LF would be wrong: "a \nb" is "a", " \n", "b".
-#
-# For all three, special tokens are split off first; a cut must not touch
-# one (scratchlm.tokenizer.pretokenize.is_safe_cut checks that), so that
-# both halves see the same ordinary text on either side of p.
+# (b) text[p-1] is CR or LF and text[p] is not whitespace: the cut comes
+# after the line break. The piece holding text[p-1] is either a symbol run,
+# whose `[\r\n]*` stops at text[p], or `\s*[\r\n]+` over the whitespace run
+# ending there (nothing else can start inside that run: a letter or symbol
+# run needs one within a character, and `\s*[\r\n]+` comes before
+# `\s+(?!\S)`), whose backtracking ends it at its last line break, text[p-1].
+# Both end at p, in the whole text and in the first half alike, with no
+# look-ahead involved. Rule (b) is what cuts text without spaces, such as
+# Chinese lines. (It would be wrong for GPT-2, whose `\s+(?!\S)` leaves the
+# line break before a word as a piece of its own.)
 #
 # Digits then GPT-2: text[p] is whitespace and text[p+1] is neither
 # whitespace nor a digit. That is GPT-2's rule inside one stretch between
@@ -148,10 +155,20 @@ _GPT2_DIGITS_PATTERN_FUSED = (
 # stays whole ("a  1" is "a", "  ", "1", but its halves "a " and " 1" give
 # "a", " ", " ", "1").
 #
-# The byte rules are the same, restricted to ASCII so that a cut never falls
-# inside a multi-byte UTF-8 character: the six ASCII bytes `\s` matches
-# (minus CR and LF for Llama 3) followed by a printable non-space ASCII byte
-# (minus 0-9 for the digit variant).
+# For all three, special tokens are split off first; a cut must not touch
+# one (scratchlm.tokenizer.pretokenize.is_safe_cut checks that over the
+# characters a rule reads, from `cut_chars_before` before p to p + 2), so
+# that both halves see the same ordinary text on either side of p.
+#
+# The byte rules are the same, restricted so that a cut never falls inside a
+# multi-byte UTF-8 character and every byte class is exact: one of the six
+# ASCII bytes `\s` matches (not CR or LF for Llama 3's rule (a)) followed by
+# a printable non-space ASCII byte (not 0-9 for the digit variant). Llama 3's
+# rule (b) cuts right after an ASCII line break, so the character after it
+# may be multi-byte; it is taken when its first bytes show it is no space:
+# lead bytes C3-DF and E4-F4 start no whitespace character, and E3 starts
+# one (U+3000) only when followed by 80. (C2, E1 and E2 start the others:
+# U+0085, U+00A0, U+1680, U+2000-U+205F.)
 
 
 @dataclass(frozen=True)
@@ -163,17 +180,19 @@ class PreTokenizer:
     splits: tuple[str, ...]  # the pipeline: regex splits applied in order, each "Isolated"
     regex: regex.Pattern  # findall gives the pipeline's pieces in one pass
     cut_regex: regex.Pattern  # matches at p where text[:p] | text[p:] is an exact cut
-    cut_regex_bytes: regex.Pattern  # the same on UTF-8 bytes, ASCII only
+    cut_regex_bytes: regex.Pattern  # the same on UTF-8 bytes
+    cut_chars_before: int = 0  # characters before p the cut rule reads (its look-behind)
 
     def pieces(self, text: str) -> list[str]:
         """The pieces of ``text`` (no special tokens in it)."""
         return self.regex.findall(text)
 
 
-def _preset(name: str, description: str, splits: Sequence[str], pattern: str, cut: str, cut_bytes: bytes):
-    return PreTokenizer(
-        name, description, tuple(splits), regex.compile(pattern), regex.compile(cut), regex.compile(cut_bytes)
-    )
+def _preset(
+    name: str, description: str, splits: Sequence[str], pattern: str, cut: str, cut_bytes: bytes, chars_before: int = 0
+) -> PreTokenizer:
+    compiled = [regex.compile(pattern), regex.compile(cut), regex.compile(cut_bytes)]
+    return PreTokenizer(name, description, tuple(splits), *compiled, chars_before)
 
 
 PRETOKENIZERS: dict[str, PreTokenizer] = {
@@ -192,8 +211,9 @@ PRETOKENIZERS: dict[str, PreTokenizer] = {
             "Llama 3's regex (HF Split, then ByteLevel without a regex; llama.cpp's llama-bpe)",
             [LLAMA3_PRETOKENIZE_PATTERN],
             LLAMA3_PRETOKENIZE_PATTERN,
-            r"[^\S\r\n](?=\S)",
-            rb"[\t\x0b\x0c ](?=[\x21-\x7e])",
+            r"[^\S\r\n](?=\S)|(?<=[\r\n])\S",
+            rb"[\t\x0b\x0c ](?=[\x21-\x7e])|(?<=[\r\n])(?:[\x21-\x7e\xc3-\xdf\xe4-\xf4]|\xe3[\x81-\xbf])",
+            chars_before=1,
         ),
         _preset(
             "gpt2-digits",
