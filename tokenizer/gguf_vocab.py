@@ -34,6 +34,7 @@ files, so GGUF and tokenizer.json give the same ids.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -106,15 +107,20 @@ def _refuse(source: str, key: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"{source}: {key} is {quoted}; {expected}")
 
 
-def _field(fields: Mapping[str, Any], name: str, kind: type | tuple, source: str, required: bool = True) -> Any:
+def _field(fields: Mapping[str, Any], name: str, kind: type, source: str, required: bool = True) -> Any:
     key = _PREFIX + name
     if key not in fields:
         if required:
             raise ValueError(f"{source}: {key} is missing")
         return None
     value = fields[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise _refuse(source, key, value, f"expected a {getattr(kind, '__name__', kind)}")
+    if kind is int:
+        # Any integer type (numpy's too), but not a bool.
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise _refuse(source, key, value, "expected an integer")
+        return int(value)
+    if not isinstance(value, kind):
+        raise _refuse(source, key, value, f"expected a {kind.__name__}")
     return value
 
 

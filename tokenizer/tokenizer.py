@@ -77,6 +77,8 @@ _BATCH_MAX_BYTES = MAX_PIECE_BYTES
 # encode_iterable gathers at least this many characters before looking for a
 # cut, so the per-call overhead of encode is paid per 64K characters, not per line.
 _STREAM_MIN_CHARS = 1 << 16
+# repr shows at most this many special tokens.
+_REPR_MAX_SPECIAL_TOKENS = 8
 
 
 class Tokenizer(TokenizerFiles):
@@ -233,6 +235,9 @@ class Tokenizer(TokenizerFiles):
         """
         encoded = piece.encode("utf-8")
         if self.ignore_merges:
+            # HF looks the piece up in its model's vocabulary, and so does this
+            # in all of it: a special token is split off before pre-tokenizing,
+            # so no piece ever holds one.
             whole = self._token_ids.get(encoded)
             if whole is not None:
                 return (whole,)
@@ -313,7 +318,8 @@ class Tokenizer(TokenizerFiles):
         :func:`scratchlm.tokenizer.pretokenize.is_safe_cut`), and the rest is
         kept for the next round. A pre-token or special token split across two
         strings is therefore never cut. Memory grows beyond the window only
-        for text with no whitespace followed by a non-space for a long stretch.
+        for a long stretch of text with no cut candidate (for GPT-2's rule, no
+        whitespace followed by a non-space; Llama 3's also cuts after line breaks).
 
         >>> with open("corpus.txt") as f:  # doctest: +SKIP
         ...     ids = list(tokenizer.encode_iterable(f))
@@ -372,9 +378,13 @@ class Tokenizer(TokenizerFiles):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
+        specials = repr(self.special_tokens)
+        if len(self.special_tokens) > _REPR_MAX_SPECIAL_TOKENS:  # Llama 3 has 256
+            shown = ", ".join(map(repr, self.special_tokens[:_REPR_MAX_SPECIAL_TOKENS]))
+            specials = f"[{shown}, ...] ({len(self.special_tokens)} in all)"
         settings = "" if self.pretokenizer == DEFAULT_PRETOKENIZER else f", pretokenizer={self.pretokenizer!r}"
         settings += ", ignore_merges=True" if self.ignore_merges else ""
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
-            f"special_tokens={self.special_tokens!r}{settings})"
+            f"special_tokens={specials}{settings})"
         )
