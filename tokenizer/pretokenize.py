@@ -140,7 +140,7 @@ def is_safe_cut(
     >>> is_safe_cut("a \\nb", 2), is_safe_cut("a \\nb", 2, pretokenizer="llama3")
     (True, False)
     """
-    if not 0 < position < len(text) - 1:
+    if not 0 < position < len(text):
         return False
     preset = get_pretokenizer(pretokenizer)
     if not preset.cut_regex.match(text, position):
