@@ -104,6 +104,19 @@ def test_the_config_overrides_add_bos(tmp_path, hf_folders):
     assert tokenizer.add_bos is False and tokenizer.bos_id is not None
 
 
+def test_a_merge_listed_twice_takes_its_last_rank_as_in_hf(tmp_path, hf_folders, ours):
+    def repeat_early_merges(document):
+        document["model"]["merges"] += document["model"]["merges"][:50]
+
+    folder = edited_folder(tmp_path, hf_folders["llama3"], repeat_early_merges)
+    hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = Tokenizer.from_hf(folder)
+    assert tokenizer.merges == ours["llama3"].merges[50:] + ours["llama3"].merges[:50]
+    text = SYNTHETIC[:5000]
+    assert tokenizer.encode(text) == hf.encode(text, add_special_tokens=False).ids
+    assert tokenizer.encode(text) != ours["llama3"].encode(text)
+
+
 # --------------------------------------------------------------- refusals
 
 

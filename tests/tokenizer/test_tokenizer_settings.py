@@ -138,6 +138,7 @@ def test_save_hf_round_trips_through_hugging_face(tmp_path, ours, style):
         tokenizer.pretokenizer, tokenizer.ignore_merges, tokenizer.bos_id, True
     )
     assert back.vocab == tokenizer.vocab and back.special_token_ids == tokenizer.special_token_ids
+    assert back.merges == tokenizer.merges  # written as "a b" strings, read from [a, b] pairs before
 
 
 def test_save_hf_writes_each_presets_pipeline(tmp_path):
