@@ -100,7 +100,11 @@ class TokenizerFiles:
         ('llama3', True, 128000, True)
         """
         vocab, merges, special_tokens, kwargs = read_hf_tokenizer(path)
-        return cls(vocab, merges, special_tokens, **kwargs)
+        try:
+            return cls(vocab, merges, special_tokens, **kwargs)
+        except ValueError as error:  # e.g. a byte missing from the vocabulary: say which file
+            file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+            raise ValueError(f"{str(file)!r}: {error}") from None
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -124,7 +128,10 @@ class TokenizerFiles:
         :mod:`scratchlm.tokenizer.gguf_vocab`. ``source`` names them in errors.
         """
         vocab, merges, special_tokens, kwargs = gguf_tokenizer_arguments(fields, source)
-        return cls(vocab, merges, special_tokens, **kwargs)
+        try:
+            return cls(vocab, merges, special_tokens, **kwargs)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
 
     @classmethod
     def from_files(

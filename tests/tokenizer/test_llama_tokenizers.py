@@ -216,6 +216,17 @@ def test_refused_configs_name_the_config_file(tmp_path, hf_folders, config_edit,
     assert "tokenizer_config.json" in str(error.value)
 
 
+def test_a_vocabulary_without_every_byte_is_refused_naming_the_file(tmp_path, hf_folders):
+    def drop_a_byte(document):
+        vocab = document["model"]["vocab"]
+        vocab["ĀĀ"] = vocab.pop("Ā")  # bytes 00 00 instead of byte 00, at the same id
+        document["model"]["merges"] = []
+
+    folder = edited_folder(tmp_path, hf_folders["gpt2"], drop_a_byte)
+    with pytest.raises(ValueError, match=r"tokenizer\.json': vocab must contain all 256 single bytes; missing byte values \[0\]"):
+        Tokenizer.from_hf(folder)
+
+
 @pytest.mark.parametrize("kind", ["Unigram", "WordPiece"])
 def test_real_unigram_and_wordpiece_files_are_refused(tmp_path, kind):
     model = getattr(tokenizers.models, kind)()
