@@ -85,13 +85,17 @@ def _reference(q, k, v, do, causal, scale=None):
 
 
 def _torch_same_dtype(q, k, v, do, causal):
-    """PyTorch's own scaled_dot_product_attention in the inputs' dtype: (o, dq, dk, dv)."""
+    """PyTorch's own scaled_dot_product_attention in the inputs' dtype: (o, dq, dk, dv).
+
+    K/V with fewer heads than q go through SDPA's own grouped-query support.
+    """
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     q_len, k_len = q.shape[-2], k.shape[-2]
+    gqa = {"enable_gqa": True} if q.dim() >= 3 and k.shape[-3] != q.shape[-3] else {}
     if causal and q_len != k_len:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(q_len, k_len))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(q_len, k_len), **gqa)
     else:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
     o.backward(do)
     # Some backends give NaN where a row sees no key; the kernel's answer there is 0.
     return tuple(t.detach().nan_to_num(0.0) for t in (o, q.grad, k.grad, v.grad))

@@ -11,9 +11,9 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import assert_close, assert_within_torch_error
+from test_flash_attention import _torch_same_dtype
 from scratchlm.kernels.flash_attention import flash_attention
 
 flash_module = importlib.import_module("scratchlm.kernels.flash_attention")
@@ -81,18 +81,6 @@ def _reference(q, k, v, do, causal):
     o = (torch.softmax(scores, dim=-1) * sees_a_key) @ _repeat_kv(q, v)
     o.backward(do.double())
     return o.detach(), lse.detach(), q.grad, k.grad, v.grad
-
-
-def _torch_same_dtype(q, k, v, do, causal):
-    """PyTorch's scaled_dot_product_attention with enable_gqa in the inputs' dtype: (o, dq, dk, dv)."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    q_len, k_len = q.shape[-2], k.shape[-2]
-    if causal and q_len != k_len:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(q_len, k_len), enable_gqa=True)
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-    o.backward(do)
-    return tuple(t.detach().nan_to_num(0.0) for t in (o, q.grad, k.grad, v.grad))
 
 
 def _run_kernel(q, k, v, do, causal):
