@@ -103,7 +103,8 @@ def _run_generate(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Read the tokenizer first: a bad --tokenizer fails before a large model loads.
     tokenizer = read_tokenizer(args.tokenizer) if args.tokenizer is not None else None
-    model, own_tokenizer = load_pretrained(args.checkpoint, kernels=args.kernels, device=device)
+    # With --tokenizer the checkpoint's own is not read (nor refused, if scratchlm cannot use it).
+    model, own_tokenizer = load_pretrained(args.checkpoint, kernels=args.kernels, device=device, tokenizer=tokenizer is None)
     tokenizer = tokenizer or own_tokenizer
     if tokenizer is None:
         raise ValueError(f"--checkpoint {str(args.checkpoint)!r} carries no tokenizer; pass --tokenizer")

@@ -70,9 +70,11 @@ def run(args: argparse.Namespace) -> int:
     if dst.exists() and not args.overwrite and (dst.is_file() or any(dst.iterdir())):
         raise ValueError(f"DST {str(dst)!r} exists; pass --overwrite to replace it")
     dtype = _DTYPES[args.dtype] if args.dtype else None
-    model, tokenizer = load_pretrained(args.src, kernels="reference", device="cpu", dtype=dtype)
-    if args.tokenizer is not None:
-        tokenizer = read_tokenizer(args.tokenizer)
+    tokenizer = read_tokenizer(args.tokenizer) if args.tokenizer is not None else None
+    model, own_tokenizer = load_pretrained(
+        args.src, kernels="reference", device="cpu", dtype=dtype, tokenizer=tokenizer is None
+    )
+    tokenizer = tokenizer or own_tokenizer
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {model.config.vocab_size}"
