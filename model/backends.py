@@ -1,11 +1,14 @@
 """The ``kernels=`` switch: which implementation computes each hot op.
 
-Four ops are swappable, each with one signature shared by every backend:
+Five ops are swappable, each with one signature shared by every backend:
 
     rmsnorm(x, weight, eps) -> y          x (..., d), weight (d,)
     swiglu(a, b) -> silu(a) * b           same shapes
     rope(x, cos, sin) -> x rotated        x (..., seq, d), cos/sin (..., seq, d/2)
     attention(q, k, v) -> out             causal; q (..., heads, q_seq, d), k/v (..., kv_heads, k_seq, d)
+    loss(hidden, weight, targets, ignore_index=-100) -> mean loss
+                                          lm_head plus cross-entropy; hidden (..., d), weight (vocab, d),
+                                          targets (...); float32 math whatever the input dtype
 
 Attention takes grouped-query inputs on every backend: k and v may have fewer
 heads than q (a divisor of q's), and query head h reads key/value head
@@ -13,7 +16,11 @@ h // (heads / kv_heads); no backend copies k or v per query head.
 
 Backends: "reference" (``scratchlm.model.functional``, written out by hand),
 "torch" (PyTorch's fused ops), "triton" (this project's kernels in
-``scratchlm.kernels``, FlashAttention-2 for attention). A model resolves its ``kernels=`` argument once, at
+``scratchlm.kernels``, FlashAttention-2 for attention). For the loss,
+"reference" forms the full (N, vocab) logits; "torch" is the chunked
+plain-PyTorch ``linear_cross_entropy_chunked`` (PyTorch has no fused
+linear cross-entropy) and "triton" the fused kernel ``linear_cross_entropy``:
+neither ever holds the logits. A model resolves its ``kernels=`` argument once, at
 construction, into one function per op and keeps those; ``forward`` never asks
 which backend it is on.
 
@@ -38,7 +45,7 @@ from torch import Tensor
 
 from scratchlm.model import functional
 
-OPS = ("rmsnorm", "swiglu", "rope", "attention")
+OPS = ("rmsnorm", "swiglu", "rope", "attention", "loss")
 BACKENDS = ("reference", "torch", "triton")
 KERNEL_CHOICES = (*BACKENDS, "auto")
 
@@ -89,14 +96,32 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
+def _torch_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    # Imported on first use: importing any scratchlm.kernels module runs the
+    # package's __init__, which imports Triton, and scratchlm.model must import without it.
+    from scratchlm.kernels.linear_cross_entropy_chunked import linear_cross_entropy_chunked
+
+    return linear_cross_entropy_chunked(hidden, weight, targets, ignore_index)
+
+
 class _TritonKernel:
-    """``scratchlm.kernels.<module>.<name>``, imported on first use (Triton is optional)."""
+    """``scratchlm.kernels.<module>.<name>``, imported on first use (Triton is optional).
+
+    Calling it loads the kernel once and calls it, which lets a model hold an
+    op whose import is put off until it first runs (see ``get_op(lazy=True)``).
+    """
 
     def __init__(self, module: str, name: str) -> None:
         self.module, self.name = module, name
+        self._function: Callable[..., Tensor] | None = None
 
     def load(self) -> Callable[..., Tensor]:
-        return getattr(importlib.import_module(f"scratchlm.kernels.{self.module}"), self.name)
+        if self._function is None:
+            self._function = getattr(importlib.import_module(f"scratchlm.kernels.{self.module}"), self.name)
+        return self._function
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return self.load()(*args, **kwargs)
 
 
 # op name -> backend name -> implementation. A backend missing from an op's
@@ -122,6 +147,11 @@ _REGISTRY: dict[str, dict[str, Callable[..., Tensor] | _TritonKernel]] = {
         "torch": _torch_attention,
         # Causal by default, aligned bottom-right when a KV cache makes q shorter than k.
         "triton": _TritonKernel("flash_attention", "flash_attention"),
+    },
+    "loss": {
+        "reference": functional.linear_cross_entropy,
+        "torch": _torch_loss,
+        "triton": _TritonKernel("linear_cross_entropy", "linear_cross_entropy"),
     },
 }
 
@@ -166,7 +196,7 @@ def resolve_kernels(kernels: KernelsSpec = "auto", device: torch.device | str | 
     ``KernelsUnavailableError`` for "triton" where it cannot run.
 
     >>> resolve_kernels("reference")
-    {'rmsnorm': 'reference', 'swiglu': 'reference', 'rope': 'reference', 'attention': 'reference'}
+    {'rmsnorm': 'reference', 'swiglu': 'reference', 'rope': 'reference', 'attention': 'reference', 'loss': 'reference'}
     """
     if isinstance(kernels, Mapping):
         unknown = sorted(set(kernels) - set(OPS))
@@ -186,9 +216,18 @@ def resolve_kernels(kernels: KernelsSpec = "auto", device: torch.device | str | 
     return resolved
 
 
-def get_op(op: str, backend: str = "reference", device: torch.device | str | None = None) -> Callable[..., Tensor]:
-    """The implementation of one op for one backend choice (any of ``KERNEL_CHOICES``)."""
+def get_op(
+    op: str, backend: str = "reference", device: torch.device | str | None = None, *, lazy: bool = False
+) -> Callable[..., Tensor]:
+    """The implementation of one op for one backend choice (any of ``KERNEL_CHOICES``).
+
+    A Triton kernel is imported here, unless ``lazy``: then a callable that
+    imports it on its first call comes back (the model's loss, which only
+    training calls, is held this way).
+    """
     if op not in _REGISTRY:
         raise ValueError(f"op={op!r} is unknown; expected one of {list(OPS)}")
     implementation = _REGISTRY[op][resolve_kernels({op: backend}, device)[op]]
-    return implementation.load() if isinstance(implementation, _TritonKernel) else implementation
+    if isinstance(implementation, _TritonKernel) and not lazy:
+        return implementation.load()
+    return implementation

@@ -129,3 +129,58 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotated_odd = x_even * sin + x_odd * cos
     # Interleave back: stacking on a new last dim then flattening puts pair i at 2i, 2i+1.
     return torch.stack((rotated_even, rotated_odd), dim=-1).flatten(-2).to(x.dtype)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int | None = None) -> Tensor:
+    """Mean of -log softmax(logits)[target] over positions, computed stably.
+
+    For one position with logits ``o`` and target ``y``::
+
+        loss = logsumexp(o) - o[y],   logsumexp(o) = max(o) + log(sum(exp(o - max(o))))
+
+    Subtracting the max first keeps every ``exp`` in (0, 1], so logits of 1e4
+    give the exact loss instead of inf/nan; the softmax itself is never formed.
+    ``logits`` (..., vocab) float, ``targets`` (...) integer ids. Returns a
+    float32 scalar (float64 for float64 logits): 16-bit logits are upcast
+    first, since their rounding would swamp small losses. With
+    ``ignore_index``, positions whose target equals it count for nothing: the
+    mean is over the others (0, with zero gradients, when there are none).
+    """
+    if logits.dim() < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"targets must have the shape of logits without its last (vocab) dim: "
+            f"logits {tuple(logits.shape)} expects targets {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    row_max = logits.amax(dim=-1, keepdim=True).detach()
+    shifted = logits - row_max
+    log_sum_exp = shifted.exp().sum(dim=-1).log()
+    targets = targets.long()
+    if ignore_index is None:
+        target_logit = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (log_sum_exp - target_logit).mean()
+    valid = targets != ignore_index
+    # Ignored positions gather column 0 (any valid column would do); their loss is zeroed below.
+    safe_targets = torch.where(valid, targets, 0)
+    target_logit = shifted.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    losses = torch.where(valid, log_sum_exp - target_logit, 0.0)
+    # sum / count equals .mean() bit for bit when nothing is ignored (both sum, then divide once).
+    return losses.sum() / valid.sum().clamp_min(1)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """The lm_head and the loss the plain way: ``cross_entropy(hidden @ weight.T, targets, ignore_index)``.
+
+    hidden (..., d), weight (vocab, d), targets (...). The full (..., vocab)
+    logits are formed, as ``Linear`` forms them, so this gives exactly the loss
+    of the model's logits; the "torch" and "triton" loss backends avoid them.
+    """
+    if weight.dim() != 2 or hidden.dim() < 1 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)} and hidden {tuple(hidden.shape)}; "
+            f"expected weight (vocab, d) with d = hidden's last dim"
+        )
+    return cross_entropy(hidden @ weight.T, targets, ignore_index)

@@ -1,6 +1,7 @@
 """TransformerBlock and TransformerLM: the Llama-style decoder.
 
     token_ids -> token_embeddings -> layers[0..L-1] -> ln_final -> lm_head -> logits
+    (with targets)                                      ln_final -> loss backend (lm_head weight) -> mean loss
 
 Each block is pre-norm: x + attn(ln1(x)), then x + ffn(ln2(x)). Normalising
 the input of each sublayer, not its output, keeps the residual stream an
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from scratchlm.model.attention import KVCache, LayerKVCache, MultiHeadSelfAttention
-from scratchlm.model.backends import KernelsSpec, resolve_kernels
+from scratchlm.model.backends import KernelsSpec, get_op, resolve_kernels
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.layers import Embedding, Linear, RMSNorm, RotaryPositionEmbedding, SwiGLU
 
@@ -133,6 +134,8 @@ class TransformerLM(nn.Module):
         )
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype, backend=self.backends["rmsnorm"])
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
+        # Lazy: a Triton loss kernel is imported when a loss is first asked for, not to build a model for generation.
+        self._loss = get_op("loss", self.backends["loss"], device, lazy=True)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -166,15 +169,33 @@ class TransformerLM(nn.Module):
                 module.reset_tables()
         return model
 
-    def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None, *, check_ids: bool = True) -> Tensor:
-        """token_ids (..., seq) integer -> logits (..., seq, vocab_size).
+    def forward(
+        self,
+        token_ids: Tensor,
+        kv_cache: KVCache | None = None,
+        *,
+        check_ids: bool = True,
+        targets: Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> Tensor:
+        """token_ids (..., seq) integer -> logits (..., seq, vocab_size), or the mean loss given ``targets``.
 
         With ``kv_cache``, ``token_ids`` are the tokens after the cached ones;
         the cache is extended in place. ``check_ids=False`` skips the check
         that every id is below vocab_size, which reads the ids back to the host
         and so waits for the GPU; the training loop passes it for data it has
         already checked.
+
+        With ``targets`` (..., seq) the result is instead the scalar float32
+        mean cross-entropy over the positions whose target is not
+        ``ignore_index``, computed by the "loss" backend from the final
+        hidden states and lm_head's weight (the embedding when tied): the
+        "torch" and "triton" backends never form the logits. The loss goes
+        through ``forward`` so that DDP, FSDP and torch.compile, which wrap
+        ``forward``, see it.
         """
+        if targets is not None and kv_cache is not None:
+            raise ValueError("forward got targets and a kv_cache; expected targets only for a whole sequence")
         seq_len = token_ids.shape[-1]
         cached = 0 if kv_cache is None else kv_cache.length
         self._check_input(token_ids, cached, kv_cache, check_ids)
@@ -187,7 +208,23 @@ class TransformerLM(nn.Module):
                 x = checkpoint(layer, x, positions, use_reentrant=False)
             else:
                 x = layer(x, positions, None if kv_cache is None else kv_cache.layers[index])
-        return self.lm_head(self.ln_final(x))  # (..., seq, vocab_size)
+        hidden = self.ln_final(x)  # (..., seq, d_model)
+        if targets is not None:
+            if tuple(targets.shape) != tuple(token_ids.shape):
+                raise ValueError(
+                    f"targets has shape {tuple(targets.shape)}; expected token_ids' shape {tuple(token_ids.shape)}"
+                )
+            return self._loss(hidden, self.lm_head.weight, targets, ignore_index)  # scalar
+        return self.lm_head(hidden)  # (..., seq, vocab_size)
+
+    def loss(self, token_ids: Tensor, targets: Tensor, ignore_index: int = -100, *, check_ids: bool = True) -> Tensor:
+        """Mean next-token cross-entropy of ``token_ids`` (..., seq) against ``targets`` (..., seq).
+
+        Positions whose target is ``ignore_index`` count for nothing. This is
+        ``self(token_ids, targets=targets)``; on the "torch" and "triton" loss
+        backends the (..., seq, vocab) logits are never materialised.
+        """
+        return self(token_ids, targets=targets, ignore_index=ignore_index, check_ids=check_ids)
 
     def _check_input(self, token_ids: Tensor, cached: int, kv_cache: KVCache | None, check_ids: bool) -> None:
         if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:

@@ -110,14 +110,16 @@ def test_bf16_backends_agree_with_float32_model():
 
 
 def test_resolve_kernels_strings_and_auto():
-    assert resolve_kernels("torch") == dict.fromkeys(("rmsnorm", "swiglu", "rope", "attention"), "torch")
+    assert resolve_kernels("torch") == dict.fromkeys(("rmsnorm", "swiglu", "rope", "attention", "loss"), "torch")
     assert set(resolve_kernels("auto", device="cpu").values()) == {"reference"}
     assert set(resolve_kernels("auto", device="cuda").values()) == {"triton"}
     resolved = resolve_kernels({"rmsnorm": "torch", "attention": "reference"}, device="cpu")
-    assert resolved == {"rmsnorm": "torch", "swiglu": "reference", "rope": "reference", "attention": "reference"}
+    assert resolved == {
+        "rmsnorm": "torch", "swiglu": "reference", "rope": "reference", "attention": "reference", "loss": "reference"
+    }  # fmt: skip
 
 
-@pytest.mark.parametrize("op", ["rmsnorm", "swiglu", "rope", "attention"])
+@pytest.mark.parametrize("op", ["rmsnorm", "swiglu", "rope", "attention", "loss"])
 def test_dict_kernels_choose_the_implementation_per_op(op):
     model = tiny_model({op: "torch"})
     assert model.backends == {name: "torch" if name == op else "reference" for name in model.backends}
@@ -127,6 +129,7 @@ def test_dict_kernels_choose_the_implementation_per_op(op):
         "swiglu": [block.ffn._swiglu],
         "rope": [block.attn.rope._rope],
         "attention": [block.attn._attention],
+        "loss": [model._loss],
     }
     for name, implementations in used.items():
         expected = get_op(name, "torch" if name == op else "reference")
@@ -139,7 +142,7 @@ def test_dict_kernels_choose_the_implementation_per_op(op):
         ("Torch", "'Torch'", "'reference', 'torch', 'triton', 'auto'"),
         ("cuda", "'cuda'", "'reference', 'torch', 'triton', 'auto'"),
         (None, "None", "'reference', 'torch', 'triton', 'auto'"),
-        ({"softmax": "torch"}, "'softmax'", "'rmsnorm', 'swiglu', 'rope', 'attention'"),
+        ({"softmax": "torch"}, "'softmax'", "'rmsnorm', 'swiglu', 'rope', 'attention', 'loss'"),
         ({"rmsnorm": "fast"}, "'fast'", "'reference', 'torch', 'triton', 'auto'"),
     ],
 )
