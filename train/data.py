@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from scratchlm.tokenizer.token_file import read_token_file
-from scratchlm.train.loss import cross_entropy_loss
 
 
 def load_token_dataset(
@@ -125,6 +124,10 @@ def estimate_loss(
 ) -> float:
     """Mean cross-entropy of ``model`` over ``num_batches * batch_size`` fixed windows.
 
+    ``model`` is called as ``model(inputs, targets=targets)`` and returns the
+    mean loss (``TransformerLM``'s forward does; so do DDP/FSDP wrappers of
+    it), through the model's "loss" backend, so no logits are formed.
+
     The windows are evenly spaced over ``dataset`` (see ``evenly_spaced_starts``),
     so repeated calls measure the same tokens. The model is put in eval mode for
     the call and returned to the mode it was in.
@@ -146,7 +149,7 @@ def estimate_loss(
         for batch_starts in starts.split(max(1, batch_size // world_size)):
             inputs, targets = windows_at(dataset, batch_starts, context_length, device)
             # Weight by windows so a short last batch counts for what it holds.
-            total += float(cross_entropy_loss(model(inputs), targets)) * len(batch_starts)
+            total += float(model(inputs, targets=targets)) * len(batch_starts)
         return total / len(starts)
     finally:
         model.train(was_training)

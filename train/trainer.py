@@ -4,7 +4,9 @@
  1. Draw ``batch_size`` window starts from the sampler generator. Every rank
     draws the same starts; rank r trains on its slice, split into
     ``grad_accum_steps`` micro-batches.
- 2. Per micro-batch: forward under autocast, loss / grad_accum_steps, backward.
+ 2. Per micro-batch: forward to the loss under autocast (the model's "loss"
+    backend, so the torch/triton ones never form the logits), loss /
+    grad_accum_steps, backward.
     Gradients are reduced across ranks on the last micro-batch only.
  3. Unscale (fp16), measure the global gradient norm and clip it.
  4. If the loss or the norm is not finite, skip: no update, the step count
@@ -37,7 +39,6 @@ from scratchlm.train.checkpoint import (
 )
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.data import estimate_loss, windows_at
-from scratchlm.train.loss import cross_entropy_loss
 from scratchlm.train.optim import AdamW, global_grad_norm, gradient_clipping
 from scratchlm.train.precision import MixedPrecision
 from scratchlm.train.schedule import learning_rate_schedule
@@ -222,8 +223,9 @@ class Trainer:
             last = index == len(micro_batches) - 1
             with distributed.gradient_sync(self.module, parallel, sync=last):
                 with self.precision.autocast():
-                    logits = self.module(inputs, check_ids=False)  # the data was checked when loaded
-                loss = cross_entropy_loss(logits, targets) / len(micro_batches)
+                    # forward with targets returns the float32 mean loss; the data was checked when loaded.
+                    loss = self.module(inputs, targets=targets, check_ids=False)
+                loss = loss / len(micro_batches)
                 self.precision.backward(loss)
             loss_sum += loss.detach()
         loss_value = float(parallel.sum(loss_sum)) / parallel.world_size
