@@ -24,7 +24,7 @@ is therefore ready when forward ends, and backward only multiplies it by the
 grad_output factor, unknown during forward; there forward keeps only the
 per-row logsumexp and backward walks the chunks again, recomputing the
 logits (one more matmul per chunk, the simplest correct way). Peak extra
-memory is a couple of chunks of logits plus d_weight and d_hidden.
+memory is one chunk of logits (worked on in place) plus d_weight and d_hidden.
 
 This is the readable twin of the Triton kernel ``linear_cross_entropy`` and
 follows the same contract.
@@ -94,25 +94,30 @@ def _chunk_logits(hidden: Tensor, weight: Tensor) -> Tensor:
 
 
 def _chunk_loss_and_grad(
-    logits: Tensor, targets: Tensor, valid: Tensor, z_loss: float, row_scale: Tensor | None, ignore_index: int
+    logits: Tensor, targets: Tensor, valid: Tensor, z_loss: float, row_scale: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-row loss and logsumexp of one chunk; with ``row_scale`` also its scaled logits gradient.
 
-    The gradient is written over ``logits`` (which the caller no longer needs):
-    one chunk-sized buffer, plus logsumexp's temporary.
+    Works in place on ``logits`` (which the caller no longer needs), so a chunk
+    costs one (rows, V) buffer: logits, then exp(logits - max), then the gradient.
     """
-    lse = torch.logsumexp(logits, dim=-1)  # (rows,)
     safe_targets = torch.where(valid, targets, 0)  # ignored rows gather a dummy column, zeroed below
-    target_logit = logits.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    target_logit = logits.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # before the buffer is reused
+    row_max = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(row_max).exp_()  # every exponent <= 0: no overflow
+    sum_exp = exp.sum(dim=-1)
+    lse = row_max.squeeze(-1) + sum_exp.log()
     loss = lse - target_logit
     if z_loss:
         loss = loss + z_loss * lse * lse
     loss = torch.where(valid, loss, 0.0)
     if row_scale is None:
         return loss, lse, None
-    grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place
+    # d loss / d logits = softmax * (1 + 2 z_loss lse) - onehot(target), times the row's scale.
+    factor = 1.0 / sum_exp
     if z_loss:
-        grad.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(-1))
+        factor = factor * (1.0 + 2.0 * z_loss * lse)
+    grad = exp.mul_(factor.unsqueeze(-1))
     grad.scatter_add_(-1, safe_targets.unsqueeze(-1), torch.full_like(lse, -1.0).unsqueeze(-1))
     # Ignored rows get scale 0: their (dummy) gradient vanishes.
     grad.mul_(torch.where(valid, row_scale, 0.0).unsqueeze(-1))
@@ -154,7 +159,7 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
             valid = valid_all[rows]
             row_scale = scale.expand(valid.shape) if grads_now else None
             logits = _chunk_logits(hidden_c, weight_c)
-            loss, lse, grad = _chunk_loss_and_grad(logits, targets[rows], valid, z_loss, row_scale, ignore_index)
+            loss, lse, grad = _chunk_loss_and_grad(logits, targets[rows], valid, z_loss, row_scale)
             losses[rows], lses[rows] = loss, lse
             if grads_now:
                 torch.matmul(grad, weight_c, out=d_hidden[rows])
@@ -196,9 +201,7 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
             hidden_c = hidden[rows].to(dtype)
             logits = _chunk_logits(hidden_c, weight_c)
             valid = targets[rows] != ctx.ignore_index
-            _, _, grad = _chunk_loss_and_grad(
-                logits, targets[rows], valid, ctx.z_loss, row_scale_all[rows], ctx.ignore_index
-            )
+            _, _, grad = _chunk_loss_and_grad(logits, targets[rows], valid, ctx.z_loss, row_scale_all[rows])
             torch.matmul(grad, weight_c, out=d_hidden[rows])
             d_weight.addmm_(grad.T, hidden_c)
             del logits, grad
