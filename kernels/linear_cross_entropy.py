@@ -58,20 +58,34 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @triton.jit
 def _logits_tile(
-    h_ptr, w_ptr, stride_h, stride_w, offs_m, offs_v, n_rows, vocab, dim,
+    h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """h[offs_m] @ w[offs_v]^T, (BLOCK_M, BLOCK_V) float32, walking d in BLOCK_D tiles; 0 outside the matrix."""
-    m_mask = offs_m < n_rows
-    v_mask = offs_v < vocab
+    """(BLOCK_M, BLOCK_V) float32 logits of the rows at ``h_block`` against the vocabulary rows at
+    ``w_tile``, walking d in BLOCK_D tiles; 0 past ``rows_left`` rows and ``vocab_left`` entries."""
+    # Offsets inside a tile are int32 (the tile's base pointer carries the
+    # int64 part): 64-bit offsets for every element of a 2-D tile would take
+    # twice the registers and spill.
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_v = tl.arange(0, BLOCK_V)
+    m_mask = offs_m < rows_left
+    v_mask = offs_v < vocab_left
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     for start_d in range(0, dim, BLOCK_D):
         offs_d = start_d + tl.arange(0, BLOCK_D)
         d_mask = offs_d < dim
-        h = tl.load(h_ptr + offs_m[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+        h = tl.load(h_block + offs_m[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_tile + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
         acc = _dot(h, tl.trans(w), acc)
     return acc
+
+
+@triton.jit
+def _local_targets(targets_ptr, start_m, rows_left, ignore_index, BLOCK_M: tl.constexpr):
+    """The block's targets as int32 vocabulary ids, -1 on ignored and padding rows (never a column)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    targets = tl.load(targets_ptr + start_m + offs_m, mask=offs_m < rows_left, other=ignore_index)
+    return tl.where(targets == ignore_index, -1, targets).to(tl.int32)
 
 
 @triton.jit
@@ -81,47 +95,53 @@ def _lce_fwd_kernel(
     n_rows, vocab, dim, ignore_index, z_loss,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # One program per block of rows; int64 offsets so rows * stride never wraps.
-    pid = tl.program_id(0).to(tl.int64)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < n_rows
-    targets = tl.load(targets_ptr + offs_m, mask=m_mask, other=ignore_index)
+    # One program per block of rows; int64 so start_m * stride never wraps.
+    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows_left = n_rows - start_m
+    h_block = h_ptr + start_m * stride_h
+    targets = _local_targets(targets_ptr, start_m, rows_left, ignore_index, BLOCK_M)
+    offs_v = tl.arange(0, BLOCK_V)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     target_logit = tl.zeros([BLOCK_M], dtype=tl.float32)
+    w_tile = w_ptr  # advanced by whole tiles: pointer arithmetic is 64-bit
     for start_v in range(0, vocab, BLOCK_V):
-        offs_v = start_v + tl.arange(0, BLOCK_V).to(tl.int64)
-        z = _logits_tile(h_ptr, w_ptr, stride_h, stride_w, offs_m, offs_v, n_rows, vocab, dim, BLOCK_M, BLOCK_V, BLOCK_D)
-        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), 1)
-        s = tl.where((offs_v < vocab)[None, :], z * 1.4426950408889634, float("-inf"))
+        z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab - start_v, dim, BLOCK_M, BLOCK_V, BLOCK_D)
+        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None] - start_v, z, 0.0), 1)
+        s = tl.where((offs_v < vocab - start_v)[None, :], z * 1.4426950408889634, float("-inf"))
         # Every tile holds at least one real column, so m_new is finite and
         # the first tile's rescale factor is exp2(-inf) = 0, never NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
+        w_tile += BLOCK_V * stride_w
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln(2): back to natural log
-    loss = lse - target_logit + z_loss * lse * lse
-    loss = tl.where(targets == ignore_index, 0.0, loss)
-    tl.store(loss_ptr + offs_m, loss, mask=m_mask)
-    tl.store(lse_ptr + offs_m, lse, mask=m_mask)
+    loss = tl.where(targets < 0, 0.0, lse - target_logit + z_loss * lse * lse)
+    offs_m = tl.arange(0, BLOCK_M)
+    tl.store(loss_ptr + start_m + offs_m, loss, mask=offs_m < rows_left)
+    tl.store(lse_ptr + start_m + offs_m, lse, mask=offs_m < rows_left)
 
 
 @triton.jit
-def _row_state(targets_ptr, lse_ptr, grad_ptr, offs_m, n_rows, ignore_index, z_loss):
-    """Per row: the target, lse in log2 units, g * (1 + 2 z_loss lse) and g (0 on ignored and padding rows)."""
-    m_mask = offs_m < n_rows
-    targets = tl.load(targets_ptr + offs_m, mask=m_mask, other=ignore_index)
-    lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
-    g = tl.load(grad_ptr + offs_m, mask=m_mask, other=0.0)
-    g = tl.where(targets == ignore_index, 0.0, g)
+def _row_state(targets_ptr, lse_ptr, grad_ptr, start_m, rows_left, ignore_index, z_loss, BLOCK_M: tl.constexpr):
+    """Per row of a block: the local target, lse in log2 units, g * (1 + 2 z_loss lse) and g
+    (g = 0 on ignored and padding rows, so their dZ is 0)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < rows_left
+    targets = _local_targets(targets_ptr, start_m, rows_left, ignore_index, BLOCK_M)
+    lse = tl.load(lse_ptr + start_m + offs_m, mask=m_mask, other=0.0)
+    g = tl.load(grad_ptr + start_m + offs_m, mask=m_mask, other=0.0)
+    g = tl.where(targets < 0, 0.0, g)
     return targets, lse * 1.4426950408889634, g * (1.0 + 2.0 * z_loss * lse), g
 
 
 @triton.jit
-def _dlogits(z, offs_v, vocab, targets, lse_log2, p_scale, g):
-    """dZ = g * (p * (1 + 2 z_loss lse) - onehot(t)) for one (rows, vocab) tile, 0 past the vocabulary."""
+def _dlogits(z, targets, lse_log2, p_scale, g, vocab_left, BLOCK_V: tl.constexpr):
+    """dZ = g * (p * (1 + 2 z_loss lse) - onehot(t)) for one (rows, vocab) tile, 0 past the vocabulary;
+    ``targets`` are relative to the tile's first vocabulary entry."""
+    offs_v = tl.arange(0, BLOCK_V)
     p = tl.exp2(z * 1.4426950408889634 - lse_log2[:, None])
-    p = tl.where((offs_v < vocab)[None, :], p, 0.0)
+    p = tl.where((offs_v < vocab_left)[None, :], p, 0.0)
     onehot = offs_v[None, :] == targets[:, None]
     return p * p_scale[:, None] - tl.where(onehot, g[:, None], 0.0)
 
@@ -135,23 +155,32 @@ def _lce_bwd_dh_kernel(
 ):  # fmt: skip
     # One program per row block owns those rows of the float32, zeroed dH and
     # adds dZ_tile @ W_tile into them, vocabulary tile after tile, in order.
-    pid = tl.program_id(0).to(tl.int64)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < n_rows
-    targets, lse_log2, p_scale, g = _row_state(targets_ptr, lse_ptr, grad_ptr, offs_m, n_rows, ignore_index, z_loss)
+    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows_left = n_rows - start_m
+    h_block = h_ptr + start_m * stride_h
+    dh_block = dh_ptr + start_m * stride_dh
+    targets, lse_log2, p_scale, g = _row_state(
+        targets_ptr, lse_ptr, grad_ptr, start_m, rows_left, ignore_index, z_loss, BLOCK_M
+    )  # fmt: skip
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_v = tl.arange(0, BLOCK_V)
+    m_mask = offs_m < rows_left
+    w_tile = w_ptr
     for start_v in range(0, vocab, BLOCK_V):
-        offs_v = start_v + tl.arange(0, BLOCK_V).to(tl.int64)
-        z = _logits_tile(h_ptr, w_ptr, stride_h, stride_w, offs_m, offs_v, n_rows, vocab, dim, BLOCK_M, BLOCK_V, BLOCK_D)
-        dz = _round_to(_dlogits(z, offs_v, vocab, targets, lse_log2, p_scale, g), w_ptr.dtype.element_ty)
-        v_mask = offs_v < vocab
+        vocab_left = vocab - start_v
+        z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
+        dz = _dlogits(z, targets - start_v, lse_log2, p_scale, g, vocab_left, BLOCK_V)
+        dz = _round_to(dz, w_ptr.dtype.element_ty)
+        v_mask = offs_v < vocab_left
         for start_d in range(0, dim, BLOCK_D):
             offs_d = start_d + tl.arange(0, BLOCK_D)
             d_mask = offs_d < dim
-            w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
-            dh_ptrs = dh_ptr + offs_m[:, None] * stride_dh + offs_d[None, :]
+            w = tl.load(w_tile + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+            dh_ptrs = dh_block + offs_m[:, None] * stride_dh + offs_d[None, :]
             dh_mask = m_mask[:, None] & d_mask[None, :]
             dh = _dot(dz, w, tl.load(dh_ptrs, mask=dh_mask, other=0.0))
             tl.store(dh_ptrs, dh, mask=dh_mask)
+        w_tile += BLOCK_V * stride_w
 
 
 @triton.jit
@@ -163,23 +192,32 @@ def _lce_bwd_dw_kernel(
 ):  # fmt: skip
     # One program per vocabulary block owns those rows of the float32, zeroed
     # dW and adds dZ_tile^T @ H_block into them, row block after row block.
-    pid = tl.program_id(0).to(tl.int64)
-    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_mask = offs_v < vocab
+    start_v = tl.program_id(0).to(tl.int64) * BLOCK_V
+    vocab_left = vocab - start_v
+    w_tile = w_ptr + start_v * stride_w
+    dw_tile = dw_ptr + start_v * stride_dw
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_v = tl.arange(0, BLOCK_V)
+    v_mask = offs_v < vocab_left
+    h_block = h_ptr
     for start_m in range(0, n_rows, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-        m_mask = offs_m < n_rows
-        targets, lse_log2, p_scale, g = _row_state(targets_ptr, lse_ptr, grad_ptr, offs_m, n_rows, ignore_index, z_loss)
-        z = _logits_tile(h_ptr, w_ptr, stride_h, stride_w, offs_m, offs_v, n_rows, vocab, dim, BLOCK_M, BLOCK_V, BLOCK_D)
-        dz_t = _round_to(tl.trans(_dlogits(z, offs_v, vocab, targets, lse_log2, p_scale, g)), h_ptr.dtype.element_ty)
+        rows_left = n_rows - start_m
+        targets, lse_log2, p_scale, g = _row_state(
+            targets_ptr, lse_ptr, grad_ptr, start_m, rows_left, ignore_index, z_loss, BLOCK_M
+        )  # fmt: skip
+        z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
+        dz = _dlogits(z, targets - start_v.to(tl.int32), lse_log2, p_scale, g, vocab_left, BLOCK_V)
+        dz_t = _round_to(tl.trans(dz), h_ptr.dtype.element_ty)
+        m_mask = offs_m < rows_left
         for start_d in range(0, dim, BLOCK_D):
             offs_d = start_d + tl.arange(0, BLOCK_D)
             d_mask = offs_d < dim
-            h = tl.load(h_ptr + offs_m[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-            dw_ptrs = dw_ptr + offs_v[:, None] * stride_dw + offs_d[None, :]
+            h = tl.load(h_block + offs_m[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+            dw_ptrs = dw_tile + offs_v[:, None] * stride_dw + offs_d[None, :]
             dw_mask = v_mask[:, None] & d_mask[None, :]
             dw = _dot(dz_t, h, tl.load(dw_ptrs, mask=dw_mask, other=0.0))
             tl.store(dw_ptrs, dw, mask=dw_mask)
+        h_block += BLOCK_M * stride_h
 
 
 class LaunchSettings(NamedTuple):
@@ -199,14 +237,17 @@ INTERPRETER_SETTINGS = LaunchSettings(16, 32, 16, 4, 1)
 def launch_settings(element_size: int) -> LaunchSettings:
     """Fixed launch settings by element size: one shape always launches, and rounds, the same way.
 
-    A 64 x 128 (rows x vocab) float32 tile of logits is 32 values per thread
-    with 8 warps; d is walked in 64-wide tiles for 16-bit inputs (a 64 x 64 h
-    tile and a 128 x 64 W tile, 24 KiB per pipeline stage) and 32-wide ones
-    for float32, which holds the same bytes in half the columns.
+    Compiled for sm_90 (Triton 3.9) none of the three kernels spills with
+    these: 16-bit inputs take 64 x 128 (rows x vocab) tiles with d walked 32
+    at a time, 213-246 registers per thread; float32 takes 64 x 64 tiles and
+    16-wide d steps, 184-194 registers (IEEE float32 dots are not tensor-core
+    work). Wider d steps (64) or 4 warps spilled 8 to 1352 bytes per thread.
     """
     if INTERPRETING:
         return INTERPRETER_SETTINGS
-    return LaunchSettings(64, 128, 64 if element_size == 2 else 32, 8, 2)
+    if element_size == 2:
+        return LaunchSettings(64, 128, 32, 8, 3)
+    return LaunchSettings(64, 64, 16, 8, 3)
 
 
 def _fwd_fake(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float):
