@@ -57,6 +57,14 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 @triton.jit
+def _load_rows(base, stride, rows_left, offs_d, dim, BLOCK_ROWS: tl.constexpr):
+    """Columns ``offs_d`` of the BLOCK_ROWS rows at ``base``, (BLOCK_ROWS, BLOCK_D); 0 outside the matrix."""
+    offs_r = tl.arange(0, BLOCK_ROWS)
+    mask = (offs_r < rows_left)[:, None] & (offs_d < dim)[None, :]
+    return tl.load(base + offs_r[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _logits_tile(
     h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -66,16 +74,11 @@ def _logits_tile(
     # Offsets inside a tile are int32 (the tile's base pointer carries the
     # int64 part): 64-bit offsets for every element of a 2-D tile would take
     # twice the registers and spill.
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_v = tl.arange(0, BLOCK_V)
-    m_mask = offs_m < rows_left
-    v_mask = offs_v < vocab_left
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     for start_d in range(0, dim, BLOCK_D):
         offs_d = start_d + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < dim
-        h = tl.load(h_block + offs_m[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_tile + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+        h = _load_rows(h_block, stride_h, rows_left, offs_d, dim, BLOCK_M)
+        w = _load_rows(w_tile, stride_w, vocab_left, offs_d, dim, BLOCK_V)
         acc = _dot(h, tl.trans(w), acc)
     return acc
 
@@ -106,9 +109,10 @@ def _lce_fwd_kernel(
     target_logit = tl.zeros([BLOCK_M], dtype=tl.float32)
     w_tile = w_ptr  # advanced by whole tiles: pointer arithmetic is 64-bit
     for start_v in range(0, vocab, BLOCK_V):
-        z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab - start_v, dim, BLOCK_M, BLOCK_V, BLOCK_D)
+        vocab_left = vocab - start_v
+        z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
         target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None] - start_v, z, 0.0), 1)
-        s = tl.where((offs_v < vocab - start_v)[None, :], z * 1.4426950408889634, float("-inf"))
+        s = tl.where((offs_v < vocab_left)[None, :], z * 1.4426950408889634, float("-inf"))
         # Every tile holds at least one real column, so m_new is finite and
         # the first tile's rescale factor is exp2(-inf) = 0, never NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -163,7 +167,6 @@ def _lce_bwd_dh_kernel(
         targets_ptr, lse_ptr, grad_ptr, start_m, rows_left, ignore_index, z_loss, BLOCK_M
     )  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
-    offs_v = tl.arange(0, BLOCK_V)
     m_mask = offs_m < rows_left
     w_tile = w_ptr
     for start_v in range(0, vocab, BLOCK_V):
@@ -171,11 +174,10 @@ def _lce_bwd_dh_kernel(
         z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
         dz = _dlogits(z, targets - start_v, lse_log2, p_scale, g, vocab_left, BLOCK_V)
         dz = _round_to(dz, w_ptr.dtype.element_ty)
-        v_mask = offs_v < vocab_left
         for start_d in range(0, dim, BLOCK_D):
             offs_d = start_d + tl.arange(0, BLOCK_D)
             d_mask = offs_d < dim
-            w = tl.load(w_tile + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+            w = _load_rows(w_tile, stride_w, vocab_left, offs_d, dim, BLOCK_V)
             dh_ptrs = dh_block + offs_m[:, None] * stride_dh + offs_d[None, :]
             dh_mask = m_mask[:, None] & d_mask[None, :]
             dh = _dot(dz, w, tl.load(dh_ptrs, mask=dh_mask, other=0.0))
@@ -196,7 +198,6 @@ def _lce_bwd_dw_kernel(
     vocab_left = vocab - start_v
     w_tile = w_ptr + start_v * stride_w
     dw_tile = dw_ptr + start_v * stride_dw
-    offs_m = tl.arange(0, BLOCK_M)
     offs_v = tl.arange(0, BLOCK_V)
     v_mask = offs_v < vocab_left
     h_block = h_ptr
@@ -208,11 +209,10 @@ def _lce_bwd_dw_kernel(
         z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
         dz = _dlogits(z, targets - start_v.to(tl.int32), lse_log2, p_scale, g, vocab_left, BLOCK_V)
         dz_t = _round_to(tl.trans(dz), h_ptr.dtype.element_ty)
-        m_mask = offs_m < rows_left
         for start_d in range(0, dim, BLOCK_D):
             offs_d = start_d + tl.arange(0, BLOCK_D)
             d_mask = offs_d < dim
-            h = tl.load(h_block + offs_m[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+            h = _load_rows(h_block, stride_h, rows_left, offs_d, dim, BLOCK_M)
             dw_ptrs = dw_tile + offs_v[:, None] * stride_dw + offs_d[None, :]
             dw_mask = v_mask[:, None] & d_mask[None, :]
             dw = _dot(dz_t, h, tl.load(dw_ptrs, mask=dw_mask, other=0.0))
