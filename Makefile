@@ -27,7 +27,8 @@ test: $(READY)
 # then benchmarks/report.py turns the JSON into kernels.md and kernels.png.
 # Without CUDA only small shapes and the reference/torch providers run.
 # bench_tokenizer.py is a plain script: tokenizer speed vs tiktoken and HF tokenizers;
-# bench_train.py too: training tokens/s, MFU and memory per kernel backend, eager and compiled.
+# bench_train.py too: training tokens/s, MFU and memory per kernel backend, eager and compiled;
+# bench_loss.py: time and peak memory of the loss op (lm_head + cross-entropy) per backend.
 BENCH_RESULTS := benchmarks/results
 BENCH_PYTEST := -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' --benchmark-only
 BENCH_FILES := --json $(BENCH_RESULTS)/kernels.json --skips $(BENCH_RESULTS)/skipped.json
@@ -41,6 +42,7 @@ bench: $(BENCH_READY)
 	$(BIN)/python benchmarks/report.py $(BENCH_FILES) --out-dir $(BENCH_RESULTS)
 	$(BIN)/python benchmarks/bench_tokenizer.py --out $(BENCH_RESULTS)/tokenizer.json
 	$(BIN)/python benchmarks/bench_train.py --out $(BENCH_RESULTS)/train.json
+	$(BIN)/python benchmarks/bench_loss.py --out $(BENCH_RESULTS)/loss.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

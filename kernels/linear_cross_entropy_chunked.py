@@ -21,10 +21,11 @@ chunk's G, which is multiplied into d_hidden (its rows) and a float32
 d_weight accumulator, then dropped. For "mean" and "sum" the whole gradient
 is therefore ready when forward ends, and backward only multiplies it by the
 (scalar) grad_output. For "none" each row's gradient carries its own
-grad_output factor, unknown during forward; there forward keeps only the
-per-row logsumexp and backward walks the chunks again, recomputing the
-logits (one more matmul per chunk, the simplest correct way). Peak extra
-memory is one chunk of logits (worked on in place) plus d_weight and d_hidden.
+grad_output factor, unknown during forward; there forward keeps only its
+inputs and backward walks the chunks again, recomputing the logits and the
+softmax (one more matmul per chunk: the simplest correct way). Peak extra
+memory is one chunk of logits (worked on in place) plus d_weight and d_hidden
+in float32, and a float32 copy of a 16-bit weight.
 
 This is the readable twin of the Triton kernel ``linear_cross_entropy`` and
 follows the same contract.
@@ -95,8 +96,8 @@ def _chunk_logits(hidden: Tensor, weight: Tensor) -> Tensor:
 
 def _chunk_loss_and_grad(
     logits: Tensor, targets: Tensor, valid: Tensor, z_loss: float, row_scale: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row loss and logsumexp of one chunk; with ``row_scale`` also its scaled logits gradient.
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row loss of one chunk and, with ``row_scale``, its logits gradient scaled per row.
 
     Works in place on ``logits`` (which the caller no longer needs), so a chunk
     costs one (rows, V) buffer: logits, then exp(logits - max), then the gradient.
@@ -112,7 +113,7 @@ def _chunk_loss_and_grad(
         loss = loss + z_loss * lse * lse
     loss = torch.where(valid, loss, 0.0)
     if row_scale is None:
-        return loss, lse, None
+        return loss, None
     # d loss / d logits = softmax * (1 + 2 z_loss lse) - onehot(target), times the row's scale.
     factor = 1.0 / sum_exp
     if z_loss:
@@ -121,7 +122,7 @@ def _chunk_loss_and_grad(
     grad.scatter_add_(-1, safe_targets.unsqueeze(-1), torch.full_like(lse, -1.0).unsqueeze(-1))
     # Ignored rows get scale 0: their (dummy) gradient vanishes.
     grad.mul_(torch.where(valid, row_scale, 0.0).unsqueeze(-1))
-    return loss, lse, grad
+    return loss, grad
 
 
 class LinearCrossEntropyChunked(torch.autograd.Function):
@@ -150,7 +151,6 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
         else:
             scale = torch.ones((), dtype=dtype, device=hidden.device)
         losses = torch.empty(n_rows, dtype=dtype, device=hidden.device)
-        lses = torch.empty(n_rows, dtype=dtype, device=hidden.device)
         d_hidden = torch.empty(n_rows, hidden.shape[1], dtype=dtype, device=hidden.device) if grads_now else None
         d_weight = torch.zeros(vocab, hidden.shape[1], dtype=dtype, device=hidden.device) if grads_now else None
         for start in range(0, n_rows, chunk_rows):
@@ -159,8 +159,7 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
             valid = valid_all[rows]
             row_scale = scale.expand(valid.shape) if grads_now else None
             logits = _chunk_logits(hidden_c, weight_c)
-            loss, lse, grad = _chunk_loss_and_grad(logits, targets[rows], valid, z_loss, row_scale)
-            losses[rows], lses[rows] = loss, lse
+            losses[rows], grad = _chunk_loss_and_grad(logits, targets[rows], valid, z_loss, row_scale)
             if grads_now:
                 torch.matmul(grad, weight_c, out=d_hidden[rows])
                 d_weight.addmm_(grad.T, hidden_c)
@@ -169,7 +168,7 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
         ctx.reduction, ctx.ignore_index, ctx.z_loss, ctx.chunk_rows = reduction, ignore_index, z_loss, chunk_rows
         ctx.dtypes = (hidden.dtype, weight.dtype)
         if reduction == "none":
-            ctx.save_for_backward(hidden, weight, targets, lses)
+            ctx.save_for_backward(hidden, weight, targets)
             return losses
         ctx.save_for_backward(d_hidden, d_weight)
         return losses.sum() * scale if reduction == "mean" else losses.sum()
@@ -190,8 +189,8 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
             d_hidden = (d_hidden * g).to(hidden_dtype) if ctx.needs_input_grad[0] else None
             d_weight = (d_weight * g).to(weight_dtype) if ctx.needs_input_grad[1] else None
             return d_hidden, d_weight, None, None, None, None, None, None
-        hidden, weight, targets, lses = ctx.saved_tensors
-        dtype = lses.dtype
+        hidden, weight, targets = ctx.saved_tensors
+        dtype = _compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
         weight_c = weight.to(dtype)
         d_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
         d_weight = torch.zeros(weight.shape, dtype=dtype, device=hidden.device)
@@ -201,7 +200,7 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
             hidden_c = hidden[rows].to(dtype)
             logits = _chunk_logits(hidden_c, weight_c)
             valid = targets[rows] != ctx.ignore_index
-            _, _, grad = _chunk_loss_and_grad(logits, targets[rows], valid, ctx.z_loss, row_scale_all[rows])
+            _, grad = _chunk_loss_and_grad(logits, targets[rows], valid, ctx.z_loss, row_scale_all[rows])
             torch.matmul(grad, weight_c, out=d_hidden[rows])
             d_weight.addmm_(grad.T, hidden_c)
             del logits, grad
