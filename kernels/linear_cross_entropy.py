@@ -34,7 +34,9 @@ has a single writer that adds its terms in a fixed order: no atomics, and
 bitwise-identical gradients from run to run. The price is computing the
 logits three times (forward, dH, dW); extra memory is O(N) plus a float32
 copy of dH and dW for 16-bit inputs, the buffers the kernels add into tile
-by tile (rows of d are walked in BLOCK_D tiles there too).
+by tile (rows of d are walked in BLOCK_D tiles there too). For 16-bit inputs
+each dZ tile is rounded to the input dtype before its two products, as
+PyTorch's own 16-bit backward rounds dZ, so they run on tensor cores.
 
 Targets are read as values and only compared with vocabulary indices, so a
 target out of [0, V) can never cause an out-of-bounds read; the public

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import assert_close, assert_within_torch_error
 from scratchlm.kernels import linear_cross_entropy
-from scratchlm.kernels.linear_cross_entropy import INTERPRETER_SETTINGS
+from scratchlm.kernels.linear_cross_entropy import INTERPRETER_SETTINGS, LaunchSettings, launch_settings
+
+# The module itself: the package's attribute of that name is the function it exports.
+lce_module = importlib.import_module("scratchlm.kernels.linear_cross_entropy")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -191,6 +196,15 @@ def test_interpreter_tiles_are_smaller_than_the_test_shapes():
     assert block_m < 37 and block_v < 131 and block_d < 24
 
 
+def test_launch_settings_rule(monkeypatch):
+    if not CUDA:
+        assert launch_settings(2) == launch_settings(4) == INTERPRETER_SETTINGS
+    monkeypatch.setattr(lce_module, "INTERPRETING", False)
+    # The settings that compile for sm_90 without spills (test_gpu_compilation prints the registers).
+    assert launch_settings(2) == LaunchSettings(64, 128, 32, 8, 3)
+    assert launch_settings(4) == LaunchSettings(64, 64, 16, 8, 3)
+
+
 def _ones(*shape, **kwargs):
     return torch.ones(*shape, **kwargs)
 
@@ -236,3 +250,10 @@ def test_targets_equal_to_ignore_index_are_not_range_checked():
     targets[2] = -1
     got = _run_kernel(hidden, weight, targets, ignore_index=-1)
     _assert_float32_close(got, _reference(hidden, weight, targets, torch.float64, ignore_index=-1))
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error for CPU tensors without the interpreter")
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(lce_module, "INTERPRETING", False)
+    with pytest.raises(ValueError, match="hidden is on cpu; the Triton kernels need a CUDA device"):
+        linear_cross_entropy(torch.ones(2, 3), torch.ones(4, 3), torch.zeros(2, dtype=torch.long))
