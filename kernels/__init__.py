@@ -15,18 +15,39 @@ backward are Triton kernels, registered as PyTorch operators so that
   cross-entropy of hidden @ weight.T without ever holding the (N, V) logits
 
 ``flash_attention_tiled`` is the same algorithm in plain PyTorch, written to be
-read (and a second reference in the tests).
+read (and a second reference in the tests); ``linear_cross_entropy_chunked``
+is the loss over row chunks in plain PyTorch (the model's "torch" loss
+backend). Both import without Triton.
 
 They run on CUDA devices, and on the CPU through Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before Triton is imported (slow; for tests).
 The model uses them with ``TransformerLM(..., kernels="triton")``.
 """
 
-from scratchlm.kernels.flash_attention import flash_attention
-from scratchlm.kernels.flash_attention_tiled import flash_attention_tiled
-from scratchlm.kernels.linear_cross_entropy import linear_cross_entropy
-from scratchlm.kernels.rmsnorm import rmsnorm
-from scratchlm.kernels.rope import apply_rope
-from scratchlm.kernels.swiglu import swiglu
+import importlib
 
-__all__ = ["apply_rope", "flash_attention", "flash_attention_tiled", "linear_cross_entropy", "rmsnorm", "swiglu"]
+# Public name -> the module defining it. Imported on first use (PEP 562), so that
+# importing a plain-PyTorch module of this package (flash_attention_tiled,
+# linear_cross_entropy_chunked: the "torch" loss backend) never needs Triton.
+_EXPORTS = {
+    "apply_rope": "rope",
+    "flash_attention": "flash_attention",
+    "flash_attention_tiled": "flash_attention_tiled",
+    "linear_cross_entropy": "linear_cross_entropy",
+    "linear_cross_entropy_chunked": "linear_cross_entropy_chunked",
+    "rmsnorm": "rmsnorm",
+    "swiglu": "swiglu",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'scratchlm.kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"scratchlm.kernels.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
