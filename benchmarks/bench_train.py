@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchlm.model import ModelConfig, resolve_kernels
+from scratchlm.model import OPS, ModelConfig, resolve_kernels
 from scratchlm.train import TrainConfig
 from scratchlm.train.distributed import Parallel
 from scratchlm.train.trainer import Trainer
@@ -47,7 +47,12 @@ ON_CUDA = torch.cuda.is_available()
 KERNELS = ("reference", "torch", "triton")
 
 
-def build_trainer(model: ModelConfig, args, kernels: str, compile_model: bool) -> Trainer:
+def kernels_spec(kernels: str, loss: str | None) -> str | dict[str, str]:
+    """--kernels for one row: ``kernels`` for every op, the loss backend replaced when ``loss`` is given."""
+    return kernels if loss is None else {**{op: kernels for op in OPS}, "loss": loss}
+
+
+def build_trainer(model: ModelConfig, args, kernels: str | dict, compile_model: bool) -> Trainer:
     config = TrainConfig(
         train_data_path="<random ids>",
         val_data_path="<random ids>",
@@ -68,12 +73,12 @@ def build_trainer(model: ModelConfig, args, kernels: str, compile_model: bool) -
     return Trainer(config, Parallel(), args.device)
 
 
-def measure(model: ModelConfig, args, kernels: str, compile_model: bool, data: np.ndarray) -> dict:
-    row = {"kernels": kernels, "compile": compile_model}
+def measure(model: ModelConfig, args, kernels: str, loss: str | None, compile_model: bool, data: np.ndarray) -> dict:
+    row = {"kernels": kernels, "loss": loss or kernels, "compile": compile_model}
     if ON_CUDA:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = build_trainer(model, args, kernels, compile_model)
+    trainer = build_trainer(model, args, kernels_spec(kernels, loss), compile_model)
     row["precision"] = trainer.precision.name
     try:
         for _ in range(args.warmup):
@@ -104,24 +109,26 @@ def print_table(results: dict) -> str:
         f"Training throughput: {results['model']} at context {results['context']}, batch {results['batch']}, "
         f"{'/'.join(precisions)}, on {results['environment']['device']}",
         "",
-        "| kernels | compile | ms/step | tokens/s | MFU | peak memory | vs reference eager |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| kernels | loss | compile | ms/step | tokens/s | MFU | peak memory | vs reference eager |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     baseline = next(
-        (r["tokens_per_s"] for r in results["rows"] if r["kernels"] == "reference" and not r["compile"]
+        (r["tokens_per_s"] for r in results["rows"] if r["kernels"] == r["loss"] == "reference" and not r["compile"]
          and "tokens_per_s" in r),
         None,
     )  # fmt: skip
     for r in results["rows"]:
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['kernels']} | {r['compile']} | {r.get('error') or r.get('skipped')} | | | | |")
+            lines.append(
+                f"| {r['kernels']} | {r['loss']} | {r['compile']} | {r.get('error') or r.get('skipped')} | | | | |"
+            )
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
         memory = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "n/a"
         ratio = f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "n/a"
         lines.append(
-            f"| {r['kernels']} | {r['compile']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
-            f"{memory} | {ratio} |"
+            f"| {r['kernels']} | {r['loss']} | {r['compile']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{mfu} | {memory} | {ratio} |"
         )
     text = "\n".join(lines)
     print(text)
@@ -139,6 +146,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--steps", type=int, default=20 if ON_CUDA else 5, help="timed steps")
     parser.add_argument("--kernels", nargs="*", default=None, help=f"subset of {list(KERNELS)}")
+    parser.add_argument(
+        "--losses",
+        nargs="*",
+        default=None,
+        help=f"loss backends to run with each kernels choice, among {list(KERNELS)} (default: the kernels' own)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="eager configurations only")
     parser.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: by GPU name)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train.json")
@@ -172,16 +185,19 @@ def main() -> int:
         },
         "rows": [],
     }
+    losses = args.losses or [None]
     for name in kernels:
-        for compile_model in compile_choices:
-            try:
-                resolve_kernels(name, args.device)
-                row = measure(model, args, name, compile_model, data)
-            except Exception as e:  # one failing configuration must not cost the others' numbers
-                traceback.print_exc()
-                row = {"kernels": name, "compile": compile_model, "error": f"{type(e).__name__}: {e}"[:300]}
-            print(json.dumps(row), flush=True)
-            results["rows"].append(row)
+        for loss in losses:
+            for compile_model in compile_choices:
+                try:
+                    resolve_kernels(kernels_spec(name, loss), args.device)
+                    row = measure(model, args, name, loss, compile_model, data)
+                except Exception as e:  # one failing configuration must not cost the others' numbers
+                    traceback.print_exc()
+                    row = {"kernels": name, "loss": loss or name, "compile": compile_model,
+                           "error": f"{type(e).__name__}: {e}"[:300]}  # fmt: skip
+                print(json.dumps(row), flush=True)
+                results["rows"].append(row)
 
     table = print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)

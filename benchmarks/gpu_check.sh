@@ -64,7 +64,12 @@ if [[ " $PARTS " == *" train "* ]]; then
     echo "gpu_check: training throughput"
     "$PYTHON" benchmarks/bench_train.py --out "$RESULTS/train.json" 2>&1 | tee "$RESULTS/train.log"
     train_status=${PIPESTATUS[0]}
-    written+=(train.json train.md train.log)
+    # Each loss backend under the Triton kernels, eager: what not forming the logits buys.
+    "$PYTHON" benchmarks/bench_train.py --kernels triton --losses reference torch triton --no-compile \
+        --out "$RESULTS/train_loss.json" 2>&1 | tee -a "$RESULTS/train.log"
+    loss_status=${PIPESTATUS[0]}
+    if [[ $train_status -eq 0 ]]; then train_status=$loss_status; fi
+    written+=(train.json train.md train_loss.json train_loss.md train.log)
 fi
 
 if [[ -n $COPY_TO ]]; then
