@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scratchlm.kernels.linear_cross_entropy_chunked import linear_cross_entropy_chunked
 from scratchlm.model import functional
 
 OPS = ("rmsnorm", "swiglu", "rope", "attention", "loss")
@@ -96,14 +97,6 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
-def _torch_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    # Imported on first use: importing any scratchlm.kernels module runs the
-    # package's __init__, which imports Triton, and scratchlm.model must import without it.
-    from scratchlm.kernels.linear_cross_entropy_chunked import linear_cross_entropy_chunked
-
-    return linear_cross_entropy_chunked(hidden, weight, targets, ignore_index)
-
-
 class _TritonKernel:
     """``scratchlm.kernels.<module>.<name>``, imported on first use (Triton is optional).
 
@@ -150,7 +143,9 @@ _REGISTRY: dict[str, dict[str, Callable[..., Tensor] | _TritonKernel]] = {
     },
     "loss": {
         "reference": functional.linear_cross_entropy,
-        "torch": _torch_loss,
+        # Plain PyTorch over row chunks (PyTorch has no fused linear cross-entropy);
+        # its module, like the kernels package itself, imports without Triton.
+        "torch": linear_cross_entropy_chunked,
         "triton": _TritonKernel("linear_cross_entropy", "linear_cross_entropy"),
     },
 }

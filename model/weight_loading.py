@@ -30,13 +30,6 @@ class PretrainedFormatError(ValueError):
     unsupported feature, a missing or extra tensor, or a truncated or corrupt file."""
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``device``, or CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight a model of ``config`` loads, by scratchlm name, with its shape.
 
@@ -135,6 +128,6 @@ def allocate(
     device: torch.device | str | None,
     dtype: torch.dtype,
 ) -> TransformerLM:
-    """An uninitialised model in eval mode, weights allocated once on ``device``."""
-    model = TransformerLM.empty(config, kernels=kernels, device=resolve_device(device), dtype=dtype)
+    """An uninitialised model in eval mode, weights allocated once on ``device`` (None: CUDA if available)."""
+    model = TransformerLM.empty(config, kernels=kernels, device=device, dtype=dtype)
     return model.eval()

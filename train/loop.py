@@ -76,9 +76,11 @@ def _read_resume_checkpoint(config: TrainConfig) -> tuple[Path, dict, ModelConfi
         raise CheckpointError(f"--resume {where} has an unusable model config: {e}") from e
 
 
-def _check_resume_fits(config: TrainConfig, model_config: ModelConfig, path: Path, payload: dict) -> None:
+def _check_resume_fits(
+    config: TrainConfig, model_config: ModelConfig, path: Path, payload: dict, stored_config: ModelConfig
+) -> None:
+    """Refuse a --resume checkpoint of another model, past --total_iters, or without a sampler state."""
     where = repr(str(path))
-    stored_config = ModelConfig.from_dict(payload["model_config"])
     if stored_config != model_config:
         differing = {
             key: (getattr(stored_config, key), getattr(model_config, key))
@@ -170,8 +172,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     )
     resume_payload = None
     if resumed is not None:
-        path, resume_payload, _ = resumed
-        _check_resume_fits(config, model_config, path, resume_payload)
+        path, resume_payload, stored_config = resumed
+        _check_resume_fits(config, model_config, path, resume_payload, stored_config)
         del resumed
     out_dir, replaced = _check_output_dir(config, None if resume_payload is None else resume_payload["iteration"])
 

@@ -163,11 +163,11 @@ class Trainer:
         self.tokenizer_document = None
         if resume_payload is None and config.init_from is not None:
             self.model, tokenizer = _load_pretrained(config.init_from, kernels, device)
+            if self.model.config != self.model_config:
+                raise ValueError(f"--init_from {config.init_from!r} changed while this run started; its model differs")
             self.tokenizer_document = None if tokenizer is None else tokenizer.to_document()
         else:
             self.model = TransformerLM(self.model_config, kernels=kernels, device=device)
-        if self.model.config != self.model_config:
-            raise ValueError(f"--init_from {config.init_from!r} changed while this run started; its model differs")
         self.model.activation_checkpointing = config.activation_checkpointing
         if resume_payload is not None:
             # Before wrapping: FSDP then shards the loaded weights.
