@@ -27,6 +27,30 @@ shared K/V head saves memory traffic, not arithmetic). Providers: the Triton
 kernel (``triton_gqa``) and SDPA with ``enable_gqa=True`` (``sdpa_gqa``),
 pinned to the flash backend where that backend takes grouped heads, else
 left to SDPA's own choice; each row's note names the backend that ran.
+
+Document-masked attention (``bench_attention_documents``): a packed row holds
+several documents and query i sees key j only when both lie in the same
+document and j <= i (``scratchlm.kernels.documents``). N = 8192 with batch x
+N = 16384 and heads x head_dim = 2048 as above, head_dim 64 and 128, and two
+layouts drawn by ``common.document_layout`` (geometric lengths, seed 0, each
+row filled exactly): mean document length 512 and 2048. Only the visible
+(query, key) pairs are counted, the sum over documents of L (L + 1) / 2,
+so the effective FLOPs are
+
+    fwd      4 H D pairs        pairs summed over the batch rows
+    fwd_bwd  3.5 x fwd          as for causal attention
+
+the same count for every provider. Providers: the Triton kernel given
+``document_ids`` (``triton``, which skips key tiles that share no document
+with the query tile); the same kernel with full causal attention and no ids
+(``triton_causal``: the time the mask must beat, computing every causal pair);
+FlexAttention with the same document-and-causal mask (``flex``:
+``torch.nn.attention.flex_attention`` compiled with ``torch.compile``, its
+``BlockMask`` built once by ``create_block_mask`` outside the timed region);
+SDPA given the boolean (B, 1, N, N) mask, on its own backend choice
+(``sdpa_mask``); and the explicit reference with that mask (skipped past
+``REFERENCE_MATRIX_LIMIT``). Without CUDA only the reference and
+``sdpa_mask`` run, at small shapes.
 """
 
 from __future__ import annotations
@@ -40,6 +64,8 @@ import torch.nn.functional as F
 from common import (
     DEVICE,
     ON_CUDA,
+    document_layout,
+    document_lengths,
     dtype_under_test,
     forward_backward_step,
     forward_step,
@@ -274,5 +300,182 @@ def bench_attention_gqa(benchmark, provider: str, shape: tuple[int, int, int, in
             "seq_len": n,
             "head_dim": head_dim,
             "causal": True,
+        },
+    )
+
+
+# Packed documents: (batch, heads, N, head_dim, mean document length), batch x N = TOKENS.
+DOCUMENT_SHAPES = pick_shapes(
+    full=[
+        (TOKENS // 8192, WIDTH // head_dim, 8192, head_dim, mean_length)
+        for head_dim in (64, 128)
+        for mean_length in (512, 2048)
+    ],
+    smoke=[(2, 2, 256, 64, 32), (2, 2, 256, 64, 128)],
+)
+DOCUMENT_MODES = ("fwd", "fwd_bwd")
+# Their own op in the results ("attention_documents"), so their own table in the report.
+DOCUMENT_PROVIDERS = ("reference", "sdpa_mask", "flex", "triton_causal", "triton")
+DOCUMENT_SEED = 0
+
+
+def document_shape_id(shape: tuple[int, int, int, int, int]) -> str:
+    batch, heads, n, head_dim, mean_length = shape
+    return f"{batch}x{heads}x{n}x{head_dim}-mean{mean_length}"
+
+
+def visible_pairs(lengths: list[list[int]]) -> int:
+    """The (query, key) pairs document-causal attention computes: L (L + 1) / 2 per document of L tokens."""
+    return sum(length * (length + 1) // 2 for row in lengths for length in row)
+
+
+def document_attention_flops(heads: int, head_dim: int, pairs: int, mode: str) -> int:
+    """Effective FLOPs: 4 D per visible pair and head (2 D for q . k, 2 D for p v); the causal rule for bwd."""
+    forward = 4 * heads * head_dim * pairs
+    return {"fwd": forward, "bwd": forward * 5 // 2, "fwd_bwd": forward * 7 // 2}[mode]
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, N, N) from ids (B, N): True where query i may see key j (same document, j <= i)."""
+    from scratchlm.kernels.documents import document_mask
+    from scratchlm.model.functional import causal_mask
+
+    n = document_ids.shape[-1]
+    return (document_mask(document_ids, n) & causal_mask(n, n, device=document_ids.device)).unsqueeze(1)
+
+
+def takes_document_ids(function: Callable[..., torch.Tensor]) -> bool:
+    """Whether ``function`` has a ``document_ids`` parameter (True where its signature cannot be read)."""
+    import inspect
+
+    try:
+        return "document_ids" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return True
+
+
+def flex_document_attention(document_ids: torch.Tensor) -> tuple[Callable[..., torch.Tensor], str, dict]:
+    """FlexAttention with the document-and-causal mask, compiled; the BlockMask is built here, untimed.
+
+    The mask compares document numbers (``document_spans``), not raw ids, so
+    it means what every scratchlm backend means: each change of id starts a document.
+    """
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        pytest.skip(f"flex: torch {torch.__version__} has no torch.nn.attention.flex_attention")
+    from scratchlm.kernels.documents import document_spans
+
+    run = document_spans(document_ids)[0]  # (B, N): each position's document number in its row
+    batch, n = run.shape
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (run[b, q_idx] == run[b, kv_idx]) & (kv_idx <= q_idx)
+
+    block_mask = create_block_mask(document_causal, B=batch, H=None, Q_LEN=n, KV_LEN=n, device=run.device)
+    torch._dynamo.reset()  # a fresh compile cache per benchmark, as common.compiled does
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return compiled(q, k, v, block_mask=block_mask)
+
+    blocks = "x".join(str(size) for size in block_mask.BLOCK_SIZE)
+    note = (
+        f"torch.compile(flex_attention, dynamic=False); the BlockMask ({blocks} blocks) is built once by "
+        "create_block_mask outside the timed region"
+    )
+    # The share of all (query block, key block) pairs FlexAttention skips, in percent.
+    return flex, note, {"flex_block_sparsity": float(block_mask.sparsity())}
+
+
+def document_provider(
+    provider: str, shape: tuple[int, int, int, int, int], document_ids: torch.Tensor
+) -> tuple[Callable[..., torch.Tensor], str, dict]:
+    """op(q, k, v) for one provider, the row's note and fields of its own; skips with the reason where it cannot run.
+
+    Every op attends within documents and causally, except ``triton_causal``:
+    full causal attention over the same N, the time the mask must beat.
+    """
+    from scratchlm.model import functional
+
+    batch, heads, n, _, _ = shape
+    matrix_bytes = batch * heads * n * n * 4
+    if provider == "reference" and matrix_bytes > REFERENCE_MATRIX_LIMIT:
+        pytest.skip(
+            f"{provider}: N={n} needs a {matrix_bytes / 2**30:.0f} GiB float32 N x N score matrix "
+            f"(limit {REFERENCE_MATRIX_LIMIT / 2**30:.0f} GiB)"
+        )
+    if provider == "reference":
+        mask = document_causal_mask(document_ids)
+        note = "explicit softmax with the boolean (B, 1, N, N) mask, built once outside the timed region"
+        return lambda q, k, v: functional.scaled_dot_product_attention(q, k, v, mask), note, {}
+    if provider == "sdpa_mask":
+        mask = document_causal_mask(document_ids)
+        note = "F.scaled_dot_product_attention, its own backend choice, attn_mask the boolean (B, 1, N, N) mask"
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), note, {}
+    if provider in ("triton", "triton_causal"):
+        require_provider("triton")
+        flash_attention = import_kernel("flash_attention", "flash_attention")
+        if provider == "triton_causal":
+            note = "full causal, no document_ids: computes every causal pair (the time to beat)"
+            return lambda q, k, v: flash_attention(q, k, v, causal=True), note, {}
+        if not takes_document_ids(flash_attention):
+            pytest.skip("triton: scratchlm.kernels.flash_attention.flash_attention takes no document_ids yet")
+        note = "document_ids (B, N) int32; key tiles that share no document with the query tile are skipped"
+        return lambda q, k, v: flash_attention(q, k, v, causal=True, document_ids=document_ids), note, {}
+    if provider == "flex":
+        if not ON_CUDA:
+            pytest.skip(
+                "flex: no CUDA device; compiled FlexAttention would time Inductor's CPU code, not the GPU path compared"
+            )
+        return flex_document_attention(document_ids)
+    raise ValueError(f"provider {provider!r}; expected one of {DOCUMENT_PROVIDERS}")
+
+
+@pytest.mark.parametrize("mode", DOCUMENT_MODES)
+@pytest.mark.parametrize("shape", DOCUMENT_SHAPES, ids=document_shape_id)
+@pytest.mark.parametrize("provider", DOCUMENT_PROVIDERS)
+def bench_attention_documents(benchmark, provider: str, shape: tuple[int, int, int, int, int], mode: str) -> None:
+    batch, heads, n, head_dim, mean_length = shape
+    document_ids = document_layout(batch, n, mean_length, seed=DOCUMENT_SEED).to(DEVICE)
+    op, note, fields = document_provider(provider, shape, document_ids)
+    dtype = dtype_under_test()
+    q, k, v = (
+        torch.randn(batch, heads, n, head_dim, device=DEVICE, dtype=dtype, requires_grad=mode != "fwd")
+        for _ in range(3)
+    )
+    if mode == "fwd":
+        step = forward_step(op, (q, k, v))
+    else:
+        step = forward_backward_step(op, (q, k, v), (q, k, v), (torch.randn_like(q),))
+    run_or_skip(provider, step)
+    lengths = document_lengths(document_ids)
+    pairs = visible_pairs(lengths)
+    documents = sum(len(row) for row in lengths)
+    measure(
+        benchmark,
+        step,
+        op="attention_documents",
+        provider=provider,
+        mode=mode,
+        shape=shape,
+        shape_label=f"{batch} x {heads} x {n} x {head_dim}, mean doc {mean_length}",
+        flops=document_attention_flops(heads, head_dim, pairs, mode),
+        dtype=dtype,
+        note=note,
+        extra={
+            "batch": batch,
+            "heads": heads,
+            "seq_len": n,
+            "head_dim": head_dim,
+            "causal": True,
+            "mean_document_length": mean_length,
+            "documents": documents,
+            "realised_mean_length": batch * n / documents,
+            "visible_pairs": pairs,
+            # Of the causal triangle's pairs, those the mask leaves: the most a mask-aware kernel can save.
+            "causal_fraction": pairs / (batch * n * (n + 1) // 2),
+            "layout": f"common.document_layout: geometric lengths, seed {DOCUMENT_SEED}",
+            **fields,
         },
     )

@@ -17,15 +17,24 @@ synchronisation round trip out; on the CPU, the least of ten wall-clock rounds (
 shared with other work only ever adds delay, so the minimum is the stable one).
 
 Environment variables: ``SCRATCHLM_BENCH_SHAPES`` = auto (full on CUDA,
-smoke on the CPU) | full | smoke, and ``SCRATCHLM_BENCH_DTYPE`` = bfloat16
-(default) | float16 | float32.
+smoke on the CPU) | full | smoke, ``SCRATCHLM_BENCH_DTYPE`` = bfloat16
+(default) | float16 | float32, and ``SCRATCHLM_BENCH_REPS`` = full (default)
+| quick: quick times about 20 ms of repetitions on CUDA instead of 100 ms
+(3 rounds instead of 10 on the CPU) and keeps pytest-benchmark's wall-clock
+rounds to 3, for a GPU session with little time (benchmarks/gpu_check.sh).
+
+Packed documents: ``document_layout`` draws the document ids of packed rows
+(random lengths filling each row exactly, reproducible from a seed), for the
+document-masked attention benchmarks.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +56,14 @@ def dtype_under_test() -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"SCRATCHLM_BENCH_DTYPE={name!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def quick_repetitions() -> bool:
+    """True when ``SCRATCHLM_BENCH_REPS=quick``: fewer repetitions per measurement, the same cases."""
+    choice = os.environ.get("SCRATCHLM_BENCH_REPS", "full")
+    if choice not in ("full", "quick"):
+        raise ValueError(f"SCRATCHLM_BENCH_REPS={choice!r}; expected 'full' or 'quick'")
+    return choice == "quick"
 
 
 def pick_shapes(full: Sequence[tuple[int, ...]], smoke: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -79,6 +96,43 @@ def require_provider(provider: str) -> None:
             import liger_kernel  # noqa: F401
         except ImportError:
             pytest.skip("liger: liger-kernel is not installed (pip install liger-kernel to compare with it)")
+
+
+def document_layout(batch: int, n: int, mean_length: int, seed: int = 0) -> torch.Tensor:
+    """Document ids (batch, n), int32 on the CPU, non-decreasing along each row: packed documents.
+
+    Each row is filled by documents of random length until exactly ``n``
+    tokens, the last one cut at the row's end as packing does. Lengths are
+    geometric with mean ``mean_length`` (P(L = k) = p (1 - p)^(k - 1), p =
+    1 / mean_length): the discrete exponential, many short documents and a
+    long tail, like a web corpus. The realised mean is a little under
+    ``mean_length`` (the cut), and far from it when a row holds only a few
+    documents, so report it from the ids (``document_lengths``). Drawn with
+    Python's ``random.Random(seed)``, row after row: the same ids on every
+    machine and torch version for the same arguments.
+    """
+    if mean_length < 1 or n < 1 or batch < 1:
+        raise ValueError(f"document_layout: batch {batch}, n {n}, mean_length {mean_length}; expected each >= 1")
+    rng = random.Random(seed)
+    # ceil(log U / log(1 - p)) for U uniform in (0, 1] is geometric with parameter p.
+    log_keep = math.log1p(-1 / mean_length) if mean_length > 1 else None
+    rows = []
+    for _ in range(batch):
+        lengths: list[int] = []
+        filled = 0
+        while filled < n:
+            draw = 1 if log_keep is None else math.ceil(math.log(1.0 - rng.random()) / log_keep)
+            length = min(max(draw, 1), n - filled)
+            lengths.append(length)
+            filled += length
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths)))
+    return torch.stack(rows)
+
+
+def document_lengths(document_ids: torch.Tensor) -> list[list[int]]:
+    """Per row, the lengths of its documents (runs of equal consecutive ids), in order."""
+    rows = document_ids.reshape(-1, document_ids.shape[-1]).cpu()
+    return [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in rows]
 
 
 def import_kernel(module: str, name: str) -> Callable[..., Any]:
@@ -149,13 +203,22 @@ def device_time_ms(step: Callable[[], Any], cpu_rounds: int = 10) -> float:
     if ON_CUDA:
         import triton.testing
 
-        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+        warmup, rep = (5, 20) if quick_repetitions() else (25, 100)
+        return float(triton.testing.do_bench(step, warmup=warmup, rep=rep, return_mode="median"))
     times = []
-    for _ in range(cpu_rounds):
+    for _ in range(3 if quick_repetitions() else cpu_rounds):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     return min(times) * 1e3
+
+
+def timer_description() -> str:
+    """How ``device_time_ms`` timed, for the report."""
+    quick = " (SCRATCHLM_BENCH_REPS=quick: about 20 ms of repetitions)" if quick_repetitions() else ""
+    if ON_CUDA:
+        return "triton.testing.do_bench median (CUDA events)" + quick
+    return f"wall clock, least of {3 if quick_repetitions() else 10} rounds"
 
 
 def peak_memory_bytes(step: Callable[[], Any]) -> int | None:
@@ -223,7 +286,7 @@ def measure(
             "shape_label": shape_label,
             "dtype": str(dtype).removeprefix("torch."),
             "time_ms": time_ms,
-            "timer": "triton.testing.do_bench median (CUDA events)" if ON_CUDA else "wall clock, least of 10 rounds",
+            "timer": timer_description(),
             **throughput,
             "copy_gbps": copy_gbps,
             "peak_memory_bytes": peak,
@@ -237,5 +300,5 @@ def measure(
         step()
         synchronize()
 
-    rounds, warmup = (20, 3) if ON_CUDA else (3, 1)
+    rounds, warmup = (3, 0) if quick_repetitions() else (20, 3) if ON_CUDA else (3, 1)
     benchmark.pedantic(synchronised_step, rounds=rounds, warmup_rounds=warmup, iterations=1)

@@ -1,7 +1,7 @@
 """Turn the benchmarks' pytest-benchmark JSON into a summary JSON, markdown tables and a plot.
 
-    python benchmarks/report.py [--json benchmarks/results/kernels.json]
-                                [--skips benchmarks/results/skipped.json]
+    python benchmarks/report.py [--json benchmarks/results/kernels.json [MORE.json ...]]
+                                [--skips benchmarks/results/skipped.json [MORE.json ...]]
                                 [--out-dir benchmarks/results]
 
 Writes ``kernels_summary.json`` (one row per op x mode x shape x provider, with
@@ -11,7 +11,13 @@ over each other provider), ``kernels.png`` (GB/s per shape of the memory-bound
 kernels, a line per provider) and ``attention.png`` (attention's TFLOP/s
 against N, a panel per mode and head_dim); the plots are skipped with a note
 when matplotlib is not installed. Everything comes from each benchmark's
-``extra_info``, written by ``benchmarks/common.py``.
+``extra_info``, written by ``benchmarks/common.py``. Several result files
+(e.g. two pytest runs with different settings) are read as one run.
+
+Document-masked attention (op ``attention_documents``) gets tables of its
+own: effective TFLOP/s (visible query-key pairs only), the layout of each
+shape, and after each table the masked Triton kernel's speedup over full
+causal attention and over FlexAttention on the same mask, the two it must beat.
 """
 
 from __future__ import annotations
@@ -30,19 +36,40 @@ PROVIDER_ORDER = (
     "sdpa_flash",
     "sdpa_efficient",
     "sdpa_cudnn",
+    "sdpa_mask",
+    "flex",
+    "triton_causal",
     "triton",
     "liger",
 )
 MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwd_bwd": "forward + backward"}
+DOCUMENT_OP = "attention_documents"
+OP_TITLES = {DOCUMENT_OP: "attention within documents (packed rows, document-causal mask)"}
+# The masked kernel, and the providers it must beat on every document-masked shape.
+DOCUMENT_KERNEL = "triton"
+DOCUMENT_BASELINES = {"triton_causal": "full causal attention", "flex": "FlexAttention, same mask"}
 
 
-def load_rows(path: Path) -> list[dict]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return [
-        bench["extra_info"]
-        for bench in data.get("benchmarks", [])
-        if {"gbps", "tflops"} & bench.get("extra_info", {}).keys()
-    ]
+def load_rows(paths: list[Path]) -> list[dict]:
+    """The kernel rows of every file, in order (a file without kernel rows adds none)."""
+    rows = []
+    for path in paths:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows += [
+            bench["extra_info"]
+            for bench in data.get("benchmarks", [])
+            if {"gbps", "tflops"} & bench.get("extra_info", {}).keys()
+        ]
+    return rows
+
+
+def load_skips(paths: list[Path]) -> list[dict]:
+    """The skipped benchmarks of every file that exists (a run may have skipped nothing)."""
+    skips = []
+    for path in paths:
+        if path.is_file():
+            skips += json.loads(path.read_text(encoding="utf-8"))
+    return skips
 
 
 def compute_bound(members: list[dict]) -> bool:
@@ -91,10 +118,31 @@ def format_speedup(row: dict, other: str) -> str:
     return f"{row['speedup_vs'][other]:.2f}x" if other in row["speedup_vs"] else "n/a"
 
 
+def document_masked(members: list[dict]) -> bool:
+    """True for a group of document-masked attention, whose rows carry their layout."""
+    return members[0]["op"] == DOCUMENT_OP
+
+
+def layout_cells(row: dict) -> list[str]:
+    """A document-masked row's layout: documents (realised mean length) and the causal pairs left visible."""
+    return [f"{row['documents']} ({row['realised_mean_length']:.0f})", f"{100 * row['causal_fraction']:.1f}"]
+
+
 def markdown_table(members: list[dict]) -> list[str]:
     providers = sorted({row["provider"] for row in members}, key=provider_rank)
     throughput = ["TFLOP/s"] if compute_bound(members) else ["GB/s", "% of copy"]
-    header = ["shape", "provider", "time (ms)", *throughput, "peak MiB", *(f"vs {name}" for name in providers)]
+    layout = ["documents (mean length)", "% of causal pairs"] if document_masked(members) else []
+    if layout:
+        throughput = ["effective TFLOP/s"]
+    header = [
+        "shape",
+        *layout,
+        "provider",
+        "time (ms)",
+        *throughput,
+        "peak MiB",
+        *(f"vs {name}" for name in providers),
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in members:
         speedups = [format_speedup(row, other) for other in providers]
@@ -105,6 +153,7 @@ def markdown_table(members: list[dict]) -> list[str]:
             rates = [f"{row['gbps']:.1f}", f"{100 * row['fraction_of_copy']:.1f}"]
         cells = [
             row["shape_label"],
+            *(layout_cells(row) if layout else []),
             row["provider"],
             f"{row['time_ms']:.4f}",
             *rates,
@@ -115,6 +164,45 @@ def markdown_table(members: list[dict]) -> list[str]:
     return lines
 
 
+def document_targets(members: list[dict]) -> list[str]:
+    """Per shape, the masked kernel's speedup over each time it must beat (above 1: beaten)."""
+    kernels = {row["shape_label"]: row for row in members if row["provider"] == DOCUMENT_KERNEL}
+    if not kernels:
+        return [f"- targets: no {DOCUMENT_KERNEL} rows in this run (the masked kernel is timed on CUDA only)"]
+    lines = []
+    for shape in dict.fromkeys(row["shape_label"] for row in members):
+        if shape not in kernels:
+            lines.append(f"- {shape}: {DOCUMENT_KERNEL} not run")
+            continue
+        row = kernels[shape]
+        parts = []
+        for baseline, title in DOCUMENT_BASELINES.items():
+            ratio = row["speedup_vs"].get(baseline)
+            if ratio is None:
+                parts.append(f"vs {title} ({baseline}): not run")
+            else:
+                verdict = "faster" if ratio > 1 else "NOT faster"
+                parts.append(f"{ratio:.2f}x vs {title} ({baseline}): {verdict}")
+        lines.append(
+            f"- {shape}: {DOCUMENT_KERNEL} " + "; ".join(parts) + f" (the mask leaves "
+            f"{100 * row['causal_fraction']:.1f}% of the causal pairs: full causal does "
+            f"{1 / row['causal_fraction']:.1f}x the work)"
+        )
+    return lines
+
+
+def timer_line(groups: dict[tuple[str, str], list[dict]]) -> str:
+    """The timer, or each timer with the ops it timed when the files merged came from differently set runs."""
+    ops_by_timer: dict[str, list[str]] = defaultdict(list)
+    for (op, _), members in groups.items():
+        for timer in dict.fromkeys(row["timer"] for row in members):
+            if op not in ops_by_timer[timer]:
+                ops_by_timer[timer].append(op)
+    if len(ops_by_timer) == 1:
+        return f"- timer: {next(iter(ops_by_timer))}"
+    return "- timer: " + "; ".join(f"{timer} ({', '.join(ops)})" for timer, ops in ops_by_timer.items())
+
+
 def markdown_report(groups: dict[tuple[str, str], list[dict]], skips: list[dict]) -> str:
     first = next(iter(groups.values()))[0]
     lines = [
@@ -123,7 +211,7 @@ def markdown_report(groups: dict[tuple[str, str], list[dict]], skips: list[dict]
         f"- device: {first['device_name']}; torch {first['torch_version']}, triton {first['triton_version']}; "
         f"dtype {first['dtype']}",
         f"- measured copy bandwidth (y.copy_(x), bytes read + written): {first['copy_gbps']:.1f} GB/s",
-        f"- timer: {first['timer']}",
+        timer_line(groups),
         "- GB/s: the bytes each op must move (formula in benchmarks/bench_<op>.py) / time; "
         "the same count for every provider",
         "- vs P: P's time / this provider's time, on the same shape (above 1: this provider is faster)",
@@ -136,12 +224,22 @@ def markdown_report(groups: dict[tuple[str, str], list[dict]], skips: list[dict]
             "- TFLOP/s (attention, causal): FLOPs by formula / time; forward 4 B H N^2 D / 2, backward 2.5x "
             "the forward, forward + backward 3.5x (benchmarks/bench_attention.py); shape B x H x N x D",
         )
+    if any(document_masked(members) for members in groups.values()):
+        lines.insert(
+            -2,
+            "- effective TFLOP/s (attention within documents): the same formula over the visible (query, key) "
+            "pairs only, sum over documents of L (L + 1) / 2, for every provider, full causal attention "
+            "(triton_causal) included: its TFLOP/s is lower by the work it spends on masked pairs; "
+            "% of causal pairs: those visible out of B N (N + 1) / 2",
+        )
     notes = sorted({(row["op"], row["provider"], row["note"]) for members in groups.values() for row in members})
     for op, provider, note in notes:
         if note:
             lines.append(f"- {op} / {provider}: {note}")
     for (op, mode), members in groups.items():
-        lines += ["", f"## {op}, {MODE_TITLES.get(mode, mode)}", "", *markdown_table(members)]
+        lines += ["", f"## {OP_TITLES.get(op, op)}, {MODE_TITLES.get(mode, mode)}", "", *markdown_table(members)]
+        if document_masked(members):
+            lines += ["", *document_targets(members)]
     if skips:
         lines += ["", "## Not run", ""]
         by_reason: dict[str, int] = defaultdict(int)
@@ -201,8 +299,16 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: Path) -> bool:
 
 
 def plot_attention(groups: dict[tuple[str, str], list[dict]], path: Path) -> bool:
-    """TFLOP/s against N, a panel per head_dim (rows) and mode (columns), a line per provider."""
-    rows = [row for members in groups.values() if compute_bound(members) for row in members]
+    """TFLOP/s against N, a panel per head_dim (rows) and mode (columns), a line per provider.
+
+    Document-masked rows are left out: they are all at one N, and their own table tells them.
+    """
+    rows = [
+        row
+        for members in groups.values()
+        if compute_bound(members) and not document_masked(members)
+        for row in members
+    ]
     if not rows:
         return False
     plt = pyplot()
@@ -240,10 +346,18 @@ def plot_attention(groups: dict[tuple[str, str], list[dict]], path: Path) -> boo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--json", type=Path, default=RESULTS / "kernels.json", help="the pytest-benchmark --benchmark-json file to read"
+        "--json",
+        type=Path,
+        nargs="+",
+        default=[RESULTS / "kernels.json"],
+        help="the pytest-benchmark --benchmark-json file(s) to read, as one run",
     )
     parser.add_argument(
-        "--skips", type=Path, default=RESULTS / "skipped.json", help="skipped benchmarks and reasons (optional)"
+        "--skips",
+        type=Path,
+        nargs="+",
+        default=[RESULTS / "skipped.json"],
+        help="skipped benchmarks and reasons, one file per pytest run (missing files are ignored)",
     )
     parser.add_argument(
         "--out-dir", type=Path, default=RESULTS, help="where kernels.md, kernels_summary.json and kernels.png go"
@@ -252,11 +366,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = load_rows(args.json)
     if not rows:
-        print(f"report: {args.json} holds no kernel benchmark results; nothing to write")
+        print(f"report: {', '.join(map(str, args.json))} hold no kernel benchmark results; nothing to write")
         return 1
     add_speedups(rows)
     groups = group(rows)
-    skips = json.loads(args.skips.read_text(encoding="utf-8")) if args.skips.is_file() else []
+    skips = load_skips(args.skips)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "kernels_summary.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
