@@ -10,7 +10,7 @@ from scratchlm.model.backends import (
     resolve_kernels,
 )
 from scratchlm.model.config import PRESETS, ModelConfig
-from scratchlm.model.functional import scaled_dot_product_attention, silu, softmax
+from scratchlm.model.functional import document_ids_from_eos, scaled_dot_product_attention, silu, softmax
 from scratchlm.model.generation import decode, generate_ids, sample_next_token, stream
 from scratchlm.model.hf_export import export_hf
 from scratchlm.model.layers import Embedding, Linear, RMSNorm, RotaryPositionEmbedding, SwiGLU
@@ -37,6 +37,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerLM",
     "decode",
+    "document_ids_from_eos",
     "export_hf",
     "generate_ids",
     "get_op",

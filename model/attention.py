@@ -1,4 +1,4 @@
-"""Causal multi-head self-attention with RoPE, and the KV cache used in generation."""
+"""Causal multi-head self-attention with RoPE (optionally inside documents), and the KV cache used in generation."""
 
 from __future__ import annotations
 
@@ -119,11 +119,20 @@ class MultiHeadSelfAttention(nn.Module):
         x: Tensor,
         token_positions: Tensor | None = None,
         kv_cache: LayerKVCache | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """x (..., seq, d_model) -> (..., seq, d_model).
 
         ``token_positions`` (..., seq) defaults to 0..seq-1, or to the
         positions after the cached ones when ``kv_cache`` is given.
+
+        ``document_ids`` (..., keys), one integer per key position (the cached
+        ones, then these seq), keeps each query inside its document: a packed
+        row of several documents attends as if each were alone. RoPE needs no
+        restart at a document's start: it makes scores depend only on the
+        distance between positions, so a document at offset 100 attends as it
+        would at 0. Ids that go down start a new document too (see
+        ``scratchlm.model.backends``).
         """
         seq_len = x.shape[-2]
         q = self._split_heads(self.q_proj(x))  # (..., heads, seq, d_head)
@@ -142,6 +151,9 @@ class MultiHeadSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (..., kv_heads, cached + seq, d_head)
 
-        out = self._attention(q, k, v)  # (..., heads, seq, d_head)
+        if document_ids is None:
+            out = self._attention(q, k, v)  # (..., heads, seq, d_head)
+        else:
+            out = self._attention(q, k, v, document_ids=document_ids)
         out = out.transpose(-3, -2).flatten(-2)  # (..., seq, d_model)
         return self.output_proj(out)

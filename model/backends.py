@@ -5,7 +5,9 @@ Five ops are swappable, each with one signature shared by every backend:
     rmsnorm(x, weight, eps) -> y          x (..., d), weight (d,)
     swiglu(a, b) -> silu(a) * b           same shapes
     rope(x, cos, sin) -> x rotated        x (..., seq, d), cos/sin (..., seq, d/2)
-    attention(q, k, v) -> out             causal; q (..., heads, q_seq, d), k/v (..., kv_heads, k_seq, d)
+    attention(q, k, v, document_ids=None) -> out
+                                          causal; q (..., heads, q_seq, d), k/v (..., kv_heads, k_seq, d);
+                                          document_ids (..., k_seq) keeps attention inside each document
     loss(hidden, weight, targets, ignore_index=-100) -> mean loss
                                           lm_head plus cross-entropy; hidden (..., d), weight (vocab, d),
                                           targets (...); float32 math whatever the input dtype
@@ -13,6 +15,13 @@ Five ops are swappable, each with one signature shared by every backend:
 Attention takes grouped-query inputs on every backend: k and v may have fewer
 heads than q (a divisor of q's), and query head h reads key/value head
 h // (heads / kv_heads); no backend copies k or v per query head.
+
+Attention with ``document_ids`` (one integer per key position, for the dims
+before the heads; the queries are the last q_seq keys): query i sees key j
+only if j is not after i and both lie in the same document, a document being
+a run of equal consecutive ids (an id that goes down starts a new document
+too, on every backend; see ``scratchlm.kernels.documents``). Packed training
+rows get their ids from ``functional.document_ids_from_eos``.
 
 Backends: "reference" (``scratchlm.model.functional``, written out by hand),
 "torch" (PyTorch's fused ops), "triton" (this project's kernels in
@@ -35,14 +44,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Union
 
+import functools
 import importlib
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scratchlm.kernels.documents import document_rows, document_spans
 from scratchlm.kernels.linear_cross_entropy_chunked import linear_cross_entropy_chunked
 from scratchlm.model import functional
 
@@ -84,10 +96,27 @@ def _torch_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (pairs * cos + swapped * sin).flatten(-2).to(x.dtype)
 
 
-def _torch_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _torch_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    """Causal attention through PyTorch's fused kernels.
+
+    Without ``document_ids``: ``F.scaled_dot_product_attention`` with
+    ``is_causal`` (an explicit bottom-right mask under a KV cache). With them:
+    FlexAttention (``torch.nn.attention.flex_attention``, compiled, with a
+    block mask that skips whole blocks outside the documents) on CUDA when
+    this PyTorch has it and the head size suits its kernel (a power of two,
+    >= 16); elsewhere (the CPU, other head sizes, no FlexAttention) SDPA with
+    the explicit boolean causal-and-same-document mask, which PyTorch runs
+    through its math or memory-efficient kernel over the whole (q_seq, k_seq)
+    square.
+    """
     heads, kv_heads = functional.group_heads(q, k)
     # enable_gqa: SDPA's own grouped-query support, the same h // group mapping.
     gqa = {"enable_gqa": True} if heads != kv_heads else {}
+    if document_ids is not None:
+        if q.device.type == "cuda" and _flex_suits(q) and _flex_attention() is not None:
+            return _flex_document_attention(q, k, v, document_ids)
+        mask = functional.causal_document_mask(q, k, document_ids)  # (..., 1, q_seq, k_seq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
     if q.shape[-2] == k.shape[-2]:
         # is_causal lets PyTorch pick a flash/memory-efficient kernel that skips masked blocks.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
@@ -95,6 +124,79 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # them with the first keys instead, so pass the (bottom-right) mask explicitly.
     mask = functional.causal_mask(q.shape[-2], k.shape[-2], device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+
+
+def _flex_suits(q: Tensor) -> bool:
+    # FlexAttention's Triton kernel wants a head size of at least 16 and, on
+    # older PyTorch, a power of two; other sizes take the SDPA path.
+    head_dim = q.shape[-1]
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_attention() -> SimpleNamespace | None:
+    """FlexAttention's two functions (flex_attention, create_block_mask), or None when this PyTorch lacks them.
+
+    Imported on first use, so importing the model costs nothing and a
+    CPU-only run never touches it.
+    """
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return SimpleNamespace(flex_attention=flex_attention, create_block_mask=create_block_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention() -> Callable[..., Tensor]:
+    # Wrapped once, on the first CUDA call (building the wrapper imports the compiler, seconds):
+    # without torch.compile flex_attention runs an unfused reference that forms every score.
+    return torch.compile(_flex_attention().flex_attention)
+
+
+def _flex_document_attention(
+    q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor, *, compiled: bool = True
+) -> Tensor:
+    """Causal, same-document attention through FlexAttention; the shapes of ``_torch_attention``.
+
+    FlexAttention takes 4-dim (batch, heads, seq, d) inputs, so the dims
+    before the heads are flattened into one batch dim (each batch row has its
+    own row of ids). The mask compares document runs (0, 1, ... counting the
+    changes of id), not the ids themselves, so decreasing ids start a new
+    document as on every other backend. ``compiled=False`` runs PyTorch's
+    unfused reference of flex_attention (any device; what the CPU tests use).
+    Inside a compiled model the plain functions are called and the outer
+    torch.compile fuses them.
+    """
+    flex = _flex_attention()
+    if flex is None:
+        raise NotImplementedError("this PyTorch has no torch.nn.attention.flex_attention (PyTorch >= 2.5 has it)")
+    heads, kv_heads = functional.group_heads(q, k)
+    rows = document_rows(document_ids, q, k)  # (batch, k_seq), checked
+    run = document_spans(rows)[0]  # (batch, k_seq): a document's number within its row
+    q_len, k_len, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    offset = k_len - q_len  # the queries are the last q_len keys
+
+    def same_document_causal(batch, head, q_index, kv_index):
+        q_position = q_index + offset
+        return (kv_index <= q_position) & (run[batch, q_position] == run[batch, kv_index])
+
+    batch = rows.shape[0]
+    compile_here = compiled and not torch.compiler.is_compiling()
+    # Built per call (per layer): compiled, it is one fused pass over the (q_seq, k_seq)
+    # mask points, about 1 / (heads * head_dim) of the attention's own work.
+    block_mask = flex.create_block_mask(
+        same_document_causal, B=batch, H=None, Q_LEN=q_len, KV_LEN=k_len, device=q.device, _compile=compile_here
+    )
+    attend = _compiled_flex_attention() if compile_here else flex.flex_attention
+    out = attend(
+        q.reshape(batch, heads, q_len, head_dim),
+        k.reshape(batch, kv_heads, k_len, head_dim),
+        v.reshape(batch, kv_heads, k_len, v.shape[-1]),
+        block_mask=block_mask,
+        enable_gqa=heads != kv_heads,
+    )
+    return out.reshape(*q.shape[:-1], v.shape[-1])
 
 
 class _TritonKernel:
@@ -138,7 +240,8 @@ _REGISTRY: dict[str, dict[str, Callable[..., Tensor] | _TritonKernel]] = {
     "attention": {
         "reference": functional.causal_attention,
         "torch": _torch_attention,
-        # Causal by default, aligned bottom-right when a KV cache makes q shorter than k.
+        # Causal by default, aligned bottom-right when a KV cache makes q shorter than k;
+        # document_ids (keyword) go straight to the kernel.
         "triton": _TritonKernel("flash_attention", "flash_attention"),
     },
     "loss": {

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from scratchlm.kernels.documents import document_mask, document_rows
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for 16-bit inputs, the input dtype otherwise (float64 stays float64)."""
@@ -65,21 +67,71 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = N
     return torch.tril(ones, diagonal=num_keys - num_queries)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
     """Causal attention through ``scaled_dot_product_attention``; (..., seq, d) in and out.
 
     Grouped-query attention: q (..., heads, q_seq, d) with k and v (...,
     kv_heads, k_seq, d), heads a multiple of kv_heads. Query head h attends
     with key/value head h // group: the query heads are viewed as (kv_heads,
     group) and each key/value head broadcasts over its group, so nothing is copied.
+
+    ``document_ids`` (..., k_seq), the dims before the heads, one integer per
+    key position: attention also stays inside a document (see
+    ``causal_document_mask``), which is what training on packed rows needs.
     """
-    mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    if document_ids is None:
+        mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    else:
+        mask = causal_document_mask(q, k, document_ids)  # (..., 1, q_seq, k_seq): one mask for all heads
     heads, kv_heads = group_heads(q, k)
     if heads == kv_heads:
         return scaled_dot_product_attention(q, k, v, mask)
     grouped_q = q.unflatten(-3, (kv_heads, heads // kv_heads))  # (..., kv_heads, group, q_seq, d)
+    if document_ids is not None:
+        mask = mask.unsqueeze(-3)  # (..., 1, 1, q_seq, k_seq): broadcast over kv_heads and group
     out = scaled_dot_product_attention(grouped_q, k.unsqueeze(-3), v.unsqueeze(-3), mask)
     return out.flatten(-4, -3)  # (..., heads, q_seq, d)
+
+
+def causal_document_mask(q: Tensor, k: Tensor, document_ids: Tensor) -> Tensor:
+    """Boolean mask, True where a query may attend a key: causal and in the same document.
+
+    q (..., heads, q_seq, d), k (..., kv_heads, k_seq, d) and ``document_ids``
+    (..., k_seq): the dims before the heads (they broadcast; (..., 1, k_seq)
+    is accepted too), one id per key position, the queries being the last
+    q_seq keys. A document is a run of equal consecutive ids, so ids that go
+    down start a new document like ids that go up: (0, 0, 1, 1, 0) is three
+    documents. Returns (..., 1, q_seq, k_seq) (a heads dim of 1; (q_seq,
+    k_seq) for 2-dim q). No query is left without a key: each sees itself.
+    """
+    rows = document_rows(document_ids, q, k)  # (rows, k_seq): checked dtype, device and shape
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    lead = q.shape[:-3] if q.dim() >= 3 else torch.Size()
+    same_document = document_mask(rows, q_len).reshape(*lead, q_len, k_len)
+    mask = causal_mask(q_len, k_len, device=q.device) & same_document
+    return mask.unsqueeze(-3) if q.dim() >= 3 else mask
+
+
+def document_ids_from_eos(token_ids: Tensor, eos_token_id: int) -> Tensor:
+    """Document ids of packed rows: id i counts the end-of-text tokens strictly before position i.
+
+    An end-of-text token closes its document and belongs to it, and the next
+    token starts a new one; ids are non-decreasing along the last dim, as
+    attention's ``document_ids`` expects. ``token_ids`` (..., seq) integer;
+    returns int32 (..., seq) on the same device (a cumulative sum, no host sync).
+
+    >>> document_ids_from_eos(torch.tensor([5, 7, 0, 3, 0, 0, 9]), eos_token_id=0).tolist()
+    [0, 0, 0, 1, 1, 2, 3]
+    """
+    if not isinstance(token_ids, Tensor) or token_ids.dtype.is_floating_point or token_ids.dtype.is_complex:
+        raise ValueError(f"token_ids must be an integer tensor, got {getattr(token_ids, 'dtype', type(token_ids))}")
+    if token_ids.dim() == 0:
+        raise ValueError("token_ids has shape (); expected (..., seq)")
+    if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int):
+        raise ValueError(f"eos_token_id must be an int, got {eos_token_id!r}")
+    is_eos = (token_ids == eos_token_id).to(torch.int32)
+    # The inclusive count minus the token itself: an eos token still belongs to the document it ends.
+    return torch.cumsum(is_eos, dim=-1, dtype=torch.int32) - is_eos
 
 
 def group_heads(q: Tensor, k: Tensor) -> tuple[int, int]:

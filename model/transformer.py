@@ -56,8 +56,9 @@ class TransformerBlock(nn.Module):
         x: Tensor,
         token_positions: Tensor | None = None,
         kv_cache: LayerKVCache | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln1(x), token_positions, kv_cache)
+        x = x + self.attn(self.ln1(x), token_positions, kv_cache, document_ids)
         return x + self.ffn(self.ln2(x))
 
 
@@ -177,6 +178,7 @@ class TransformerLM(nn.Module):
         check_ids: bool = True,
         targets: Tensor | None = None,
         ignore_index: int = -100,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """token_ids (..., seq) integer -> logits (..., seq, vocab_size), or the mean loss given ``targets``.
 
@@ -193,21 +195,33 @@ class TransformerLM(nn.Module):
         "torch" and "triton" backends never form the logits. The loss goes
         through ``forward`` so that DDP, FSDP and torch.compile, which wrap
         ``forward``, see it.
+
+        ``document_ids`` (..., seq) integer, shaped like ``token_ids`` (leading
+        dims may broadcast), restricts attention to documents: a row packing
+        several documents gives each position the logits it would get with
+        its document alone (``document_ids_from_eos`` derives the ids from an
+        end-of-text token). A document is a run of equal consecutive ids; ids
+        that go down start a new document as well. Positions keep counting
+        across documents: RoPE depends only on the distance between query and
+        key, so a document at offset 100 attends exactly as at 0. With a
+        ``kv_cache`` the ids cover every key, (..., cached + seq).
         """
         if targets is not None and kv_cache is not None:
             raise ValueError("forward got targets and a kv_cache; expected targets only for a whole sequence")
         seq_len = token_ids.shape[-1]
         cached = 0 if kv_cache is None else kv_cache.length
         self._check_input(token_ids, cached, kv_cache, check_ids)
+        if document_ids is not None:
+            _check_document_ids(document_ids, token_ids, cached)
         positions = torch.arange(cached, cached + seq_len, device=token_ids.device)  # (seq,)
 
         x = self.token_embeddings(token_ids)  # (..., seq, d_model)
         recompute = self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             if recompute:
-                x = checkpoint(layer, x, positions, use_reentrant=False)
+                x = checkpoint(layer, x, positions, None, document_ids, use_reentrant=False)
             else:
-                x = layer(x, positions, None if kv_cache is None else kv_cache.layers[index])
+                x = layer(x, positions, None if kv_cache is None else kv_cache.layers[index], document_ids)
         hidden = self.ln_final(x)  # (..., seq, d_model)
         if targets is not None:
             if tuple(targets.shape) != tuple(token_ids.shape):
@@ -217,14 +231,25 @@ class TransformerLM(nn.Module):
             return self._loss(hidden, self.lm_head.weight, targets, ignore_index)  # scalar
         return self.lm_head(hidden)  # (..., seq, vocab_size)
 
-    def loss(self, token_ids: Tensor, targets: Tensor, ignore_index: int = -100, *, check_ids: bool = True) -> Tensor:
+    def loss(
+        self,
+        token_ids: Tensor,
+        targets: Tensor,
+        ignore_index: int = -100,
+        *,
+        check_ids: bool = True,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
         """Mean next-token cross-entropy of ``token_ids`` (..., seq) against ``targets`` (..., seq).
 
         Positions whose target is ``ignore_index`` count for nothing. This is
         ``self(token_ids, targets=targets)``; on the "torch" and "triton" loss
         backends the (..., seq, vocab) logits are never materialised.
+        ``document_ids`` (..., seq) keeps attention inside documents (see ``forward``).
         """
-        return self(token_ids, targets=targets, ignore_index=ignore_index, check_ids=check_ids)
+        return self(
+            token_ids, targets=targets, ignore_index=ignore_index, check_ids=check_ids, document_ids=document_ids
+        )
 
     def _check_input(self, token_ids: Tensor, cached: int, kv_cache: KVCache | None, check_ids: bool) -> None:
         if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
@@ -282,6 +307,24 @@ class TransformerLM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backends={self.backends}"
+
+
+def _check_document_ids(document_ids: Tensor, token_ids: Tensor, cached: int) -> None:
+    """Refuse ids that do not give one id per key position of each row (dtype and device: the attention op)."""
+    if not isinstance(document_ids, Tensor):
+        raise TypeError(f"document_ids must be a torch.Tensor or None, got {type(document_ids).__name__}")
+    keys = cached + token_ids.shape[-1]
+    expected = torch.Size((*token_ids.shape[:-1], keys))
+    try:
+        fits = torch.broadcast_shapes(document_ids.shape, expected) == expected
+    except RuntimeError:
+        fits = False
+    if not fits:
+        where = f" ({cached} cached + {token_ids.shape[-1]} new positions)" if cached else ""
+        raise ValueError(
+            f"document_ids has shape {tuple(document_ids.shape)}; expected {tuple(expected)}{where}, one id per "
+            f"position of token_ids (shape {tuple(token_ids.shape)}), or a shape that broadcasts to it"
+        )
 
 
 def _build_config(
