@@ -5,7 +5,8 @@
    every tenth topic is held out for validation.
 2. Tokenizer: byte-level BPE trained on the training split.
 3. Token files: both splits encoded to ``.npy`` token files.
-4. Training: a small TransformerLM, validation loss measured before and after.
+4. Training: a small TransformerLM, validation loss measured before and after
+   (``--document_mask``: attention kept inside each topic).
 5. Sampling: three prompts continued by the trained model.
 
 The defaults finish in a few minutes on a 2-core CPU and use the GPU when
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_tokens", type=int, default=60, help="tokens generated per sample")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split-independent parts: init, batches, sampling")
+    parser.add_argument(
+        "--document_mask",
+        action="store_true",
+        help="train with attention kept inside each topic (documents end at <|endoftext|>, whose id the demo's "
+        "tokenizer knows)",
+    )
 
 
 def write_corpus(output_dir: Path) -> tuple[Path, Path]:
@@ -99,8 +106,14 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=device,
         overwrite=True,  # the demo is meant to be run again and again
+        document_mask=args.document_mask,
+        eos_token_id=tokenizer.special_token_ids[SPECIAL_TOKENS[0]] if args.document_mask else None,
     )
-    print(f"[4/5] training on {device}: {config.total_iters} steps of {config.batch_size}x{config.context_length} tokens")
+    masking = f", attention within documents (<|endoftext|> = {config.eos_token_id})" if args.document_mask else ""
+    print(
+        f"[4/5] training on {device}: {config.total_iters} steps of {config.batch_size}x{config.context_length} "
+        f"tokens{masking}"
+    )
     summary = train(config)
 
     model = load_model(summary["checkpoint"], device=device)

@@ -6,6 +6,12 @@ flags given on the command line. Example::
 
     python -m scratchlm.train --config runs/tiny.json --learning_rate 1e-3 --resume
 
+Packed documents with attention kept inside each one (the documents of a token
+file end with an end-of-text token, here id 256, <|endoftext|> of a tokenizer
+from ``scratchlm tokenizer train``)::
+
+    python -m scratchlm.train --config runs/tiny.json --document_mask --eos_token_id 256
+
 Several processes (data parallel; see scratchlm.train.distributed)::
 
     torchrun --nproc_per_node=8 -m scratchlm.train --config runs/small.json --parallel fsdp

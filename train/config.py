@@ -70,6 +70,20 @@ class TrainConfig:
         "run folder; its shape replaces the model flags, its weights the random init (token files must be "
         "made with its tokenizer)",
     )
+    # Packed documents: attention that stays inside each document of a window.
+    document_mask: bool = _setting(
+        False,
+        kind=bool,
+        help="keep attention inside documents: a window's documents (each ended by --eos_token_id) attend as if "
+        "trained alone, in training and validation batches alike",
+    )
+    eos_token_id: int | None = _setting(
+        None,
+        kind=int,
+        help="the end-of-text token id that closes each document, for --document_mask (default: the id of "
+        "<|endoftext|>, else the eos token, of the tokenizer --init_from or the resumed checkpoint carries; "
+        "required otherwise)",
+    )
     # Optimization (AdamW with linear warmup and cosine decay).
     batch_size: int = _setting(32, kind=int, help="windows per optimizer step (default 32)")
     learning_rate: float = _setting(3e-4, kind=float, help="peak learning rate, reached after warmup (default 3e-4)")
@@ -276,9 +290,14 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be in [0, 1), got {value!r}")
         if self.peak_tflops is not None:
             _expect_float("peak_tflops", self.peak_tflops, minimum=0.0, strict=True)
-        for name in ("overwrite", "activation_checkpointing", "compile", "tie_embeddings"):
+        for name in ("overwrite", "activation_checkpointing", "compile", "tie_embeddings", "document_mask"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"--{name} must be true or false, got {getattr(self, name)!r}")
+        if self.eos_token_id is not None:
+            _expect_int("eos_token_id", self.eos_token_id, minimum=0)
+            check_eos_token_id(self.eos_token_id, self.vocab_size)
+        elif self.document_mask and self.init_from is None and self.resume is None:
+            raise ValueError(MISSING_EOS_TOKEN_ID)
         if self.resume is not None and (not isinstance(self.resume, (str, os.PathLike)) or str(self.resume) == ""):
             raise ValueError(f"--resume must be a checkpoint path, got {self.resume!r}")
         if not isinstance(self.kernels, (str, dict)):
@@ -289,6 +308,19 @@ class TrainConfig:
 
 # The settings that give a model its shape: required unless --init_from supplies them.
 MODEL_SHAPE_SETTINGS = ["vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"]
+
+
+# Without a tokenizer to look the end-of-text token up in, --document_mask needs the id.
+MISSING_EOS_TOKEN_ID = (
+    "--document_mask needs --eos_token_id, the id of the token that ends each document (e.g. <|endoftext|>'s); "
+    "this run has no tokenizer to look it up in (only --init_from and --resume checkpoints bring one)"
+)
+
+
+def check_eos_token_id(eos_token_id: int, vocab_size: int | None) -> None:
+    """Refuse an end-of-text id outside the vocabulary (unchecked while vocab_size is unknown)."""
+    if vocab_size is not None and not 0 <= eos_token_id < vocab_size:
+        raise ValueError(f"--eos_token_id={eos_token_id} must be in [0, vocab_size={vocab_size})")
 
 
 def _expect_int(name: str, value, *, minimum: int) -> None:

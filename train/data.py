@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from scratchlm.model.functional import document_ids_from_eos
 from scratchlm.tokenizer.token_file import read_token_file
 
 
@@ -121,6 +122,7 @@ def estimate_loss(
     num_batches: int,
     device: str | torch.device,
     shard: tuple[int, int] = (0, 1),
+    eos_token_id: int | None = None,
 ) -> float:
     """Mean cross-entropy of ``model`` over ``num_batches * batch_size`` fixed windows.
 
@@ -136,6 +138,10 @@ def estimate_loss(
     ``rank`` on, in batches of ``batch_size // world_size``: with batch_size
     divisible by world_size every rank gets the same number of windows, so the
     mean over ranks of the returned values is the mean over all windows.
+
+    ``eos_token_id`` scores with attention kept inside documents, as training
+    with ``--document_mask`` does: the model is also given
+    ``document_ids=document_ids_from_eos(inputs, eos_token_id)``.
     """
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
@@ -148,8 +154,9 @@ def estimate_loss(
         total = 0.0
         for batch_starts in starts.split(max(1, batch_size // world_size)):
             inputs, targets = windows_at(dataset, batch_starts, context_length, device)
+            documents = {} if eos_token_id is None else {"document_ids": document_ids_from_eos(inputs, eos_token_id)}
             # Weight by windows so a short last batch counts for what it holds.
-            total += float(model(inputs, targets=targets)) * len(batch_starts)
+            total += float(model(inputs, targets=targets, **documents)) * len(batch_starts)
         return total / len(starts)
     finally:
         model.train(was_training)

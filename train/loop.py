@@ -188,7 +188,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
             for old in replaced:
                 old.unlink()
             with atomic_write(out_dir / CONFIG_NAME, "w", encoding="utf-8") as f:
-                f.write(json.dumps(config.to_dict(), indent=2) + "\n")
+                # The trainer's config: it knows settings found only on building (the default --eos_token_id).
+                f.write(json.dumps(trainer.config.to_dict(), indent=2) + "\n")
         parallel.barrier()
         summary = _train_loop(trainer, train_data, val_data, out_dir, progress=progress and parallel.is_main)
     finally:

@@ -6,7 +6,9 @@
     ``grad_accum_steps`` micro-batches.
  2. Per micro-batch: forward to the loss under autocast (the model's "loss"
     backend, so the torch/triton ones never form the logits), loss /
-    grad_accum_steps, backward.
+    grad_accum_steps, backward. With ``document_mask`` the inputs' document
+    ids (counting ``eos_token_id`` tokens) go along, so attention stays
+    inside each document of a window.
     Gradients are reduced across ranks on the last micro-batch only.
  3. Unscale (fp16), measure the global gradient norm and clip it.
  4. If the loss or the norm is not finite, skip: no update, the step count
@@ -18,6 +20,7 @@ The loop around it (evaluation, logging, checkpoint files) is in loop.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchlm.model import ModelConfig, TransformerLM, load_pretrained, resolve_kernels
+from scratchlm.model import ModelConfig, TransformerLM, document_ids_from_eos, load_pretrained, resolve_kernels
 from scratchlm.model.pretrained import CHECKPOINT_TOKENIZER_KEY as TOKENIZER_KEY
 from scratchlm.train import distributed
 from scratchlm.train.checkpoint import (
@@ -37,7 +40,7 @@ from scratchlm.train.checkpoint import (
     restore_rng_state,
     write_checkpoint,
 )
-from scratchlm.train.config import TrainConfig
+from scratchlm.train.config import MISSING_EOS_TOKEN_ID, TrainConfig, check_eos_token_id
 from scratchlm.train.data import estimate_loss, windows_at
 from scratchlm.train.optim import AdamW, global_grad_norm, gradient_clipping
 from scratchlm.train.precision import MixedPrecision
@@ -126,6 +129,16 @@ def _adamw_for(model: torch.nn.Module, config: TrainConfig, device: torch.device
     return AdamW(groups, foreach=kind == "foreach", **settings)
 
 
+def _tokenizer_of(document: dict):
+    """The Tokenizer a checkpoint carries as plain data (to look its end-of-text id up)."""
+    from scratchlm.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_document(document, source=f"--resume checkpoint extra[{TOKENIZER_KEY!r}]")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"--resume checkpoint holds a tokenizer that does not load: {e}") from e
+
+
 def _load_pretrained(path: str, kernels: dict[str, str], device: torch.device):
     """--init_from's model in float32 (the master weights; autocast makes the 16-bit copies) and tokenizer."""
     try:
@@ -133,6 +146,30 @@ def _load_pretrained(path: str, kernels: dict[str, str], device: torch.device):
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"--init_from: {e}") from e
     return model.train(), tokenizer
+
+
+# Looked up in a run's tokenizer when --document_mask is on and --eos_token_id is not given.
+END_OF_TEXT = "<|endoftext|>"
+
+
+def resolve_eos_token_id(config: TrainConfig, tokenizer, vocab_size: int) -> TrainConfig:
+    """``config`` with --eos_token_id filled in where --document_mask needs it, and checked.
+
+    The default is ``tokenizer``'s id of <|endoftext|> (what ``scratchlm
+    tokenizer train`` and the demo put between documents), else its eos
+    token (Llama 3's <|end_of_text|>); without a tokenizer, or one with
+    neither, the flag is required.
+    """
+    eos = config.eos_token_id
+    if eos is None and config.document_mask:
+        if tokenizer is not None:
+            eos = tokenizer.special_token_ids.get(END_OF_TEXT, tokenizer.eos_id)
+        if eos is None:
+            where = "" if tokenizer is None else f"; the run's tokenizer has neither {END_OF_TEXT} nor an eos token"
+            raise ValueError(MISSING_EOS_TOKEN_ID + where)
+    if eos is not None:
+        check_eos_token_id(eos, vocab_size)
+    return config if eos == config.eos_token_id else dataclasses.replace(config, eos_token_id=eos)
 
 
 class Trainer:
@@ -161,6 +198,7 @@ class Trainer:
         # The tokenizer travels in every checkpoint of a run that started from a
         # pretrained model, as plain data, so generate and export find it there.
         self.tokenizer_document = None
+        tokenizer = None
         if resume_payload is None and config.init_from is not None:
             self.model, tokenizer = _load_pretrained(config.init_from, kernels, device)
             if self.model.config != self.model_config:
@@ -173,6 +211,12 @@ class Trainer:
             # Before wrapping: FSDP then shards the loaded weights.
             apply_checkpoint(resume_payload, self.model, restore_rng=False, source="--resume checkpoint")
             self.tokenizer_document = (resume_payload.get("extra") or {}).get(TOKENIZER_KEY)
+            if self.tokenizer_document is not None and config.document_mask and config.eos_token_id is None:
+                tokenizer = _tokenizer_of(self.tokenizer_document)
+        # The resolved id is part of the run's settings: train_config.json and checkpoints hold it.
+        self.config = config = resolve_eos_token_id(config, tokenizer, self.model_config.vocab_size)
+        # The token that closes each document when attention is masked per document, else None.
+        self.document_eos: int | None = config.eos_token_id if config.document_mask else None
         self.module = distributed.wrap(self.model, parallel, device)
         if config.compile:
             self.module.compile()
@@ -220,11 +264,12 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for index, micro_starts in enumerate(micro_batches):
             inputs, targets = windows_at(data, micro_starts, config.context_length, self.device)
+            document_ids = None if self.document_eos is None else document_ids_from_eos(inputs, self.document_eos)
             last = index == len(micro_batches) - 1
             with distributed.gradient_sync(self.module, parallel, sync=last):
                 with self.precision.autocast():
                     # forward with targets returns the float32 mean loss; the data was checked when loaded.
-                    loss = self.module(inputs, targets=targets, check_ids=False)
+                    loss = self.module(inputs, targets=targets, check_ids=False, document_ids=document_ids)
                 loss = loss / len(micro_batches)
                 self.precision.backward(loss)
             loss_sum += loss.detach()
@@ -278,6 +323,7 @@ class Trainer:
                 num_batches=config.eval_batches,
                 device=self.device,
                 shard=(parallel.rank, parallel.world_size),
+                eos_token_id=self.document_eos,
             )
         # Every rank scored as many windows, so the mean of the ranks' means is the overall mean.
         return float(parallel.sum(torch.tensor(local, device=self.device))) / parallel.world_size
