@@ -44,5 +44,24 @@ bench: $(BENCH_READY)
 	$(BIN)/python benchmarks/bench_train.py --out $(BENCH_RESULTS)/train.json
 	$(BIN)/python benchmarks/bench_loss.py --out $(BENCH_RESULTS)/loss.json
 
+# The kernel tests (interpreter and sm_90 compilation) under Triton 3.6, the oldest Triton of the
+# GPU images we run on, in a venv of their own beside .venv; `make test` (CI's budget) leaves them out.
+TRITON36_VENV ?= .venv-triton36
+TRITON36 ?= triton==3.6.0
+TRITON36_BIN := $(TRITON36_VENV)/bin
+TRITON36_READY := $(TRITON36_VENV)/.ready
+
+.PHONY: test-triton36
+
+# Triton 3.6 is named again with the project so that pip keeps it rather than upgrading it.
+$(TRITON36_READY): setup.py
+	$(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_BIN)/python -m pip install --quiet "$(TORCH)" "$(TRITON36)"
+	$(TRITON36_BIN)/python -m pip install --quiet -e ".[dev]" "$(TRITON36)"
+	touch $@
+
+test-triton36: $(TRITON36_READY)
+	$(TRITON36_BIN)/python -m pytest -q tests/kernels
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out
