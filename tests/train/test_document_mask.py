@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,13 +15,14 @@ import torch
 from helpers import assert_close
 
 from scratchlm.model import document_ids_from_eos
+from scratchlm.model.pretrained import read_pretrained_config
 from scratchlm.tokenizer.token_file import write_token_file
 from scratchlm.train import TrainConfig, read_checkpoint, train
 from scratchlm.train.cli import build_parser, config_from_args
 from scratchlm.train.data import estimate_loss, evenly_spaced_starts, load_token_dataset, windows_at
 from scratchlm.train.distributed import Parallel
 from scratchlm.train.optim import global_grad_norm
-from scratchlm.train.trainer import Trainer
+from scratchlm.train.trainer import Trainer, adopt_pretrained_shape, resolve_eos_token_id
 from tiny_run import CONTEXT, VOCAB, tiny_config
 
 EOS = VOCAB - 1
@@ -164,10 +168,31 @@ def test_eos_id_defaults_to_the_tokenizer_that_a_resumed_run_carries(tmp_path):
     payload = read_checkpoint(run / "checkpoint_00000000.pt")
     trainer = Trainer(resumed.resolved(), Parallel(), torch.device("cpu"), payload)
     assert trainer.config.eos_token_id == 256 and trainer.document_eos == 256
+    # Fine-tuning from that checkpoint finds the id in the tokenizer --init_from brings.
+    checkpoint = str(run / "checkpoint_00000000.pt")
+    fine_tune = TrainConfig(**{**config.to_dict(), "eos_token_id": None, "init_from": checkpoint}).resolved()
+    fine_tune = adopt_pretrained_shape(fine_tune, read_pretrained_config(checkpoint))
+    trainer = Trainer(fine_tune, Parallel(), torch.device("cpu"), None, read_pretrained_config(checkpoint))
+    assert trainer.config.eos_token_id == 256
     # Without a tokenizer in the checkpoint the flag is required, named in the error.
     del payload["extra"]["tokenizer"]
     with pytest.raises(ValueError, match="--document_mask needs --eos_token_id"):
         Trainer(resumed.resolved(), Parallel(), torch.device("cpu"), payload)
+
+
+def test_eos_id_lookup_prefers_endoftext_then_the_eos_token():
+    config = TrainConfig(train_data_path="t", val_data_path="v", total_iters=1, output_dir="o", document_mask=True)
+    both = SimpleNamespace(special_token_ids={"<|endoftext|>": 3, "<|end_of_text|>": 9}, eos_id=9)
+    assert resolve_eos_token_id(config, both, 10).eos_token_id == 3
+    llama = SimpleNamespace(special_token_ids={"<|end_of_text|>": 9}, eos_id=9)
+    assert resolve_eos_token_id(config, llama, 10).eos_token_id == 9
+    with pytest.raises(ValueError, match=re.escape("the run's tokenizer has neither <|endoftext|> nor an eos token")):
+        resolve_eos_token_id(config, SimpleNamespace(special_token_ids={}, eos_id=None), 10)
+    with pytest.raises(ValueError, match=r"--eos_token_id=9 must be in \[0, vocab_size=8\)"):
+        resolve_eos_token_id(config, llama, 8)
+    given = dataclasses.replace(config, eos_token_id=4)
+    assert resolve_eos_token_id(given, both, 10) is given  # a given id wins
+    assert resolve_eos_token_id(dataclasses.replace(config, document_mask=False), both, 10).eos_token_id is None
 
 
 def test_demo_flag_turns_document_mask_on_with_its_tokenizer_eos_id(tmp_path, monkeypatch):
