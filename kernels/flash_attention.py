@@ -57,12 +57,14 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from scratchlm.kernels._registration import INTERPRETING, check_float_tensor, check_same, kernel_op, launch
+from scratchlm.kernels.documents import document_rows, document_spans
 from scratchlm.kernels.flash_attention_tiled import kv_group_size
 
 LOG2_E = 1.4426950408889634
@@ -119,14 +121,59 @@ def _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask,
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
-    """scale * q k^T in log2 units, (BLOCK_M, BLOCK_N); with MASKED, keys past k_len
-    or (causal) after a query's diagonal are -inf."""
+def _key_runs(run_ptr, offs_n, k_len):
+    """The document numbers of keys ``offs_n``; -1 (no document) past k_len."""
+    return tl.load(run_ptr + offs_n, mask=offs_n < k_len, other=-1)
+
+
+@triton.jit
+def _query_runs(run_ptr, offs_m, q_len, causal_offset):
+    """The document numbers of queries ``offs_m`` (key positions offs_m + causal_offset); -2 past
+    q_len, which matches no key, so such rows see nothing."""
+    return tl.load(run_ptr + offs_m + causal_offset, mask=offs_m < q_len, other=-2)
+
+
+@triton.jit
+def _document_key_range(
+    run_ptr, stride_kind, start_m, q_len, causal_offset, full_end, end,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The key tiles of query block ``start_m`` under documents, as (start, full_start, full_end, end).
+
+    Keys before the first query's document and (not causal) after the last
+    query's are never visited. When the whole block lies in one document,
+    the key tiles inside it (and, causal, before the diagonal: ``full_end``
+    as without documents) need no mask: [full_start, full_end); the masked
+    tiles are [start, full_start) and [full_end, end). When the block
+    straddles a boundary every tile it visits is masked.
+    """
+    first = start_m + causal_offset
+    last = tl.minimum(start_m + BLOCK_M, q_len) - 1 + causal_offset
+    one_document = tl.load(run_ptr + first) == tl.load(run_ptr + last)
+    doc_start = tl.load(run_ptr + stride_kind + first)  # where the first query's document starts
+    doc_end = tl.load(run_ptr + 2 * stride_kind + last)  # one past the last query's document
+    if not CAUSAL:
+        end = doc_end
+    start = doc_start // BLOCK_N * BLOCK_N
+    full_start = tl.where(one_document, tl.minimum((doc_start + BLOCK_N - 1) // BLOCK_N * BLOCK_N, end), end)
+    full_end = tl.where(one_document, tl.minimum(full_end, doc_end // BLOCK_N * BLOCK_N), end)
+    return start, full_start, tl.maximum(full_end, full_start), end
+
+
+@triton.jit
+def _scores(
+    q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr,
+):  # fmt: skip
+    """scale * q k^T in log2 units, (BLOCK_M, BLOCK_N); with MASKED, keys past k_len,
+    (causal) after a query's diagonal or (documents) in another document are -inf."""
     s = _dot(q, tl.trans(k), None) * qk_scale_log2
     if MASKED:
         allowed = (offs_n < k_len)[None, :]
         if CAUSAL:
             allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        if DOCUMENTS:
+            allowed = allowed & (_key_runs(run_ptr, offs_n, k_len)[None, :] == q_runs[:, None])
         s = tl.where(allowed, s, float("-inf"))
     return s
 
@@ -137,14 +184,14 @@ def _fwd_key_tiles(
     k_head, v_head,
     stride_kn, stride_vn,
     offs_m, offs_d, d_mask,
-    start, end, k_len, causal_offset, qk_scale_log2,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    start, end, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The online-softmax update of one query block over key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len)
-        s = _scores(q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, CAUSAL, MASKED)
+        s = _scores(q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr, CAUSAL, MASKED, DOCUMENTS)
         if MASKED:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no visible key so far keeps m = -inf; subtracting 0
@@ -168,10 +215,12 @@ def _fwd_key_tiles(
 # loop), 296 against 200 in the forward's 64 x 128 tile.
 @triton.jit(do_not_specialize=["group"])
 def _flash_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_ptr,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh, stride_om, stride_lse_h,
-    q_len, k_len, head_dim, group, q_len_bucket, k_len_bucket, qk_scale_log2,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_doc_kind, stride_doc_row,
+    q_len, k_len, head_dim, group, heads_per_row, q_len_bucket, k_len_bucket, qk_scale_log2,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (query block, batch*head); int64 so head offsets never wrap.
     pid = tl.program_id(0).to(tl.int64)
@@ -205,13 +254,31 @@ def _flash_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DOCUMENTS:
+        # The document numbers of this batch row: every head of it shares them.
+        run_ptr = doc_ptr + (head // heads_per_row) * stride_doc_row
+        q_runs = _query_runs(run_ptr, offs_m, q_len, causal_offset)
+        start, full_start, full_end, end = _document_key_range(
+            run_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end, CAUSAL, BLOCK_M, BLOCK_N
+        )
+        acc, l_i, m_i = _fwd_key_tiles(
+            acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_m, offs_d, d_mask, start, full_start,
+            k_len, causal_offset, qk_scale_log2, q_runs, run_ptr, CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=True,
+            BLOCK_N=BLOCK_N,
+        )  # fmt: skip
+    else:
+        full_start = 0
+        q_runs = 0  # unused: no document masks
+        run_ptr = doc_ptr
     acc, l_i, m_i = _fwd_key_tiles(
-        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_m, offs_d, d_mask,
-        0, full_end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=False, BLOCK_N=BLOCK_N,
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_m, offs_d, d_mask, full_start, full_end,
+        k_len, causal_offset, qk_scale_log2, q_runs, run_ptr, CAUSAL=CAUSAL, MASKED=False, DOCUMENTS=DOCUMENTS,
+        BLOCK_N=BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_key_tiles(
-        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_m, offs_d, d_mask,
-        full_end, end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=True, BLOCK_N=BLOCK_N,
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_m, offs_d, d_mask, full_end, end,
+        k_len, causal_offset, qk_scale_log2, q_runs, run_ptr, CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS,
+        BLOCK_N=BLOCK_N,
     )  # fmt: skip
 
     # Rows that saw no key have l = 0 and m = -inf: output 0, logsumexp -inf.
@@ -255,8 +322,8 @@ def _dkdv_query_tiles(
     q_head, do_head, lse_head, delta_head,
     stride_qm, stride_dom,
     offs_n, offs_d, d_mask,
-    start, end, q_len, causal_offset, qk_scale_log2,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+    start, end, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Accumulate one key block's dK (unscaled) and dV over query tiles [start, end), transposed: (keys, queries)."""
     for start_m in range(start, end, BLOCK_M):
@@ -269,8 +336,11 @@ def _dkdv_query_tiles(
         lse_log2 = _lse_log2(tl.load(lse_head + offs_m, mask=m_valid, other=0.0))
         delta = tl.load(delta_head + offs_m, mask=m_valid, other=0.0)
         s_t = _dot(k, tl.trans(q), None) * qk_scale_log2
-        if MASKED:
+        if MASKED and CAUSAL:
             s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, s_t, float("-inf"))
+        if MASKED and DOCUMENTS:
+            q_runs = _query_runs(run_ptr, offs_m, q_len, causal_offset)
+            s_t = tl.where(k_runs[:, None] == q_runs[None, :], s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse_log2[None, :])
         dv = _dot(_round_to(p_t, do.dtype), do, dv)
         dp_t = _dot(v, tl.trans(do), None)
@@ -285,33 +355,72 @@ def _dkdv_one_query_head(
     q_ptr, do_ptr, lse_ptr, delta_ptr,
     stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h,
     offs_n, offs_d, d_mask,
-    start, full_start, q_len, causal_offset, qk_scale_log2,
-    BLOCK_M: tl.constexpr,
+    start, full_start, full_stop, stop, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Add query head ``head``'s share to one key block's dK (unscaled) and dV: the tiles the
-    causal diagonal crosses, from ``start``, with a mask, then those from ``full_start`` without."""
+    """Add query head ``head``'s share to one key block's dK (unscaled) and dV over query
+    tiles [start, stop): those in [full_start, full_stop) without a mask, the others
+    (crossed by the causal diagonal or a document boundary) with one."""
     q_head = q_ptr + head * stride_qh
     do_head = do_ptr + head * stride_doh
     lse_head = lse_ptr + head * stride_lse_h  # lse and delta share a layout
     delta_head = delta_ptr + head * stride_lse_h
     dk, dv = _dkdv_query_tiles(
         dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
-        start, tl.minimum(full_start, q_len), q_len, causal_offset, qk_scale_log2, MASKED=True, BLOCK_M=BLOCK_M,
+        start, tl.minimum(full_start, stop), q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+        CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
     )  # fmt: skip
     dk, dv = _dkdv_query_tiles(
         dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
-        full_start, q_len, q_len, causal_offset, qk_scale_log2, MASKED=False, BLOCK_M=BLOCK_M,
+        full_start, full_stop, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+        CAUSAL=CAUSAL, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
     )  # fmt: skip
+    if DOCUMENTS:
+        dk, dv = _dkdv_query_tiles(
+            dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
+            full_stop, stop, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+            CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=True, BLOCK_M=BLOCK_M,
+        )  # fmt: skip
     return dk, dv
+
+
+@triton.jit
+def _document_query_range(
+    run_ptr, stride_kind, start_n, k_len, q_len, causal_offset, start, full_start,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The query tiles of key block ``start_n`` under documents, as (start, full_start, full_stop, stop).
+
+    The mirror of ``_document_key_range``: queries after the last key's
+    document (and, not causal, before the first key's) are never visited;
+    when the whole key block lies in one document, the query tiles inside it
+    (and, causal, past the diagonal: ``full_start`` as without documents) need
+    no mask: [full_start, full_stop); [start, full_start) and [full_stop, stop)
+    are masked. Queries are key positions minus causal_offset.
+    """
+    last = tl.minimum(start_n + BLOCK_N, k_len) - 1
+    one_document = tl.load(run_ptr + start_n) == tl.load(run_ptr + last)
+    doc_start = tl.load(run_ptr + stride_kind + start_n) - causal_offset  # as query indices
+    doc_end = tl.load(run_ptr + 2 * stride_kind + last) - causal_offset
+    stop = tl.maximum(tl.minimum(doc_end, q_len), 0)
+    if not CAUSAL:
+        start = tl.maximum(doc_start, 0) // BLOCK_M * BLOCK_M
+        full_start = (tl.maximum(doc_start, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    full_start = tl.where(one_document, full_start, stop)
+    # A document running to the last query takes the ragged last tile unmasked, as without documents.
+    full_stop = tl.where(doc_end >= q_len, q_len, doc_end // BLOCK_M * BLOCK_M)
+    full_stop = tl.where(one_document, full_stop, stop)
+    return start, full_start, tl.maximum(full_stop, full_start), stop
 
 
 @triton.jit(do_not_specialize=["group"])  # see the forward kernel
 def _flash_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, doc_ptr,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_dom,
-    stride_lse_h, stride_dkh, stride_dkn, stride_dvh, stride_dvn,
-    q_len, k_len, head_dim, group, qk_scale_log2, scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_lse_h, stride_dkh, stride_dkn, stride_dvh, stride_dvn, stride_doc_kind, stride_doc_row,
+    q_len, k_len, head_dim, group, kv_heads_per_row, qk_scale_log2, scale,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (key block, batch*K/V head); it owns those dK and dV rows
     # and sums them over the `group` query heads that share the K/V head.
@@ -337,6 +446,19 @@ def _flash_attention_bwd_dkdv_kernel(
     else:
         start = 0
         full_start = 0
+    if DOCUMENTS:
+        # Every head of a batch row shares its document numbers.
+        run_ptr = doc_ptr + (kv_head // kv_heads_per_row) * stride_doc_row
+        k_runs = _key_runs(run_ptr, offs_n, k_len)
+        start, full_start, full_stop, stop = _document_query_range(
+            run_ptr, stride_doc_kind, start_n, k_len, q_len, causal_offset, start, full_start,
+            CAUSAL, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    else:
+        run_ptr = doc_ptr
+        k_runs = 0  # unused: no document masks
+        full_stop = q_len
+        stop = q_len
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # The group's query heads are kv_head * group + 0, 1, ..., group - 1, always
@@ -352,14 +474,16 @@ def _flash_attention_bwd_dkdv_kernel(
             dk, dv = _dkdv_one_query_head(
                 dk, dv, k, v, first_head + member, q_ptr, do_ptr, lse_ptr, delta_ptr,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h, offs_n, offs_d, d_mask,
-                start, full_start, q_len, causal_offset, qk_scale_log2, BLOCK_M=BLOCK_M,
+                start, full_start, full_stop, stop, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+                CAUSAL=CAUSAL, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
             )  # fmt: skip
     else:
         for member in range(0, group):
             dk, dv = _dkdv_one_query_head(
                 dk, dv, k, v, first_head + member, q_ptr, do_ptr, lse_ptr, delta_ptr,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h, offs_n, offs_d, d_mask,
-                start, full_start, q_len, causal_offset, qk_scale_log2, BLOCK_M=BLOCK_M,
+                start, full_start, full_stop, stop, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+                CAUSAL=CAUSAL, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
             )  # fmt: skip
     tl.store(dk_ptr + kv_head * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              _round_to(dk * scale, dk_ptr.dtype.element_ty), mask=kv_mask)  # fmt: skip
@@ -373,15 +497,15 @@ def _dq_key_tiles(
     k_head, v_head,
     stride_kn, stride_vn,
     offs_m, offs_d, d_mask,
-    start, end, k_len, causal_offset, qk_scale_log2,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    start, end, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Accumulate one query block's dQ (unscaled) over key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len)
         # Keys past k_len are masked too: their p = exp2(0 - lse) is not 0 and may overflow.
-        s = _scores(q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, CAUSAL, MASKED)
+        s = _scores(q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr, CAUSAL, MASKED, DOCUMENTS)
         p = tl.exp2(s - lse_log2[:, None])
         dp = _dot(do, tl.trans(v), None)
         ds = p * (dp - delta[:, None])
@@ -391,11 +515,12 @@ def _dq_key_tiles(
 
 @triton.jit(do_not_specialize=["group"])  # see the forward kernel
 def _flash_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_ptr,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_dom,
-    stride_lse_h, stride_dqh, stride_dqm,
-    q_len, k_len, head_dim, group, qk_scale_log2, scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_lse_h, stride_dqh, stride_dqm, stride_doc_kind, stride_doc_row,
+    q_len, k_len, head_dim, group, heads_per_row, qk_scale_log2, scale,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (query block, batch*head), reading the group's shared K/V head.
     pid = tl.program_id(0).to(tl.int64)
@@ -423,13 +548,30 @@ def _flash_attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
+    if DOCUMENTS:  # the same key tiles as the forward's
+        run_ptr = doc_ptr + (head // heads_per_row) * stride_doc_row
+        q_runs = _query_runs(run_ptr, offs_m, q_len, causal_offset)
+        start, full_start, full_end, end = _document_key_range(
+            run_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end, CAUSAL, BLOCK_M, BLOCK_N
+        )
+        dq = _dq_key_tiles(
+            dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
+            start, full_start, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
+            CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=True, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
+    else:
+        full_start = 0
+        q_runs = 0  # unused: no document masks
+        run_ptr = doc_ptr
     dq = _dq_key_tiles(
         dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
-        0, full_end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=False, BLOCK_N=BLOCK_N,
+        full_start, full_end, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
+        CAUSAL=CAUSAL, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     dq = _dq_key_tiles(
         dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
-        full_end, end, k_len, causal_offset, qk_scale_log2, CAUSAL=CAUSAL, MASKED=True, BLOCK_N=BLOCK_N,
+        full_end, end, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
+        CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     tl.store(dq_ptr + head * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              _round_to(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)  # fmt: skip
@@ -469,7 +611,7 @@ def _forward_autotuner(block_d: int, element_size: int, shared_memory: int):
     # with a growing KV cache must not re-tune at every new key length.
     return triton.autotune(
         configs=forward_configs(block_d, element_size, shared_memory),
-        key=["q_len_bucket", "k_len_bucket", "head_dim", "CAUSAL"],
+        key=["q_len_bucket", "k_len_bucket", "head_dim", "CAUSAL", "DOCUMENTS"],
     )(_flash_attention_fwd_kernel)
 
 
@@ -522,17 +664,27 @@ def _group_size(heads: int, kv_heads: int) -> int:
     return heads // kv_heads
 
 
-def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+def _documents_layout(documents: Optional[torch.Tensor], heads: int, fallback: torch.Tensor) -> tuple:
+    """(pointer, kind stride, row stride, heads per row) of the (3, rows, Nk) document table, or of a
+    stand-in that the kernels never read when there are no documents."""
+    if documents is None:
+        return fallback, 0, 0, max(heads, 1)
+    return documents, documents.stride(0), documents.stride(1), heads // documents.shape[1]
+
+
+def _fwd_fake(q, k, v, causal: bool, scale: float, documents: Optional[torch.Tensor]):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @kernel_op("flash_attention_fwd", fake=_fwd_fake)
 def flash_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, documents: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, logsumexp) for q (heads, Nq, D), k and v (kv_heads, Nk, D), each with a unit last-dim stride.
 
     heads is a multiple of kv_heads; query head h reads K/V head h // (heads // kv_heads).
+    ``documents``: None, or int32 (3, rows, Nk) from ``document_spans`` (document
+    number, start, end per key position), row r serving heads r * heads / rows onwards.
     o is contiguous in q's dtype; logsumexp is float32 (heads, Nq), natural log.
     """
     heads, q_len, head_dim = q.shape
@@ -543,6 +695,7 @@ def flash_attention_fwd(
         return o, lse
     group = _group_size(heads, kv_heads)
     block_d = _block_d(head_dim)
+    doc, stride_doc_kind, stride_doc_row, heads_per_row = _documents_layout(documents, heads, lse)
     if INTERPRETING:
         block_m, block_n = INTERPRETER_BLOCKS
         kernel, settings = _flash_attention_fwd_kernel, {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
@@ -553,16 +706,17 @@ def flash_attention_fwd(
         return (triton.cdiv(q_len, meta["BLOCK_M"]) * heads,)
 
     launch(kernel)[grid](
-        q, k, v, o, lse,
+        q, k, v, o, lse, doc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        lse.stride(0),
-        q_len, k_len, head_dim, group, triton.next_power_of_2(q_len), triton.next_power_of_2(k_len), scale * LOG2_E,
-        CAUSAL=causal, BLOCK_D=block_d, **settings,
+        lse.stride(0), stride_doc_kind, stride_doc_row,
+        q_len, k_len, head_dim, group, heads_per_row, triton.next_power_of_2(q_len), triton.next_power_of_2(k_len),
+        scale * LOG2_E,
+        CAUSAL=causal, DOCUMENTS=documents is not None, BLOCK_D=block_d, **settings,
     )  # fmt: skip
     return o, lse
 
 
-def _bwd_fake(q, k, v, o, lse, do, causal: bool, scale: float):
+def _bwd_fake(q, k, v, o, lse, do, causal: bool, scale: float, documents: Optional[torch.Tensor]):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -576,6 +730,7 @@ def flash_attention_bwd(
     do: torch.Tensor,
     causal: bool,
     scale: float,
+    documents: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, from the forward's inputs, o and logsumexp and the output gradient do.
 
@@ -595,6 +750,8 @@ def flash_attention_bwd(
     block_m, block_n = s["BLOCK_M"], s["BLOCK_N"]
     launch_options = {"num_warps": s["num_warps"], "num_stages": s["num_stages"]}
     delta = torch.empty_like(lse)
+    doc, stride_doc_kind, stride_doc_row, heads_per_row = _documents_layout(documents, heads, lse)
+    kv_heads_per_row = heads_per_row // group
     launch(_flash_attention_bwd_preprocess_kernel)[(triton.cdiv(q_len, block_m) * heads,)](
         o, do, delta,
         o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0),
@@ -602,18 +759,20 @@ def flash_attention_bwd(
         BLOCK_M=block_m, BLOCK_D=block_d, **launch_options,
     )  # fmt: skip
     launch(_flash_attention_bwd_dkdv_kernel)[(triton.cdiv(k_len, block_n) * kv_heads,)](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, lse, delta, dk, dv, doc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        q_len, k_len, head_dim, group, scale * LOG2_E, scale,
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch_options,
+        lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), stride_doc_kind, stride_doc_row,
+        q_len, k_len, head_dim, group, kv_heads_per_row, scale * LOG2_E, scale,
+        CAUSAL=causal, DOCUMENTS=documents is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        **launch_options,
     )  # fmt: skip
     launch(_flash_attention_bwd_dq_kernel)[(triton.cdiv(q_len, block_m) * heads,)](
-        q, k, v, do, lse, delta, dq,
+        q, k, v, do, lse, delta, dq, doc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        lse.stride(0), dq.stride(0), dq.stride(1),
-        q_len, k_len, head_dim, group, scale * LOG2_E, scale,
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch_options,
+        lse.stride(0), dq.stride(0), dq.stride(1), stride_doc_kind, stride_doc_row,
+        q_len, k_len, head_dim, group, heads_per_row, scale * LOG2_E, scale,
+        CAUSAL=causal, DOCUMENTS=documents is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        **launch_options,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -626,24 +785,29 @@ def _as_heads(x: torch.Tensor) -> torch.Tensor:
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    def forward(ctx, q, k, v, causal: bool, scale: float, documents: Optional[torch.Tensor]) -> torch.Tensor:
         q3, k3, v3 = _as_heads(q), _as_heads(k), _as_heads(v)
-        o, lse = flash_attention_fwd(q3, k3, v3, causal, scale)
-        ctx.save_for_backward(q3, k3, v3, o, lse)
+        o, lse = flash_attention_fwd(q3, k3, v3, causal, scale, documents)
+        ctx.save_for_backward(q3, k3, v3, o, documents, lse)  # lse last: the tests read it there
         ctx.causal, ctx.scale, ctx.k_shape = causal, scale, k.shape
         return o.view(q.shape)
 
     @staticmethod
-    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
-        q3, k3, v3, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attention_bwd(q3, k3, v3, o, lse, _as_heads(do), ctx.causal, ctx.scale)
-        return dq.view(do.shape), dk.view(ctx.k_shape), dv.view(ctx.k_shape), None, None
+    def backward(ctx, do: torch.Tensor):
+        q3, k3, v3, o, documents, lse = ctx.saved_tensors
+        dq, dk, dv = flash_attention_bwd(q3, k3, v3, o, lse, _as_heads(do), ctx.causal, ctx.scale, documents)
+        return dq.view(do.shape), dk.view(ctx.k_shape), dv.view(ctx.k_shape), None, None, None
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(scale * q k^T + causal mask) v, FlashAttention-2 in Triton, forward and backward.
+    """softmax(scale * q k^T + mask) v, FlashAttention-2 in Triton, forward and backward.
 
     ``q``: (..., Nq, D); ``k``, ``v``: (..., Nk, D) with q's leading dims, D,
     device and dtype (float32, bfloat16 or float16), any layout. Grouped-query
@@ -656,6 +820,14 @@ def flash_attention(
     KV cache); a query that sees no key outputs 0. ``scale`` defaults to
     D ** -0.5. Computes in float32 and returns (..., Nq, D) in q's dtype,
     contiguous; only a float32 logsumexp per query row is kept for backward.
+
+    ``document_ids``: packed documents, an integer tensor (..., Nk) for q
+    (..., H, Nq, D), one id per key position, shared by all heads (see
+    ``scratchlm.kernels.documents``): a query then sees only keys of its own
+    document, a document being a run of equal consecutive ids (so ids are
+    normally non-decreasing; a decrease starts a new document). Key tiles
+    that share no document with a query tile are never visited, so many
+    short documents cost less than one long one. Needs Nq <= Nk.
     """
     check_float_tensor("q", q)
     check_float_tensor("k", k)
@@ -676,4 +848,8 @@ def flash_attention(
         raise ValueError(f"scale is {scale!r}; expected a finite number or None (head_dim ** -0.5)")
     if q.device.type != "cuda" and not INTERPRETING:
         raise ValueError(f"q is on {q.device}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
-    return FlashAttentionFunction.apply(q, k, v, causal, float(scale))
+    documents = None
+    if document_ids is not None:
+        # (3, rows, Nk) int32: per key position its document's number, start and end.
+        documents = torch.stack(document_spans(document_rows(document_ids, q, k)))
+    return FlashAttentionFunction.apply(q, k, v, causal, float(scale), documents)

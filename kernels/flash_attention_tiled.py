@@ -99,6 +99,8 @@ import math
 import torch
 from torch import Tensor
 
+from scratchlm.kernels.documents import document_rows, document_spans
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 NEG_INF = float("-inf")
 
@@ -144,34 +146,72 @@ def kv_group_size(q: Tensor, k: Tensor, v: Tensor) -> int:
     return group
 
 
-def _visible(q_start: int, q_end: int, k_start: int, k_end: int, offset: int, device: torch.device) -> Tensor | None:
+def _visible(
+    q_start: int,
+    q_end: int,
+    k_start: int,
+    k_end: int,
+    offset: int,
+    causal: bool,
+    runs: Tensor | None,
+    device: torch.device,
+) -> Tensor | None:
     """(Bm, Bn) mask, True where query row may attend key column; None when the whole tile is visible.
 
-    Query i sees key j iff j <= i + offset, offset = Nk - Nq. The least any
-    row of the tile sees is q_start + offset; if the tile's last key is within
-    that, no entry is masked.
+    Causal: query i sees key j iff j <= i + offset, offset = Nk - Nq. The
+    least any row of the tile sees is q_start + offset; if the tile's last key
+    is within that, no entry is masked. Documents: ``runs`` holds each key
+    position's document number, non-decreasing (queries sit at positions
+    i + offset); when the first and last query and key share one number the
+    whole tile is one document and needs no mask.
     """
-    if k_end - 1 <= q_start + offset:
-        return None
-    rows = torch.arange(q_start, q_end, device=device)[:, None]  # (Bm, 1)
-    cols = torch.arange(k_start, k_end, device=device)[None, :]  # (1, Bn)
-    return cols <= rows + offset
+    mask = None
+    if causal and k_end - 1 > q_start + offset:
+        rows = torch.arange(q_start, q_end, device=device)[:, None]  # (Bm, 1)
+        cols = torch.arange(k_start, k_end, device=device)[None, :]  # (1, Bn)
+        mask = cols <= rows + offset
+    if runs is not None:
+        q_runs, k_runs = runs[q_start + offset : q_end + offset], runs[k_start:k_end]
+        if not q_runs[0] == q_runs[-1] == k_runs[0] == k_runs[-1]:
+            same = q_runs[:, None] == k_runs[None, :]
+            mask = same if mask is None else mask & same
+    return mask
+
+
+def _one_row_at_a_time(function, documents, *tensors):
+    """Run ``function`` per K/V row: tile ranges differ from row to row when documents do."""
+    parts = [function(*(t[b : b + 1] for t in tensors), tuple(d[b : b + 1] for d in documents)) for b in range(len(tensors[0]))]
+    return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
 
 def tiled_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, block_m: int, block_n: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    block_m: int,
+    block_n: int,
+    documents: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(o, lse) for q (B, G, Nq, D), k and v (B, Nk, D), all in the compute dtype; lse is (B, G, Nq).
 
     B counts K/V heads and G the query heads sharing each one; a 3-D q
     (B, Nq, D) is one query head per K/V head, with o (B, Nq, D), lse (B, Nq).
+    ``documents``: per K/V row and key position, its document's number,
+    first position and end, (B, Nk) each (``documents.document_spans``).
     """
     if q.dim() == 3:
-        o, lse = tiled_forward(q[:, None], k, v, causal, scale, block_m, block_n)
+        o, lse = tiled_forward(q[:, None], k, v, causal, scale, block_m, block_n, documents)
         return o[:, 0], lse[:, 0]
+    if documents is not None and len(q) > 1:
+        return _one_row_at_a_time(
+            lambda *args: tiled_forward(*args[:3], causal, scale, block_m, block_n, args[3]), documents, q, k, v
+        )
     batch, group, num_queries, head_dim = q.shape
     num_keys = k.shape[1]
     offset = num_keys - num_queries
+    runs, starts, ends = (None, None, None) if documents is None else (d[0] for d in documents)
     o = torch.empty_like(q)
     lse = torch.empty(batch, group, num_queries, dtype=q.dtype, device=q.device)
     for q_start in range(0, num_queries, block_m):  # one GPU program per (batch x head, query tile)
@@ -182,16 +222,19 @@ def tiled_forward(
         row_sum = torch.zeros(batch, group, rows, dtype=q.dtype, device=q.device)  # l
         acc = torch.zeros(batch, group, rows, head_dim, dtype=q.dtype, device=q.device)  # A
         # Causal: the tile's last query sees keys < q_end + offset; later tiles are skipped.
-        k_stop = max(0, min(num_keys, q_end + offset)) if causal else num_keys
-        for k_start in range(0, k_stop, block_n):
+        k_first, k_stop = 0, (max(0, min(num_keys, q_end + offset)) if causal else num_keys)
+        if documents is not None:
+            # Keys before the first query's document are skipped, and (not causal) after the last's.
+            k_first = int(starts[q_start + offset]) // block_n * block_n
+            k_stop = k_stop if causal else int(ends[q_end - 1 + offset])
+        for k_start in range(k_first, k_stop, block_n):
             k_end = min(k_start + block_n, num_keys)
             # (B, 1, Bn, D): one K/V tile, broadcast to the G query heads of its group.
             k_tile, v_tile = k[:, None, k_start:k_end], v[:, None, k_start:k_end]
             scores = (q_tile @ k_tile.transpose(-2, -1)) * scale  # (B, G, Bm, Bn)
-            if causal:
-                mask = _visible(q_start, q_end, k_start, k_end, offset, q.device)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, NEG_INF)
+            mask = _visible(q_start, q_end, k_start, k_end, offset, causal, runs, q.device)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, NEG_INF)
             new_max = torch.maximum(row_max, scores.amax(dim=-1))  # (B, G, Bm)
             # A row that has met only masked keys keeps max -inf; shifting it by 0
             # instead gives exp(-inf) = 0 where exp(-inf - (-inf)) would be NaN.
@@ -219,6 +262,7 @@ def tiled_backward(
     scale: float,
     block_m: int,
     block_n: int,
+    documents: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from the saved o (B, G, Nq, D) and lse (B, G, Nq), all in the compute dtype.
 
@@ -227,11 +271,17 @@ def tiled_backward(
     """
     if q.dim() == 3:
         dq, dk, dv = tiled_backward(
-            q[:, None], k, v, o[:, None], lse[:, None], do[:, None], causal, scale, block_m, block_n
+            q[:, None], k, v, o[:, None], lse[:, None], do[:, None], causal, scale, block_m, block_n, documents
         )
         return dq[:, 0], dk, dv
+    if documents is not None and len(q) > 1:
+        return _one_row_at_a_time(
+            lambda *args: tiled_backward(*args[:6], causal, scale, block_m, block_n, args[6]),
+            documents, q, k, v, o, lse, do,
+        )  # fmt: skip
     num_queries, num_keys = q.shape[2], k.shape[1]
     offset = num_keys - num_queries
+    runs, starts, ends = (None, None, None) if documents is None else (d[0] for d in documents)
     delta = (do * o).sum(dim=-1)  # (B, G, Nq): rowsum(dO * O) = rowsum(P * dP)
     # Rows without keys have lse -inf and only -inf scores: shift them by 0 (exp(-inf) = 0).
     lse_shift = torch.where(torch.isneginf(lse), 0.0, lse)
@@ -244,15 +294,18 @@ def tiled_backward(
         dk_acc = torch.zeros_like(k[:, k_start:k_end])  # (B, Bn, D): one per K/V head, not per query head
         dv_acc = torch.zeros_like(v[:, k_start:k_end])
         # Causal: query i sees key k_start iff i >= k_start - offset; earlier query tiles are skipped.
-        first_query = max(0, k_start - offset) if causal else 0
-        for q_start in range(first_query // block_m * block_m, num_queries, block_m):
+        first_query, q_stop = (max(0, k_start - offset) if causal else 0), num_queries
+        if documents is not None:
+            # Queries after the last key's document are skipped, and (not causal) before the first's.
+            first_query = first_query if causal else max(0, int(starts[k_start]) - offset)
+            q_stop = max(0, min(num_queries, int(ends[k_end - 1]) - offset))
+        for q_start in range(first_query // block_m * block_m, q_stop, block_m):
             q_end = min(q_start + block_m, num_queries)
             q_tile, do_tile = q[:, :, q_start:q_end], do[:, :, q_start:q_end]  # (B, G, Bm, D)
             scores = (q_tile @ k_tile.transpose(-2, -1)) * scale  # (B, G, Bm, Bn), as in the forward
-            if causal:
-                mask = _visible(q_start, q_end, k_start, k_end, offset, q.device)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, NEG_INF)
+            mask = _visible(q_start, q_end, k_start, k_end, offset, causal, runs, q.device)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, NEG_INF)
             p = torch.exp(scores - lse_shift[:, :, q_start:q_end, None])  # P recomputed, exact
             dp = do_tile @ v_tile.transpose(-2, -1)  # (B, G, Bm, Bn)
             ds = p * (dp - delta[:, :, q_start:q_end, None])  # (B, G, Bm, Bn)
@@ -276,7 +329,7 @@ class TiledAttentionFunction(torch.autograd.Function):
     (or float64) and casts back."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, block_m: int, block_n: int):
+    def forward(ctx, q, k, v, causal: bool, scale: float, block_m: int, block_n: int, documents: Tensor | None):
         compute = _compute_dtype(q.dtype)
         kv_batch, group = math.prod(k.shape[:-2]), kv_group_size(q, k, v)
         num_queries, num_keys, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -284,18 +337,18 @@ class TiledAttentionFunction(torch.autograd.Function):
         q4 = q.reshape(kv_batch, group, num_queries, head_dim).to(compute)  # (B, G, Nq, D)
         k3 = k.reshape(kv_batch, num_keys, head_dim).to(compute)  # (B, Nk, D)
         v3 = v.reshape(kv_batch, num_keys, head_dim).to(compute)
-        o, lse = tiled_forward(q4, k3, v3, causal, scale, block_m, block_n)
+        o, lse = tiled_forward(q4, k3, v3, causal, scale, block_m, block_n, _per_kv_row(documents, kv_batch))
         o = o.to(q.dtype).reshape(q.shape)
         lse = lse.reshape(q.shape[:-1])
         # Like the kernel: O is kept in the output dtype, only the logsumexp in float32.
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(q, k, v, o, lse, documents)
         ctx.settings = (causal, scale, block_m, block_n)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, documents = ctx.saved_tensors
         compute = _compute_dtype(q.dtype)
         kv_batch, group = math.prod(k.shape[:-2]), kv_group_size(q, k, v)
         num_queries, num_keys, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -314,6 +367,7 @@ class TiledAttentionFunction(torch.autograd.Function):
             lse.reshape(kv_batch, group, num_queries),
             queries(do),
             *ctx.settings,
+            _per_kv_row(documents, kv_batch),
         )
         return (
             dq.to(q.dtype).reshape(q.shape),
@@ -323,7 +377,16 @@ class TiledAttentionFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _per_kv_row(documents: Tensor | None, kv_batch: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The (3, rows, Nk) document table as (number, start, end), each (B, Nk) for the B K/V rows:
+    batch row r's ids serve its Hkv = B / rows consecutive K/V rows."""
+    if documents is None:
+        return None
+    return tuple(documents.repeat_interleave(kv_batch // documents.shape[1], dim=1))
 
 
 def _check_inputs(q: object, k: object, v: object, block_m: object, block_n: object) -> None:
@@ -353,6 +416,7 @@ def flash_attention_tiled_with_lse(
     scale: float | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(o, lse): attention and the logsumexp of each query's scores, shape (..., Nq).
 
@@ -361,7 +425,10 @@ def flash_attention_tiled_with_lse(
     """
     _check_inputs(q, k, v, block_m, block_n)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return TiledAttentionFunction.apply(q, k, v, bool(causal), scale, block_m, block_n)
+    documents = None
+    if document_ids is not None:
+        documents = torch.stack(document_spans(document_rows(document_ids, q, k)))  # (3, rows, Nk)
+    return TiledAttentionFunction.apply(q, k, v, bool(causal), scale, block_m, block_n, documents)
 
 
 def flash_attention_tiled(
@@ -372,6 +439,7 @@ def flash_attention_tiled(
     scale: float | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """softmax(scale q k^T) v by FlashAttention-2's tiles, never forming the Nq x Nk matrix.
 
@@ -384,5 +452,9 @@ def flash_attention_tiled(
     j <= i + Nk - Nq); a query with no key gets output 0. Computes in float32
     (float64 for float64 inputs), returns q's dtype. ``block_m`` x ``block_n``
     is the tile, queries x keys; any sizes, dividing the lengths or not.
+    ``document_ids`` (..., Nk), one id per key position shared by the heads:
+    attention stays within each document (a run of equal consecutive ids,
+    see ``scratchlm.kernels.documents``), and tiles that share no document
+    with a query tile are skipped, as in the Triton kernel.
     """
-    return flash_attention_tiled_with_lse(q, k, v, causal, scale, block_m, block_n)[0]
+    return flash_attention_tiled_with_lse(q, k, v, causal, scale, block_m, block_n, document_ids)[0]
