@@ -31,6 +31,7 @@ FLOAT_ARGS = {"eps", "qk_scale_log2", "scale", "z_loss"}
 FP32_POINTERS = {"rstd_ptr", "dw_partial_ptr", "lse_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
 FP32_POINTERS |= {"loss_ptr", "grad_ptr", "dh_ptr", "dw_ptr"}  # linear_cross_entropy's float32 rows and buffers
 INT64_POINTERS = {"targets_ptr"}
+INT32_POINTERS = {"doc_ptr"}  # flash attention's document table
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -52,7 +53,8 @@ def compile_for_h100(fn, constexprs, dtype, num_warps, num_stages=2):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in FP32_POINTERS else "*i64" if name in INT64_POINTERS else f"*{dtype}"
+            kinds = (("*fp32", FP32_POINTERS), ("*i64", INT64_POINTERS), ("*i32", INT32_POINTERS))
+            signature[name] = next((kind for kind, names in kinds if name in names), f"*{dtype}")
         else:
             # Lengths, sizes and counts such as flash attention's group (query heads per K/V head)
             # are runtime i32, as Triton compiles any int other than 1.
@@ -81,12 +83,13 @@ elif op == "rope":
         settings = {"INVERSE": inverse, "BLOCK_ROWS": block_rows, "BLOCK_PAIRS": block_pairs}
         compile_for_h100(module._rope_kernel, settings, dtype, module.NUM_WARPS)
 elif op == "flash_attention":
-    for block_d in (64, 128):
+    for block_d, documents in ((64, False), (128, False), (128, True)):
         config = module.forward_configs(block_d, size, H100_SHARED_MEMORY)[0]
-        forward = {"CAUSAL": True, "BLOCK_D": block_d, **config.kwargs}
+        forward = {"CAUSAL": True, "DOCUMENTS": documents, "BLOCK_D": block_d, **config.kwargs}
         compile_for_h100(module._flash_attention_fwd_kernel, forward, dtype, config.num_warps, config.num_stages)
         s = module.backward_settings(block_d, size, H100_SHARED_MEMORY)
-        backward = {"CAUSAL": True, "BLOCK_M": s["BLOCK_M"], "BLOCK_N": s["BLOCK_N"], "BLOCK_D": block_d}
+        backward = {"CAUSAL": True, "DOCUMENTS": documents, "BLOCK_D": block_d}
+        backward.update(BLOCK_M=s["BLOCK_M"], BLOCK_N=s["BLOCK_N"])
         for fn in (module._flash_attention_bwd_dkdv_kernel, module._flash_attention_bwd_dq_kernel):
             compile_for_h100(fn, backward, dtype, s["num_warps"], s["num_stages"])
         preprocess = {"BLOCK_M": s["BLOCK_M"], "BLOCK_D": block_d}
