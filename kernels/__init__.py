@@ -7,10 +7,12 @@ backward are Triton kernels, registered as PyTorch operators so that
 - ``rmsnorm(x, weight, eps=1e-5)``: x (..., d), weight (d,)
 - ``swiglu(a, b)``: silu(a) * b, elementwise
 - ``apply_rope(x, cos, sin)``: x (..., seq, d); cos, sin (seq, d/2), adjacent pairs
-- ``flash_attention(q, k, v, causal=True, scale=None)``: FlashAttention-2, q (..., Nq, D),
-  k and v (..., Nk, D); saves only the float32 logsumexp (..., Nq) for backward.
+- ``flash_attention(q, k, v, causal=True, scale=None, document_ids=None)``: FlashAttention-2,
+  q (..., Nq, D), k and v (..., Nk, D); saves only the float32 logsumexp (..., Nq) for backward.
   Grouped-query attention: k and v may have fewer heads (dim -3) than q, Hkv
-  dividing Hq; query head h uses K/V head h // (Hq // Hkv), read without a copy
+  dividing Hq; query head h uses K/V head h // (Hq // Hkv), read without a copy.
+  ``document_ids`` (..., Nk): packed documents, attention kept inside each one
+  (see ``documents``), key tiles of other documents skipped
 - ``linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean", z_loss=0.0)``:
   cross-entropy of hidden @ weight.T without ever holding the (N, V) logits
 

@@ -251,7 +251,8 @@ def test_many_short_documents_visit_fewer_key_tiles_than_plain_causal():
     ids = _random_ids(1, 256, 24, seed=5)
     q = torch.randn(1, 1, 256, 16)
     counts = {}
-    for name, document_ids in (("documents", ids), ("causal", None)):
+    layouts = (("documents", ids), ("causal", None), ("48-token documents", torch.arange(256)[None] // 48))
+    for name, document_ids in layouts:
         visits.clear()
         tiled_module._visible = counting_visible
         try:
@@ -264,6 +265,7 @@ def test_many_short_documents_visit_fewer_key_tiles_than_plain_causal():
     # Query block b visits key tiles from its first document's start to its diagonal.
     expected = sum(b - int(starts[0, 16 * b]) // 16 + 1 for b in range(16))
     assert counts["documents"] == expected < counts["causal"] // 3
+    assert counts["48-token documents"] == 31  # the README's example: 1 + 2 + 3 tiles per 3 query blocks
 
 
 def test_traced_by_torch_compile_without_graph_breaks():
