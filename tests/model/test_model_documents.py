@@ -242,8 +242,13 @@ def test_model_refuses_ids_of_the_wrong_shape_or_type():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("num_kv_heads", [None, 2])
-def test_cuda_torch_backend_flex_attention_matches_reference(num_kv_heads):
+def test_cuda_torch_backend_flex_attention_matches_reference(num_kv_heads, monkeypatch):
     # head_dim 16 takes the FlexAttention path (compiled) on CUDA.
+    from scratchlm.model import backends
+
+    calls = []
+    flex = backends._flex_document_attention
+    monkeypatch.setattr(backends, "_flex_document_attention", lambda *args, **kw: calls.append(1) or flex(*args, **kw))
     config = ModelConfig(**dict(TINY, d_model=64, context_length=160), num_kv_heads=num_kv_heads)
     reference = TransformerLM(config, kernels="reference", device="cpu")
     model = TransformerLM(config, kernels="torch", device="cuda")
@@ -255,6 +260,7 @@ def test_cuda_torch_backend_flex_attention_matches_reference(num_kv_heads):
     expected = reference(tokens, document_ids=ids)
     got = model(tokens.cuda(), document_ids=ids.cuda())
     assert_close(got.cpu(), expected, atol=2e-4, rtol=2e-4, name="flex logits")
+    assert len(calls) == config.num_layers
     reference.loss(tokens[:, :-1], tokens[:, 1:], document_ids=ids[:, :-1]).backward()
     model.loss(tokens[:, :-1].cuda(), tokens[:, 1:].cuda(), document_ids=ids[:, :-1].cuda()).backward()
     for (name, p), q in zip(reference.named_parameters(), model.parameters()):
