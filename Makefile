@@ -53,11 +53,14 @@ TRITON36_READY := $(TRITON36_VENV)/.ready
 
 .PHONY: test-triton36
 
-# Triton 3.6 is named again with the project so that pip keeps it rather than upgrading it.
+# Triton 3.6 goes in before the project, which keeps it (setup.py takes any triton). A CUDA build of
+# torch pins its own triton and pip would swap 3.6 for that, so 3.6 is put back, without dependencies.
 $(TRITON36_READY): setup.py
 	$(PYTHON) -m venv $(TRITON36_VENV)
-	$(TRITON36_BIN)/python -m pip install --quiet "$(TORCH)" "$(TRITON36)"
-	$(TRITON36_BIN)/python -m pip install --quiet -e ".[dev]" "$(TRITON36)"
+	$(TRITON36_BIN)/python -m pip install --quiet "$(TORCH)"
+	$(TRITON36_BIN)/python -m pip install --quiet --no-deps "$(TRITON36)"
+	$(TRITON36_BIN)/python -m pip install --quiet -e ".[dev]"
+	$(TRITON36_BIN)/python -m pip install --quiet --no-deps "$(TRITON36)"
 	touch $@
 
 test-triton36: $(TRITON36_READY)
