@@ -75,8 +75,9 @@ MAX_HEAD_DIM = 256
 # tests fast and exercise the diagonal and ragged-tile paths on short sequences.
 INTERPRETER_BLOCKS = (16, 16)  # (BLOCK_M, BLOCK_N)
 # Autotuning candidates for the forward, (BLOCK_M, num_warps) x BLOCK_N x
-# stages, pruned per head dim and dtype below to 14-21 configs (each one a
-# compile on first use). Four pipeline stages only for the smallest key tiles.
+# stages, pruned per head dim, dtype and document masking below to 13-21
+# configs (each one a compile on first use). Four pipeline stages only for the
+# smallest key tiles.
 FORWARD_QUERY_TILES = ((64, 4), (64, 8), (128, 8))
 FORWARD_BLOCK_N = (32, 64, 128)
 FORWARD_STAGES = (2, 3, 4)
@@ -112,30 +113,80 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len):
-    """Rows ``offs_n`` of k and v, (BLOCK_N, BLOCK_D) each; zeros past k_len and past the head dim."""
-    kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
+def _head_dim_mask(offs_d, head_dim, EVEN_D: tl.constexpr):
+    """offs_d < head_dim; a constant all-true mask when head_dim fills BLOCK_D (EVEN_D), which the
+    compiler folds away, so the tile loads and stores are whole rows, vectorised."""
+    if EVEN_D:
+        return tl.full(offs_d.shape, True, tl.int1)
+    return offs_d < head_dim
+
+
+@triton.jit
+def _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len, MASKED: tl.constexpr):
+    """Rows ``offs_n`` of k and v, (BLOCK_N, BLOCK_D) each; zeros past the head dim and, MASKED,
+    past k_len. Unmasked tiles lie wholly before k_len: their loads check no row, so with a
+    full head dim they are whole, aligned rows (vectorised, asynchronous copies)."""
+    if MASKED:
+        kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]
     k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     return k, v
 
 
 @triton.jit
-def _key_runs(run_ptr, offs_n, k_len):
-    """The document numbers of keys ``offs_n``; -1 (no document) past k_len."""
-    return tl.load(run_ptr + offs_n, mask=offs_n < k_len, other=-1)
+def _query_bounds(
+    doc_ptr, stride_doc_kind, offs_m, q_len, k_len, causal_offset,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr,
+):  # fmt: skip
+    """Per query row, the first and last key it may see, (lo, hi): a masked tile keeps keys lo..hi.
+
+    Causal, query i sits at key position i + causal_offset and sees no key
+    after it; with documents it sees none before its document's start nor
+    after its end. Keys past k_len are always outside. Rows past q_len get
+    lo > hi and see nothing. Two numbers per row stand for the whole mask, so
+    a masked tile costs two comparisons per score and no loads.
+    """
+    positions = offs_m + causal_offset
+    if DOCUMENTS:
+        valid = offs_m < q_len
+        lo = tl.load(doc_ptr + positions, mask=valid, other=k_len)
+        hi = tl.load(doc_ptr + stride_doc_kind + positions, mask=valid, other=0) - 1
+        if CAUSAL:
+            hi = tl.minimum(hi, positions)
+    else:
+        lo = tl.zeros_like(offs_m)
+        if CAUSAL:
+            hi = tl.minimum(positions, k_len - 1)
+        else:
+            hi = tl.zeros_like(offs_m) + (k_len - 1)
+    return lo, hi
 
 
 @triton.jit
-def _query_runs(run_ptr, offs_m, q_len, causal_offset):
-    """The document numbers of queries ``offs_m`` (key positions offs_m + causal_offset); -2 past
-    q_len, which matches no key, so such rows see nothing."""
-    return tl.load(run_ptr + offs_m + causal_offset, mask=offs_m < q_len, other=-2)
+def _key_bounds(
+    doc_ptr, stride_doc_kind, offs_n, q_len, k_len, causal_offset,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr,
+):  # fmt: skip
+    """Per key row, the first and last query (index) that may see it, (lo, hi): the transpose of
+    ``_query_bounds``, for the dK/dV kernel. Rows past k_len are never stored."""
+    if DOCUMENTS:
+        valid = offs_n < k_len
+        hi = tl.load(doc_ptr + stride_doc_kind + offs_n, mask=valid, other=0) - 1 - causal_offset
+        if CAUSAL:
+            lo = offs_n - causal_offset
+        else:
+            lo = tl.load(doc_ptr + offs_n, mask=valid, other=0) - causal_offset
+    else:
+        lo = offs_n - causal_offset if CAUSAL else tl.zeros_like(offs_n)
+        hi = tl.zeros_like(offs_n) + (q_len - 1)
+    return lo, hi
 
 
 @triton.jit
 def _document_key_range(
-    run_ptr, stride_kind, start_m, q_len, causal_offset, full_end, end,
+    doc_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The key tiles of query block ``start_m`` under documents, as (start, full_start, full_end, end).
@@ -149,9 +200,9 @@ def _document_key_range(
     """
     first = start_m + causal_offset
     last = tl.minimum(start_m + BLOCK_M, q_len) - 1 + causal_offset
-    one_document = tl.load(run_ptr + first) == tl.load(run_ptr + last)
-    doc_start = tl.load(run_ptr + stride_kind + first)  # where the first query's document starts
-    doc_end = tl.load(run_ptr + 2 * stride_kind + last)  # one past the last query's document
+    doc_start = tl.load(doc_ptr + first)  # where the first query's document starts
+    one_document = tl.load(doc_ptr + last) == doc_start
+    doc_end = tl.load(doc_ptr + stride_doc_kind + last)  # one past the last query's document
     if not CAUSAL:
         end = doc_end
     start = doc_start // BLOCK_N * BLOCK_N
@@ -161,50 +212,56 @@ def _document_key_range(
 
 
 @triton.jit
-def _scores(
-    q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr,
-):  # fmt: skip
-    """scale * q k^T in log2 units, (BLOCK_M, BLOCK_N); with MASKED, keys past k_len,
-    (causal) after a query's diagonal or (documents) in another document are -inf."""
+def _scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr):
+    """scale * q k^T in log2 units, (BLOCK_M, BLOCK_N); with MASKED, keys outside each
+    query's [q_lo, q_hi] (see ``_query_bounds``) are -inf."""
     s = _dot(q, tl.trans(k), None) * qk_scale_log2
     if MASKED:
-        allowed = (offs_n < k_len)[None, :]
-        if CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        allowed = offs_n[None, :] <= q_hi[:, None]
         if DOCUMENTS:
-            allowed = allowed & (_key_runs(run_ptr, offs_n, k_len)[None, :] == q_runs[:, None])
+            allowed = allowed & (offs_n[None, :] >= q_lo[:, None])
         s = tl.where(allowed, s, float("-inf"))
     return s
 
 
 @triton.jit
+def _fwd_key_tile(
+    acc, l_i, m_i, q, start_n,
+    k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
+    k_len, qk_scale_log2, q_lo, q_hi,
+    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The online-softmax update of one query block by the key tile at ``start_n``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len, MASKED)
+    s = _scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, MASKED, DOCUMENTS)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row with no visible key so far keeps m = -inf; subtracting 0
+        # instead makes its p and its rescale factor exp2(-inf) = 0, not NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(_round_to(p, v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_key_tiles(
     acc, l_i, m_i, q,
-    k_head, v_head,
-    stride_kn, stride_vn,
-    offs_m, offs_d, d_mask,
-    start, end, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
+    start, end, k_len, qk_scale_log2, q_lo, q_hi,
+    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The online-softmax update of one query block over key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len)
-        s = _scores(q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr, CAUSAL, MASKED, DOCUMENTS)
-        if MASKED:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with no visible key so far keeps m = -inf; subtracting 0
-            # instead makes its p and its rescale factor exp2(-inf) = 0, not NaN.
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_ref = m_new
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(_round_to(p, v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        acc, l_i, m_i = _fwd_key_tile(
+            acc, l_i, m_i, q, start_n, k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
+            k_len, qk_scale_log2, q_lo, q_hi, MASKED, DOCUMENTS, BLOCK_N,
+        )  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -220,7 +277,7 @@ def _flash_attention_fwd_kernel(
     stride_doc_kind, stride_doc_row,
     q_len, k_len, head_dim, group, heads_per_row, q_len_bucket, k_len_bucket, qk_scale_log2,
     CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (query block, batch*head); int64 so head offsets never wrap.
     pid = tl.program_id(0).to(tl.int64)
@@ -238,7 +295,7 @@ def _flash_attention_fwd_kernel(
     start_m = (n_m_blocks - 1 - pid % n_m_blocks).to(tl.int32) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
+    d_mask = _head_dim_mask(offs_d, head_dim, EVEN_D)
     q_mask = (offs_m < q_len)[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
 
@@ -250,35 +307,30 @@ def _flash_attention_fwd_kernel(
     else:
         full_end = k_len // BLOCK_N * BLOCK_N
         end = k_len
+    # Every head of a batch row shares its documents.
+    doc_ptr += (head // heads_per_row) * stride_doc_row
+    q_lo, q_hi = _query_bounds(doc_ptr, stride_doc_kind, offs_m, q_len, k_len, causal_offset, CAUSAL, DOCUMENTS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if DOCUMENTS:
-        # The document numbers of this batch row: every head of it shares them.
-        run_ptr = doc_ptr + (head // heads_per_row) * stride_doc_row
-        q_runs = _query_runs(run_ptr, offs_m, q_len, causal_offset)
         start, full_start, full_end, end = _document_key_range(
-            run_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end, CAUSAL, BLOCK_M, BLOCK_N
+            doc_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end, CAUSAL, BLOCK_M, BLOCK_N
         )
         acc, l_i, m_i = _fwd_key_tiles(
-            acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_m, offs_d, d_mask, start, full_start,
-            k_len, causal_offset, qk_scale_log2, q_runs, run_ptr, CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=True,
-            BLOCK_N=BLOCK_N,
+            acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_d, d_mask,
+            start, full_start, k_len, qk_scale_log2, q_lo, q_hi, MASKED=True, DOCUMENTS=True, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     else:
         full_start = 0
-        q_runs = 0  # unused: no document masks
-        run_ptr = doc_ptr
     acc, l_i, m_i = _fwd_key_tiles(
-        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_m, offs_d, d_mask, full_start, full_end,
-        k_len, causal_offset, qk_scale_log2, q_runs, run_ptr, CAUSAL=CAUSAL, MASKED=False, DOCUMENTS=DOCUMENTS,
-        BLOCK_N=BLOCK_N,
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_d, d_mask,
+        full_start, full_end, k_len, qk_scale_log2, q_lo, q_hi, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_key_tiles(
-        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_m, offs_d, d_mask, full_end, end,
-        k_len, causal_offset, qk_scale_log2, q_runs, run_ptr, CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS,
-        BLOCK_N=BLOCK_N,
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_d, d_mask,
+        full_end, end, k_len, qk_scale_log2, q_lo, q_hi, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
     )  # fmt: skip
 
     # Rows that saw no key have l = 0 and m = -inf: output 0, logsumexp -inf.
@@ -321,26 +373,27 @@ def _dkdv_query_tiles(
     dk, dv, k, v,
     q_head, do_head, lse_head, delta_head,
     stride_qm, stride_dom,
-    offs_n, offs_d, d_mask,
-    start, end, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+    offs_d, d_mask,
+    start, end, q_len, qk_scale_log2, k_lo, k_hi,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate one key block's dK (unscaled) and dV over query tiles [start, end), transposed: (keys, queries)."""
+    """Accumulate one key block's dK (unscaled) and dV over query tiles [start, end), transposed:
+    (keys, queries). Unmasked tiles lie wholly before q_len and load without row checks."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        # Rows past q_len load q = dO = 0 with logsumexp = delta = 0: their p is 1, their contributions exactly 0.
         m_valid = offs_m < q_len
         q_mask = m_valid[:, None] & d_mask[None, :]
-        q = tl.load(q_head + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_head + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-        # Rows past q_len load q = dO = 0 with logsumexp = delta = 0: their p is 1, their contributions exactly 0.
         lse_log2 = _lse_log2(tl.load(lse_head + offs_m, mask=m_valid, other=0.0))
         delta = tl.load(delta_head + offs_m, mask=m_valid, other=0.0)
+        q = tl.load(q_head + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_head + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
         s_t = _dot(k, tl.trans(q), None) * qk_scale_log2
-        if MASKED and CAUSAL:
-            s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, s_t, float("-inf"))
-        if MASKED and DOCUMENTS:
-            q_runs = _query_runs(run_ptr, offs_m, q_len, causal_offset)
-            s_t = tl.where(k_runs[:, None] == q_runs[None, :], s_t, float("-inf"))
+        if MASKED and (CAUSAL or DOCUMENTS):
+            allowed = offs_m[None, :] >= k_lo[:, None]
+            if DOCUMENTS:
+                allowed = allowed & (offs_m[None, :] <= k_hi[:, None])
+            s_t = tl.where(allowed, s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse_log2[None, :])
         dv = _dot(_round_to(p_t, do.dtype), do, dv)
         dp_t = _dot(v, tl.trans(do), None)
@@ -354,63 +407,75 @@ def _dkdv_one_query_head(
     dk, dv, k, v, head,
     q_ptr, do_ptr, lse_ptr, delta_ptr,
     stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h,
-    offs_n, offs_d, d_mask,
-    start, full_start, full_stop, stop, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+    offs_d, d_mask,
+    start, full_start, full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi,
     CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Add query head ``head``'s share to one key block's dK (unscaled) and dV over query
     tiles [start, stop): those in [full_start, full_stop) without a mask, the others
-    (crossed by the causal diagonal or a document boundary) with one."""
+    (crossed by the causal diagonal or a document boundary, or ragged) with one."""
     q_head = q_ptr + head * stride_qh
     do_head = do_ptr + head * stride_doh
     lse_head = lse_ptr + head * stride_lse_h  # lse and delta share a layout
     delta_head = delta_ptr + head * stride_lse_h
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
-        start, tl.minimum(full_start, stop), q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+        dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_d, d_mask,
+        start, full_start, q_len, qk_scale_log2, k_lo, k_hi,
         CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
     )  # fmt: skip
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
-        full_start, full_stop, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+        dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_d, d_mask,
+        full_start, full_stop, q_len, qk_scale_log2, k_lo, k_hi,
         CAUSAL=CAUSAL, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
     )  # fmt: skip
     if DOCUMENTS:
         dk, dv = _dkdv_query_tiles(
-            dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_n, offs_d, d_mask,
-            full_stop, stop, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
-            CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=True, BLOCK_M=BLOCK_M,
+            dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_d, d_mask,
+            full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi,
+            CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
         )  # fmt: skip
     return dk, dv
 
 
 @triton.jit
-def _document_query_range(
-    run_ptr, stride_kind, start_n, k_len, q_len, causal_offset, start, full_start,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _query_range(
+    doc_ptr, stride_doc_kind, start_n, k_len, q_len, causal_offset,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """The query tiles of key block ``start_n`` under documents, as (start, full_start, full_stop, stop).
+    """The query tiles of key block ``start_n``, as (start, full_start, full_stop, stop): the
+    tiles in [start, stop) see some of its keys, those in [full_start, full_stop) all of them.
 
-    The mirror of ``_document_key_range``: queries after the last key's
-    document (and, not causal, before the first key's) are never visited;
-    when the whole key block lies in one document, the query tiles inside it
-    (and, causal, past the diagonal: ``full_start`` as without documents) need
-    no mask: [full_start, full_stop); [start, full_start) and [full_stop, stop)
-    are masked. Queries are key positions minus causal_offset.
+    Causal, query i sees key j iff i >= j - causal_offset: tiles before the
+    first such query are skipped, and queries from start_n + BLOCK_N - 1 -
+    causal_offset on see the whole block. With documents, the mirror of
+    ``_document_key_range``: queries after the last key's document (and, not
+    causal, before the first key's) are never visited, and only a block lying
+    in one document has unmasked tiles, those inside it. A ragged last query
+    tile is masked. full_start <= full_stop <= stop, all but stop multiples of BLOCK_M.
     """
-    last = tl.minimum(start_n + BLOCK_N, k_len) - 1
-    one_document = tl.load(run_ptr + start_n) == tl.load(run_ptr + last)
-    doc_start = tl.load(run_ptr + stride_kind + start_n) - causal_offset  # as query indices
-    doc_end = tl.load(run_ptr + 2 * stride_kind + last) - causal_offset
-    stop = tl.maximum(tl.minimum(doc_end, q_len), 0)
-    if not CAUSAL:
-        start = tl.maximum(doc_start, 0) // BLOCK_M * BLOCK_M
-        full_start = (tl.maximum(doc_start, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    full_start = tl.where(one_document, full_start, stop)
-    # A document running to the last query takes the ragged last tile unmasked, as without documents.
-    full_stop = tl.where(doc_end >= q_len, q_len, doc_end // BLOCK_M * BLOCK_M)
-    full_stop = tl.where(one_document, full_stop, stop)
-    return start, full_start, tl.maximum(full_stop, full_start), stop
+    if CAUSAL:
+        start = tl.maximum(start_n - causal_offset, 0)
+        full_start = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)
+    else:
+        start = 0
+        full_start = 0
+    stop = q_len
+    full_stop = q_len
+    if DOCUMENTS:
+        last = tl.minimum(start_n + BLOCK_N, k_len) - 1
+        doc_start = tl.load(doc_ptr + start_n)
+        one_document = tl.load(doc_ptr + last) == doc_start
+        doc_end = tl.load(doc_ptr + stride_doc_kind + last) - causal_offset  # as a query index
+        if not CAUSAL:
+            start = tl.maximum(doc_start - causal_offset, 0)
+            full_start = start
+        stop = tl.maximum(tl.minimum(doc_end, q_len), 0)
+        full_stop = tl.where(one_document, stop, start)  # straddling a boundary: every tile masked
+    start = start // BLOCK_M * BLOCK_M
+    if DOCUMENTS:
+        full_stop = full_stop // BLOCK_M * BLOCK_M
+    full_start = tl.minimum((full_start + BLOCK_M - 1) // BLOCK_M * BLOCK_M, full_stop)
+    return start, full_start, full_stop, stop
 
 
 @triton.jit(do_not_specialize=["group"])  # see the forward kernel
@@ -420,7 +485,7 @@ def _flash_attention_bwd_dkdv_kernel(
     stride_lse_h, stride_dkh, stride_dkn, stride_dvh, stride_dvn, stride_doc_kind, stride_doc_row,
     q_len, k_len, head_dim, group, kv_heads_per_row, qk_scale_log2, scale,
     CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (key block, batch*K/V head); it owns those dK and dV rows
     # and sums them over the `group` query heads that share the K/V head.
@@ -430,59 +495,42 @@ def _flash_attention_bwd_dkdv_kernel(
     start_n = (pid % n_n_blocks).to(tl.int32) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
+    d_mask = _head_dim_mask(offs_d, head_dim, EVEN_D)
     kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     # Keys past k_len load as 0; their dK and dV rows are computed but never stored.
 
     causal_offset = k_len - q_len
-    if CAUSAL:
-        # Query i sees key j iff i >= j - causal_offset: blocks before the
-        # first such query are skipped; queries from start_n + BLOCK_N - 1 -
-        # causal_offset on see the whole key block and need no mask.
-        start = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
-        full_start = (tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    else:
-        start = 0
-        full_start = 0
-    if DOCUMENTS:
-        # Every head of a batch row shares its document numbers.
-        run_ptr = doc_ptr + (kv_head // kv_heads_per_row) * stride_doc_row
-        k_runs = _key_runs(run_ptr, offs_n, k_len)
-        start, full_start, full_stop, stop = _document_query_range(
-            run_ptr, stride_doc_kind, start_n, k_len, q_len, causal_offset, start, full_start,
-            CAUSAL, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
-    else:
-        run_ptr = doc_ptr
-        k_runs = 0  # unused: no document masks
-        full_stop = q_len
-        stop = q_len
+    doc_ptr += (kv_head // kv_heads_per_row) * stride_doc_row  # every head of a batch row shares its documents
+    k_lo, k_hi = _key_bounds(doc_ptr, stride_doc_kind, offs_n, q_len, k_len, causal_offset, CAUSAL, DOCUMENTS)
+    start, full_start, full_stop, stop = _query_range(
+        doc_ptr, stride_doc_kind, start_n, k_len, q_len, causal_offset, CAUSAL, DOCUMENTS, BLOCK_M, BLOCK_N
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # The group's query heads are kv_head * group + 0, 1, ..., group - 1, always
     # summed in that order, so the float32 sums round alike on every run.
     first_head = kv_head * group
     if _RANGE_TAKES_DISABLE_LICM:
-        # Without loop-invariant code motion the causal mask's broadcast key
-        # offsets (16 registers a thread) stay inside this loop instead of
-        # living through the whole kernel: at head dim 128 in bf16 on sm_90
-        # the kernel spills 24 bytes, against 256 with the hoisting and 192
-        # for the loop-free kernel of plain attention.
+        # Without loop-invariant code motion the masks' broadcast key bounds
+        # stay inside this loop instead of living through the whole kernel,
+        # which spills on sm_90 at head dim 128 (256 bytes a thread, 192 for
+        # the loop-free kernel of plain attention, in bf16 before the masks
+        # became per-key bounds).
         for member in tl.range(0, group, disable_licm=True):
             dk, dv = _dkdv_one_query_head(
                 dk, dv, k, v, first_head + member, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h, offs_n, offs_d, d_mask,
-                start, full_start, full_stop, stop, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+                stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h, offs_d, d_mask,
+                start, full_start, full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi,
                 CAUSAL=CAUSAL, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
             )  # fmt: skip
     else:
         for member in range(0, group):
             dk, dv = _dkdv_one_query_head(
                 dk, dv, k, v, first_head + member, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h, offs_n, offs_d, d_mask,
-                start, full_start, full_stop, stop, q_len, causal_offset, qk_scale_log2, k_runs, run_ptr,
+                stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h, offs_d, d_mask,
+                start, full_start, full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi,
                 CAUSAL=CAUSAL, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
             )  # fmt: skip
     tl.store(dk_ptr + kv_head * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -494,18 +542,16 @@ def _flash_attention_bwd_dkdv_kernel(
 @triton.jit
 def _dq_key_tiles(
     dq, q, do, lse_log2, delta,
-    k_head, v_head,
-    stride_kn, stride_vn,
-    offs_m, offs_d, d_mask,
-    start, end, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
+    start, end, k_len, qk_scale_log2, q_lo, q_hi,
+    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Accumulate one query block's dQ (unscaled) over key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len)
+        k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len, MASKED)
         # Keys past k_len are masked too: their p = exp2(0 - lse) is not 0 and may overflow.
-        s = _scores(q, k, offs_m, offs_n, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr, CAUSAL, MASKED, DOCUMENTS)
+        s = _scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, MASKED, DOCUMENTS)
         p = tl.exp2(s - lse_log2[:, None])
         dp = _dot(do, tl.trans(v), None)
         ds = p * (dp - delta[:, None])
@@ -520,7 +566,7 @@ def _flash_attention_bwd_dq_kernel(
     stride_lse_h, stride_dqh, stride_dqm, stride_doc_kind, stride_doc_row,
     q_len, k_len, head_dim, group, heads_per_row, qk_scale_log2, scale,
     CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (query block, batch*head), reading the group's shared K/V head.
     pid = tl.program_id(0).to(tl.int64)
@@ -530,7 +576,7 @@ def _flash_attention_bwd_dq_kernel(
     start_m = (n_m_blocks - 1 - pid % n_m_blocks).to(tl.int32) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
+    d_mask = _head_dim_mask(offs_d, head_dim, EVEN_D)
     m_valid = offs_m < q_len
     q_mask = m_valid[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
@@ -545,40 +591,35 @@ def _flash_attention_bwd_dq_kernel(
     else:
         full_end = k_len // BLOCK_N * BLOCK_N
         end = k_len
+    doc_ptr += (head // heads_per_row) * stride_doc_row
+    q_lo, q_hi = _query_bounds(doc_ptr, stride_doc_kind, offs_m, q_len, k_len, causal_offset, CAUSAL, DOCUMENTS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
     if DOCUMENTS:  # the same key tiles as the forward's
-        run_ptr = doc_ptr + (head // heads_per_row) * stride_doc_row
-        q_runs = _query_runs(run_ptr, offs_m, q_len, causal_offset)
         start, full_start, full_end, end = _document_key_range(
-            run_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end, CAUSAL, BLOCK_M, BLOCK_N
+            doc_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end, CAUSAL, BLOCK_M, BLOCK_N
         )
         dq = _dq_key_tiles(
-            dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
-            start, full_start, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
-            CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=True, BLOCK_N=BLOCK_N,
+            dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
+            start, full_start, k_len, qk_scale_log2, q_lo, q_hi, MASKED=True, DOCUMENTS=True, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     else:
         full_start = 0
-        q_runs = 0  # unused: no document masks
-        run_ptr = doc_ptr
     dq = _dq_key_tiles(
-        dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
-        full_start, full_end, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
-        CAUSAL=CAUSAL, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
+        dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
+        full_start, full_end, k_len, qk_scale_log2, q_lo, q_hi, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     dq = _dq_key_tiles(
-        dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, d_mask,
-        full_end, end, k_len, causal_offset, qk_scale_log2, q_runs, run_ptr,
-        CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
+        dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
+        full_end, end, k_len, qk_scale_log2, q_lo, q_hi, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     tl.store(dq_ptr + head * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              _round_to(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)  # fmt: skip
 
 
 def _fits_forward(block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int, element_size: int,
-                  shared_memory: int) -> bool:  # fmt: skip
+                  shared_memory: int, documents: bool) -> bool:  # fmt: skip
     """Whether a forward config fits: shared memory for the pipelined K/V tiles, registers for the accumulator."""
     # q once, K and V tiles once per pipeline stage.
     tiles_bytes = (block_m + 2 * block_n * num_stages) * block_d * element_size
@@ -587,31 +628,36 @@ def _fits_forward(block_m: int, block_n: int, num_warps: int, num_stages: int, b
     values_per_thread = (block_m * block_d + block_m * block_n) / (32 * num_warps)
     # 8 warps on 64 query rows pay off only when 4 would hold too many values (D >= 128).
     wasteful = (num_warps == 8 and block_m == 64 and block_d < 128) or (num_stages == 4 and block_n > 32)
-    return tiles_bytes <= shared_memory and values_per_thread <= 128 and not wasteful
+    # From head dim 128, one warpgroup (4 warps) on 64 or more keys, and with
+    # document bounds a third pipeline stage for them, spill on sm_90 (16 to 48
+    # bytes a thread; tests/kernels/test_gpu_compilation.py compiles every listed config).
+    crowded = block_d >= 128 and block_n >= 64 and (num_warps == 4 or (documents and num_stages > 2))
+    return tiles_bytes <= shared_memory and values_per_thread <= 128 and not wasteful and not crowded
 
 
-def forward_configs(block_d: int, element_size: int, shared_memory: int) -> list[triton.Config]:
-    """The forward's autotuning candidates for one padded head dim, dtype size and GPU shared-memory size."""
+def forward_configs(block_d: int, element_size: int, shared_memory: int, documents: bool = False) -> list[triton.Config]:
+    """The forward's autotuning candidates for one padded head dim, dtype size, GPU shared-memory
+    size and (``documents``) the document-masked variant of the kernel."""
     configs = [
         triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
         for block_m, num_warps in FORWARD_QUERY_TILES
         for block_n in FORWARD_BLOCK_N
         for num_stages in FORWARD_STAGES
-        if _fits_forward(block_m, block_n, num_warps, num_stages, block_d, element_size, shared_memory)
+        if _fits_forward(block_m, block_n, num_warps, num_stages, block_d, element_size, shared_memory, documents)
     ]
     # Nothing fits only for float32 at head dim 256 on a small-memory GPU: one unpipelined small tile.
     return configs or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1)]
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_autotuner(block_d: int, element_size: int, shared_memory: int):
-    # One autotuner per (padded head dim, dtype size): its configs are pruned
-    # ahead of time, so torch.compile sees a plain configs + key autotune.
+def _forward_autotuner(block_d: int, element_size: int, shared_memory: int, documents: bool):
+    # One autotuner per (padded head dim, dtype size, documents or not): its configs are
+    # pruned ahead of time, so torch.compile sees a plain configs + key autotune.
     # The key holds power-of-two length buckets, not the lengths: decoding
     # with a growing KV cache must not re-tune at every new key length.
     return triton.autotune(
-        configs=forward_configs(block_d, element_size, shared_memory),
-        key=["q_len_bucket", "k_len_bucket", "head_dim", "CAUSAL", "DOCUMENTS"],
+        configs=forward_configs(block_d, element_size, shared_memory, documents),
+        key=["q_len_bucket", "k_len_bucket", "head_dim", "CAUSAL"],
     )(_flash_attention_fwd_kernel)
 
 
@@ -665,7 +711,7 @@ def _group_size(heads: int, kv_heads: int) -> int:
 
 
 def _documents_layout(documents: Optional[torch.Tensor], heads: int, fallback: torch.Tensor) -> tuple:
-    """(pointer, kind stride, row stride, heads per row) of the (3, rows, Nk) document table, or of a
+    """(pointer, kind stride, row stride, heads per row) of the (2, rows, Nk) document table, or of a
     stand-in that the kernels never read when there are no documents."""
     if documents is None:
         return fallback, 0, 0, max(heads, 1)
@@ -683,8 +729,8 @@ def flash_attention_fwd(
     """(o, logsumexp) for q (heads, Nq, D), k and v (kv_heads, Nk, D), each with a unit last-dim stride.
 
     heads is a multiple of kv_heads; query head h reads K/V head h // (heads // kv_heads).
-    ``documents``: None, or int32 (3, rows, Nk) from ``document_spans`` (document
-    number, start, end per key position), row r serving heads r * heads / rows onwards.
+    ``documents``: None, or int32 (2, rows, Nk) from ``document_spans``: per key
+    position its document's start and end, row r serving heads r * heads / rows onwards.
     o is contiguous in q's dtype; logsumexp is float32 (heads, Nq), natural log.
     """
     heads, q_len, head_dim = q.shape
@@ -700,7 +746,8 @@ def flash_attention_fwd(
         block_m, block_n = INTERPRETER_BLOCKS
         kernel, settings = _flash_attention_fwd_kernel, {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
     else:
-        kernel, settings = _forward_autotuner(block_d, q.element_size(), _shared_memory(q.device.index or 0)), {}
+        shared_memory = _shared_memory(q.device.index or 0)
+        kernel, settings = _forward_autotuner(block_d, q.element_size(), shared_memory, documents is not None), {}
 
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]) * heads,)
@@ -711,7 +758,7 @@ def flash_attention_fwd(
         lse.stride(0), stride_doc_kind, stride_doc_row,
         q_len, k_len, head_dim, group, heads_per_row, triton.next_power_of_2(q_len), triton.next_power_of_2(k_len),
         scale * LOG2_E,
-        CAUSAL=causal, DOCUMENTS=documents is not None, BLOCK_D=block_d, **settings,
+        CAUSAL=causal, DOCUMENTS=documents is not None, BLOCK_D=block_d, EVEN_D=head_dim == block_d, **settings,
     )  # fmt: skip
     return o, lse
 
@@ -764,6 +811,7 @@ def flash_attention_bwd(
         lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), stride_doc_kind, stride_doc_row,
         q_len, k_len, head_dim, group, kv_heads_per_row, scale * LOG2_E, scale,
         CAUSAL=causal, DOCUMENTS=documents is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        EVEN_D=head_dim == block_d,
         **launch_options,
     )  # fmt: skip
     launch(_flash_attention_bwd_dq_kernel)[(triton.cdiv(q_len, block_m) * heads,)](
@@ -772,6 +820,7 @@ def flash_attention_bwd(
         lse.stride(0), dq.stride(0), dq.stride(1), stride_doc_kind, stride_doc_row,
         q_len, k_len, head_dim, group, heads_per_row, scale * LOG2_E, scale,
         CAUSAL=causal, DOCUMENTS=documents is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        EVEN_D=head_dim == block_d,
         **launch_options,
     )  # fmt: skip
     return dq, dk, dv
@@ -850,6 +899,6 @@ def flash_attention(
         raise ValueError(f"q is on {q.device}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
     documents = None
     if document_ids is not None:
-        # (3, rows, Nk) int32: per key position its document's number, start and end.
-        documents = torch.stack(document_spans(document_rows(document_ids, q, k)))
+        # (2, rows, Nk) int32: per key position where its document starts and ends.
+        documents = torch.stack(document_spans(document_rows(document_ids, q, k))[1:])
     return FlashAttentionFunction.apply(q, k, v, causal, float(scale), documents)

@@ -6,7 +6,9 @@ minimum, shared memory beyond the limit). Compiling ahead of time to PTX for
 sm_90 catches those here, with the launch settings the launchers pick on an
 H100. This checks compilation only; the CUDA tests check results. Each
 compiled kernel's registers per thread and stack bytes (spills), as cuobjdump
-reads them from the cubin, are printed (shown with ``pytest -s``) for tuning.
+reads them from the cubin, are printed (shown with ``pytest -s``) for tuning,
+and the 16-bit attention kernels, every forward config the autotuner may pick
+and each backward setting, fail the test when they spill.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 # Compilation must see compiled (not interpreted) kernels, and conftest has set
 # TRITON_INTERPRET for this process; so each case runs in a fresh interpreter.
 SCRIPT = r'''
-import importlib, os, subprocess, sys, tempfile
+import concurrent.futures, contextlib, importlib, io, multiprocessing, os, subprocess, sys, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
@@ -36,20 +38,27 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def report_resources(fn, compiled, label):
-    """Print the kernel's registers per thread and stack bytes as cuobjdump reads them from the cubin."""
+    """Print the kernel's registers per thread and stack bytes as cuobjdump reads them from the
+    cubin, and return them as (REG, STACK); (None, 0) without cuobjdump."""
     if not os.path.exists(CUOBJDUMP):
-        return
+        return None, 0
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
     usage = " ".join(line.strip() for line in out.splitlines() if "REG:" in line)
     print(f"{fn.__name__} {label}: {usage}")
+    return int(usage.split("REG:")[1].split()[0]), int(usage.split("STACK:")[1].split()[0])
 
 
-def compile_for_h100(fn, constexprs, dtype, num_warps, num_stages=2):
-    signature = {}
-    for name in fn.arg_names:
+def compile_for_h100(fn, constexprs, dtype, num_warps, num_stages=2, must_fit=False):
+    """Compile as a launch on aligned tensors does: Triton's JIT marks pointers that are 16-byte
+    aligned (every PyTorch allocation) and ints divisible by 16 (the strides of rows of 64 or 128
+    elements), which lets loads be whole vectors. Lengths get no such mark: sequence lengths
+    that are not multiples of 16 are the worst case. ``must_fit``: print SPILLS when the kernel
+    keeps values on the stack (local memory)."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
@@ -59,11 +68,35 @@ def compile_for_h100(fn, constexprs, dtype, num_warps, num_stages=2):
             # Lengths, sizes and counts such as flash attention's group (query heads per K/V head)
             # are runtime i32, as Triton compiles any int other than 1.
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        if name.endswith("_ptr") or name.startswith("stride"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    report_resources(fn, compiled, f"{dtype} {constexprs} warps={num_warps} stages={num_stages}")
+    label = f"{dtype} {constexprs} warps={num_warps} stages={num_stages}"
+    registers, stack = report_resources(fn, compiled, label)
+    if must_fit and stack:
+        print(f"SPILLS {fn.__name__} {label}: REG {registers} STACK {stack}")
     return compiled
+
+
+def compile_job(job):
+    """compile_for_h100 of (module, kernel name, constexprs, dtype, warps, stages, must_fit) in a
+    worker process; returns what it printed."""
+    module_name, kernel, constexprs, dtype, num_warps, num_stages, must_fit = job
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        fn = getattr(importlib.import_module(module_name), kernel)
+        compile_for_h100(fn, constexprs, dtype, num_warps, num_stages, must_fit)
+    return printed.getvalue()
+
+
+def compile_all(jobs):
+    """Compile the jobs on every core (each compile is single-threaded), printing in job order."""
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=context) as pool:
+        for printed in pool.map(compile_job, jobs):
+            sys.stdout.write(printed)
 
 
 op, dtype = sys.argv[1], sys.argv[2]
@@ -83,17 +116,30 @@ elif op == "rope":
         settings = {"INVERSE": inverse, "BLOCK_ROWS": block_rows, "BLOCK_PAIRS": block_pairs}
         compile_for_h100(module._rope_kernel, settings, dtype, module.NUM_WARPS)
 elif op == "flash_attention":
-    for block_d, documents in ((64, False), (128, False), (128, True)):
-        config = module.forward_configs(block_d, size, H100_SHARED_MEMORY)[0]
-        forward = {"CAUSAL": True, "DOCUMENTS": documents, "BLOCK_D": block_d, **config.kwargs}
-        compile_for_h100(module._flash_attention_fwd_kernel, forward, dtype, config.num_warps, config.num_stages)
-        s = module.backward_settings(block_d, size, H100_SHARED_MEMORY)
-        backward = {"CAUSAL": True, "DOCUMENTS": documents, "BLOCK_D": block_d}
-        backward.update(BLOCK_M=s["BLOCK_M"], BLOCK_N=s["BLOCK_N"])
-        for fn in (module._flash_attention_bwd_dkdv_kernel, module._flash_attention_bwd_dq_kernel):
-            compile_for_h100(fn, backward, dtype, s["num_warps"], s["num_stages"])
+    # 16-bit: every forward config the autotuner may pick (fp16 compiles as bf16 does, so there
+    # only the 128-row tiles) and the backward settings, at head dims 64 and 128, plain and with
+    # documents, must not spill. float32 (IEEE float32 dots, no tensor cores; correctness more
+    # than speed) compiles its first config and the backward without documents, spills printed,
+    # not checked.
+    name, must_fit, jobs = module.__name__, dtype != "fp32", []
+    for block_d in (64, 128):
+        for documents in (False, True) if must_fit else (False,):
+            constants = {"CAUSAL": True, "DOCUMENTS": documents, "BLOCK_D": block_d, "EVEN_D": True}
+            configs = module.forward_configs(block_d, size, H100_SHARED_MEMORY, documents)
+            if dtype == "fp32":
+                configs = configs[:1]
+            elif dtype == "fp16":
+                configs = [c for c in configs if c.kwargs["BLOCK_M"] == 128]
+            for c in configs:
+                jobs.append((name, "_flash_attention_fwd_kernel", {**constants, **c.kwargs}, dtype, c.num_warps,
+                             c.num_stages, must_fit))  # fmt: skip
+            s = module.backward_settings(block_d, size, H100_SHARED_MEMORY)
+            backward = {**constants, "BLOCK_M": s["BLOCK_M"], "BLOCK_N": s["BLOCK_N"]}
+            for kernel in ("_flash_attention_bwd_dkdv_kernel", "_flash_attention_bwd_dq_kernel"):
+                jobs.append((name, kernel, backward, dtype, s["num_warps"], s["num_stages"], must_fit))
         preprocess = {"BLOCK_M": s["BLOCK_M"], "BLOCK_D": block_d}
-        compile_for_h100(module._flash_attention_bwd_preprocess_kernel, preprocess, dtype, s["num_warps"])
+        jobs.append((name, "_flash_attention_bwd_preprocess_kernel", preprocess, dtype, s["num_warps"], 2, False))
+    compile_all(jobs)
 elif op == "linear_cross_entropy":
     s = module.launch_settings(size)
     blocks = {"BLOCK_M": s.block_m, "BLOCK_V": s.block_v, "BLOCK_D": s.block_d}
@@ -115,10 +161,15 @@ def _has_ahead_of_time_compiler() -> bool:
 @pytest.mark.skipif(
     not _has_ahead_of_time_compiler(), reason="this Triton has no ASTSource/GPUTarget ahead-of-time compile API"
 )
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-@pytest.mark.parametrize("op", ["rmsnorm", "swiglu", "rope", "flash_attention", "linear_cross_entropy"])
+@pytest.mark.parametrize(
+    "op, dtype",
+    [(op, dtype) for op in ("rmsnorm", "swiglu", "rope", "flash_attention", "linear_cross_entropy")
+     for dtype in ("bf16", "fp32")] + [("flash_attention", "fp16")],
+)  # fmt: skip
 def test_kernels_compile_for_sm90(op, dtype):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, op, dtype], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, op, dtype], capture_output=True, text=True, timeout=900)
     lines = result.stdout.strip().splitlines()
     assert result.returncode == 0 and lines[-1:] == ["compiled"], result.stderr[-3000:]
     print("\n".join(lines[:-1]))
+    spills = [line for line in lines if line.startswith("SPILLS")]
+    assert not spills, "kernels that keep values in local memory (bytes a thread):\n" + "\n".join(spills)
