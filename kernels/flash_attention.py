@@ -75,9 +75,9 @@ MAX_HEAD_DIM = 256
 # tests fast and exercise the diagonal and ragged-tile paths on short sequences.
 INTERPRETER_BLOCKS = (16, 16)  # (BLOCK_M, BLOCK_N)
 # Autotuning candidates for the forward, (BLOCK_M, num_warps) x BLOCK_N x
-# stages, pruned per head dim, dtype and document masking below to 13-21
-# configs (each one a compile on first use). Four pipeline stages only for the
-# smallest key tiles.
+# stages, pruned below per head dim, dtype and GPU (13 or 14 configs for 16-bit
+# head dims up to 128 on an H100; each one a compile on first use). Four
+# pipeline stages only for the smallest key tiles.
 FORWARD_QUERY_TILES = ((64, 4), (64, 8), (128, 8))
 FORWARD_BLOCK_N = (32, 64, 128)
 FORWARD_STAGES = (2, 3, 4)
@@ -122,14 +122,16 @@ def _head_dim_mask(offs_d, head_dim, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len, MASKED: tl.constexpr):
-    """Rows ``offs_n`` of k and v, (BLOCK_N, BLOCK_D) each; zeros past the head dim and, MASKED,
-    past k_len. Unmasked tiles lie wholly before k_len: their loads check no row, so with a
-    full head dim they are whole, aligned rows (vectorised, asynchronous copies)."""
-    if MASKED:
-        kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
-    else:
-        kv_mask = d_mask[None, :]
+def _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len):
+    """Rows ``offs_n`` of k and v, (BLOCK_N, BLOCK_D) each; zeros past k_len and past the head dim.
+
+    The row check stays even on tiles wholly before k_len. Dropping it there
+    changes nothing when strides are multiples of 16 elements (no spills
+    either way on sm_90), but where they are not, so that loads cannot be
+    vectorised, the forward's 128 x 64 tile at head dim 128 then spills 64
+    bytes a thread instead of 40, and the dQ kernel 128 instead of none.
+    """
+    kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
     k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     return k, v
@@ -233,7 +235,7 @@ def _fwd_key_tile(
 ):  # fmt: skip
     """The online-softmax update of one query block by the key tile at ``start_n``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len, MASKED)
+    k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len)
     s = _scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, MASKED, DOCUMENTS)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
@@ -549,7 +551,7 @@ def _dq_key_tiles(
     """Accumulate one query block's dQ (unscaled) over key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len, MASKED)
+        k, v = _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len)
         # Keys past k_len are masked too: their p = exp2(0 - lse) is not 0 and may overflow.
         s = _scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, MASKED, DOCUMENTS)
         p = tl.exp2(s - lse_log2[:, None])
@@ -619,7 +621,7 @@ def _flash_attention_bwd_dq_kernel(
 
 
 def _fits_forward(block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int, element_size: int,
-                  shared_memory: int, documents: bool) -> bool:  # fmt: skip
+                  shared_memory: int) -> bool:  # fmt: skip
     """Whether a forward config fits: shared memory for the pipelined K/V tiles, registers for the accumulator."""
     # q once, K and V tiles once per pipeline stage.
     tiles_bytes = (block_m + 2 * block_n * num_stages) * block_d * element_size
@@ -628,36 +630,35 @@ def _fits_forward(block_m: int, block_n: int, num_warps: int, num_stages: int, b
     values_per_thread = (block_m * block_d + block_m * block_n) / (32 * num_warps)
     # 8 warps on 64 query rows pay off only when 4 would hold too many values (D >= 128).
     wasteful = (num_warps == 8 and block_m == 64 and block_d < 128) or (num_stages == 4 and block_n > 32)
-    # From head dim 128, one warpgroup (4 warps) on 64 or more keys, and with
-    # document bounds a third pipeline stage for them, spill on sm_90 (16 to 48
-    # bytes a thread; tests/kernels/test_gpu_compilation.py compiles every listed config).
-    crowded = block_d >= 128 and block_n >= 64 and (num_warps == 4 or (documents and num_stages > 2))
+    # From head dim 128, tiles of 64 or more keys on one warpgroup (4 warps) or
+    # with a third pipeline stage spill on sm_90 (8 to 48 bytes a thread, some
+    # only with documents; tests/kernels/test_gpu_compilation.py compiles every listed config).
+    crowded = block_d >= 128 and block_n >= 64 and (num_warps == 4 or num_stages > 2)
     return tiles_bytes <= shared_memory and values_per_thread <= 128 and not wasteful and not crowded
 
 
-def forward_configs(block_d: int, element_size: int, shared_memory: int, documents: bool = False) -> list[triton.Config]:
-    """The forward's autotuning candidates for one padded head dim, dtype size, GPU shared-memory
-    size and (``documents``) the document-masked variant of the kernel."""
+def forward_configs(block_d: int, element_size: int, shared_memory: int) -> list[triton.Config]:
+    """The forward's autotuning candidates for one padded head dim, dtype size and GPU shared-memory size."""
     configs = [
         triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
         for block_m, num_warps in FORWARD_QUERY_TILES
         for block_n in FORWARD_BLOCK_N
         for num_stages in FORWARD_STAGES
-        if _fits_forward(block_m, block_n, num_warps, num_stages, block_d, element_size, shared_memory, documents)
+        if _fits_forward(block_m, block_n, num_warps, num_stages, block_d, element_size, shared_memory)
     ]
     # Nothing fits only for float32 at head dim 256 on a small-memory GPU: one unpipelined small tile.
     return configs or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1)]
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_autotuner(block_d: int, element_size: int, shared_memory: int, documents: bool):
-    # One autotuner per (padded head dim, dtype size, documents or not): its configs are
-    # pruned ahead of time, so torch.compile sees a plain configs + key autotune.
+def _forward_autotuner(block_d: int, element_size: int, shared_memory: int):
+    # One autotuner per (padded head dim, dtype size): its configs are pruned
+    # ahead of time, so torch.compile sees a plain configs + key autotune.
     # The key holds power-of-two length buckets, not the lengths: decoding
     # with a growing KV cache must not re-tune at every new key length.
     return triton.autotune(
-        configs=forward_configs(block_d, element_size, shared_memory, documents),
-        key=["q_len_bucket", "k_len_bucket", "head_dim", "CAUSAL"],
+        configs=forward_configs(block_d, element_size, shared_memory),
+        key=["q_len_bucket", "k_len_bucket", "head_dim", "CAUSAL", "DOCUMENTS"],
     )(_flash_attention_fwd_kernel)
 
 
@@ -746,8 +747,7 @@ def flash_attention_fwd(
         block_m, block_n = INTERPRETER_BLOCKS
         kernel, settings = _flash_attention_fwd_kernel, {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
     else:
-        shared_memory = _shared_memory(q.device.index or 0)
-        kernel, settings = _forward_autotuner(block_d, q.element_size(), shared_memory, documents is not None), {}
+        kernel, settings = _forward_autotuner(block_d, q.element_size(), _shared_memory(q.device.index or 0)), {}
 
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]) * heads,)

@@ -125,7 +125,7 @@ elif op == "flash_attention":
     for block_d in (64, 128):
         for documents in (False, True) if must_fit else (False,):
             constants = {"CAUSAL": True, "DOCUMENTS": documents, "BLOCK_D": block_d, "EVEN_D": True}
-            configs = module.forward_configs(block_d, size, H100_SHARED_MEMORY, documents)
+            configs = module.forward_configs(block_d, size, H100_SHARED_MEMORY)
             if dtype == "fp32":
                 configs = configs[:1]
             elif dtype == "fp16":
