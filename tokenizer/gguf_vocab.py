@@ -12,7 +12,7 @@ following what llama.cpp's loader (``src/llama-vocab.cpp``) does with them:
   maps llama.cpp's names to a preset, with the two flags llama.cpp sets with
   the name: ``ignore_merges`` (true for Llama 3's names, as HF's Llama 3 files
   say) and whether bos is added when ``tokenizer.ggml.add_bos_token`` is
-  absent. A missing or unknown name is refused (llama.cpp falls back to a
+  absent (never when ``bos_token_id`` is absent too). A missing or unknown name is refused (llama.cpp falls back to a
   generic regex that no model was trained with).
 * ``tokenizer.ggml.tokens``: the token of each id, spelled with GPT-2's
   byte -> character table, except control (3), user-defined (4) and unknown
@@ -21,6 +21,11 @@ following what llama.cpp's loader (``src/llama-vocab.cpp``) does with them:
   parses special tokens). Normal (1) and unused (5) tokens are ordinary; a
   byte token (6) is SentencePiece's ``<0x..>`` and is refused. Without
   ``token_type`` every token is normal, as in llama.cpp.
+* The vocabulary may lack single bytes (SmolLM2's lacks 21): such a byte in
+  the text is dropped and its neighbours merge as if it were not there, what
+  transformers' tokenizer of the same file does (its BPE has no unk token).
+  ``tokenizer.ggml.unknown_token_id`` is not used for that: neither
+  transformers nor llama.cpp's byte-level BPE emits it.
 * ``tokenizer.ggml.merges``: ``"left right"`` strings by rank; a pair listed
   twice keeps its first rank (llama.cpp's merge table keeps the first).
 * ``tokenizer.ggml.bos_token_id``, ``eos_token_id``, ``add_bos_token``;
@@ -159,7 +164,10 @@ def gguf_tokenizer_arguments(
             raise _refuse(source, _PREFIX + name, token_id, f"ids are 0..{len(tokens) - 1}")
         ids[name] = token_id
     add_bos = _field(fields, "add_bos_token", bool, source, required=False)
-    add_bos = default_add_bos if add_bos is None else add_bos
+    if add_bos is None:
+        # The pre name's default, when there is a bos to add: without one,
+        # transformers' tokenizer of the file adds nothing, and neither does this.
+        add_bos = default_add_bos and ids["bos_token_id"] is not None
     if add_bos and ids["bos_token_id"] is None:
         raise _refuse(source, _PREFIX + "add_bos_token", add_bos, f"but {_PREFIX}bos_token_id is missing")
     if _field(fields, "add_eos_token", bool, source, required=False):

@@ -11,7 +11,7 @@ pre-tokenizing, and the pre-tokenizer preset becomes HF's pipeline of steps:
     llama3        Sequence[Split(Llama 3's regex, "Isolated"), ByteLevel(use_regex=False)]
     gpt2-digits   Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)]
 
-``ignore_merges`` is the BPE model's option of that name, and ``add_bos``
+``ignore_merges``, ``unk_token`` and ``fuse_unk`` are the BPE model's options of those names, and ``add_bos``
 becomes a TemplateProcessing post-processor that puts the bos token first, as
 Llama 3's own file does. :func:`save_hf_folder` adds the
 ``tokenizer_config.json`` that ``transformers.AutoTokenizer`` reads (bos/eos).
@@ -99,6 +99,8 @@ def hf_tokenizer_document(
     ignore_merges: bool = False,
     bos_id: int | None = None,
     add_bos: bool = False,
+    unk_id: int | None = None,
+    fuse_unk: bool = False,
 ) -> dict:
     """The ``tokenizer.json`` contents, as a dict ready for ``json.dump``."""
     model_vocab: dict[str, int] = {}
@@ -129,10 +131,11 @@ def hf_tokenizer_document(
         "model": {
             "type": "BPE",
             "dropout": None,
-            "unk_token": None,
+            # HF looks the unk token up in this model's vocab, by its spelling there.
+            "unk_token": None if unk_id is None else encode_gpt2_token(vocab[unk_id]),
             "continuing_subword_prefix": None,
             "end_of_word_suffix": None,
-            "fuse_unk": False,
+            "fuse_unk": fuse_unk,
             "byte_fallback": False,
             # False: a piece found whole in the vocab is still merged step by step.
             "ignore_merges": ignore_merges,
@@ -201,6 +204,8 @@ def save_hf_folder(
     bos_id: int | None = None,
     eos_id: int | None = None,
     add_bos: bool = False,
+    unk_id: int | None = None,
+    fuse_unk: bool = False,
 ) -> Path:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory`` (created if needed).
 
@@ -218,6 +223,8 @@ def save_hf_folder(
         ignore_merges=ignore_merges,
         bos_id=bos_id,
         add_bos=add_bos,
+        unk_id=unk_id,
+        fuse_unk=fuse_unk,
     )
     with atomic_write(directory / TOKENIZER_CONFIG_FILE, "w", encoding="utf-8") as file:
         json.dump(config, file, ensure_ascii=False, indent=1)

@@ -12,10 +12,16 @@ What loads:
   refused, and so are the BPE options that make it something else:
   ``byte_fallback`` (SentencePiece-style ``<0x..>`` tokens),
   ``continuing_subword_prefix`` and ``end_of_word_suffix`` (word-piece-style
-  markers) and a non-zero ``dropout`` (random merges). ``ignore_merges`` is
-  kept. The vocabulary must be spelled with GPT-2's byte -> character table
-  and hold all 256 bytes. Merges may be ``"a b"`` strings or ``["a", "b"]``
-  pairs; a pair listed twice takes its last rank, as in HF.
+  markers) and a non-zero ``dropout`` (random merges). ``ignore_merges``,
+  ``unk_token`` and ``fuse_unk`` are kept. The vocabulary must be spelled
+  with GPT-2's byte -> character table; ids may have gaps, and single bytes
+  may be missing, as in real files (SmolLM2 lacks ten): such a byte in the
+  text becomes the unk token, or is dropped without one, as in HF. An
+  ``unk_token`` that is not in ``model.vocab`` is refused when some byte is
+  missing (HF fails on any text holding one) and ignored otherwise (HF never
+  looks it up). Merges may be ``"a b"`` strings or ``["a", "b"]`` pairs; a
+  pair listed twice takes its last rank, as in HF; a merge whose parts or
+  result are not in the vocabulary is refused (HF refuses the file too).
 * ``normalizer``: none (null, or an empty Sequence).
 * ``pre_tokenizer``: a ``ByteLevel`` step last (``add_prefix_space`` false),
   after ``Split`` (regex, ``"Isolated"``, not inverted) and ``Digits``
@@ -104,6 +110,7 @@ def read_hf_tokenizer(path: str | os.PathLike) -> tuple[dict[int, bytes], list, 
     template_bos = _post_processor_bos(document.get("post_processor"), "post_processor", source)
     settings = _bos_eos(config, config_path, template_bos, added, vocab)
     settings |= {"pretokenizer": pretokenizer, "ignore_merges": ignore_merges}
+    settings |= _unknown_token(model, vocab, source)
     return vocab, merges, added, settings
 
 
@@ -159,6 +166,28 @@ def _check_model(model: dict, source: _Source) -> bool:
     if not isinstance(ignore_merges, bool):
         raise source.refuse("model.ignore_merges", ignore_merges, "expected true or false")
     return ignore_merges
+
+
+def _unknown_token(model: dict, vocab: dict[int, bytes], source: _Source) -> dict[str, Any]:
+    """``unk_token`` (an id) and ``fuse_unk``: what HF's BPE makes of a byte missing from the vocabulary."""
+    text, fuse_unk = model.get("unk_token"), model.get("fuse_unk", False)
+    if not isinstance(fuse_unk, bool):
+        raise source.refuse("model.fuse_unk", fuse_unk, "expected true or false")
+    if text is None:
+        return {"unk_token": None, "fuse_unk": fuse_unk}
+    if not isinstance(text, str) or not text:
+        raise source.refuse("model.unk_token", text, "expected a token of model.vocab, or null")
+    unk_id = model["vocab"].get(text)
+    if unk_id is None:
+        present = set(vocab.values())
+        missing = [byte for byte in range(256) if bytes([byte]) not in present]
+        if missing:
+            raise source.refuse(
+                "model.unk_token", text,
+                f"it is not in model.vocab, and the vocabulary lacks bytes {missing[:10]}: HF fails on any text "
+                "holding one of them",
+            )
+    return {"unk_token": unk_id, "fuse_unk": fuse_unk}
 
 
 def _check_normalizer(normalizer: Any, source: _Source) -> None:

@@ -2,7 +2,9 @@
 
 Version 1 holds a GPT-2-style tokenizer: vocab, merges and special tokens by
 text. Version 2 adds the pre-tokenizer preset, ``ignore_merges``, bos/eos and
-``add_bos``, and special tokens with their exact ids. A tokenizer is written as
+``add_bos``, and special tokens with their exact ids; ``unk_id`` and
+``fuse_unk`` appear only when set (what a byte missing from the vocabulary
+becomes). A tokenizer is written as
 version 1 whenever version 1 describes it completely, so such files stay
 readable by code that only knows version 1; code that knows only version 1
 refuses a version 2 file instead of encoding it with the wrong pre-tokenizer.
@@ -30,6 +32,8 @@ def tokenizer_document(
     bos_id: int | None,
     eos_id: int | None,
     add_bos: bool,
+    unk_id: int | None = None,
+    fuse_unk: bool = False,
 ) -> dict[str, Any]:
     """The JSON document of a tokenizer: version 1 when that is enough, else version 2."""
     # Version 1 reloads special tokens by text, each taking the lowest id that
@@ -43,6 +47,8 @@ def tokenizer_document(
         and bos_id is None
         and eos_id is None
         and not add_bos
+        and unk_id is None
+        and not fuse_unk
         and all(lowest_ids[token.encode("utf-8")] == token_id for token, token_id in special_token_ids.items())
     )
     document: dict[str, Any] = {
@@ -62,6 +68,9 @@ def tokenizer_document(
             "eos_id": eos_id,
             "add_bos": add_bos,
         }
+        # Written only when set: older readers of version 2 then see nothing new.
+        if unk_id is not None or fuse_unk:
+            document |= {"unk_id": unk_id, "fuse_unk": fuse_unk}
     return document
 
 
@@ -91,6 +100,8 @@ def tokenizer_arguments(document: Any, source: str) -> tuple[tuple, dict[str, An
             "bos_token": document["bos_id"],
             "eos_token": document["eos_id"],
             "add_bos": document["add_bos"],
+            "unk_token": document.get("unk_id"),
+            "fuse_unk": document.get("fuse_unk", False),
         }
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"{source} is a malformed version {version} tokenizer: {type(error).__name__}: {error}") from None

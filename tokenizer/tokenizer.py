@@ -77,6 +77,8 @@ _BATCH_MAX_BYTES = MAX_PIECE_BYTES
 # encode_iterable gathers at least this many characters before looking for a
 # cut, so the per-call overhead of encode is paid per 64K characters, not per line.
 _STREAM_MIN_CHARS = 1 << 16
+# The id of a byte the vocabulary lacks, in _byte_ids (never a real id).
+_MISSING_BYTE = -1
 # repr shows at most this many special tokens.
 _REPR_MAX_SPECIAL_TOKENS = 8
 
@@ -84,8 +86,16 @@ _REPR_MAX_SPECIAL_TOKENS = 8
 class Tokenizer(TokenizerFiles):
     """Byte-level BPE tokenizer.
 
-    ``vocab`` maps id -> token bytes and must contain all 256 single bytes;
-    ``merges`` lists merged pairs, earliest (highest priority) first.
+    ``vocab`` maps id -> token bytes; ``merges`` lists merged pairs, earliest
+    (highest priority) first. Ids need not be dense: ``vocab_size`` is one
+    more than the largest. The vocabulary should hold all 256 single bytes,
+    as :func:`~scratchlm.tokenizer.bpe.train_bpe` makes it; real pretrained
+    ones often lack the bytes their training text never had (control
+    characters, 0xC0, 0xC1, ...), listed in :attr:`missing_bytes`. Such a
+    byte in the text becomes ``unk_token`` when there is one (a run of them
+    one unk token with ``fuse_unk``) and is dropped otherwise, so that the
+    bytes around it merge as if it were not there: what Hugging Face's BPE
+    does, so ids stay HF's.
     ``special_tokens`` are strings kept whole and never merged with their
     neighbours; one whose bytes are already in ``vocab`` keeps that id, others
     get new ids after the largest one. They may instead be given as a mapping
@@ -108,6 +118,9 @@ class Tokenizer(TokenizerFiles):
       sequence tokens, kept as ``bos_id`` and ``eos_id`` (None when unset).
     * ``add_bos``: whether a model expects ``bos_id`` before every prompt.
       :meth:`encode` never adds it; generation does.
+    * ``unk_token`` (text or id, kept as ``unk_id``) and ``fuse_unk``: what a
+      byte missing from the vocabulary becomes, as above (HF's BPE options of
+      those names).
 
     Reading and writing files (:meth:`save`, :meth:`load`, :meth:`from_hf`,
     :meth:`from_gguf`, ...) is in :class:`~scratchlm.tokenizer.tokenizer_files.TokenizerFiles`.
@@ -124,6 +137,8 @@ class Tokenizer(TokenizerFiles):
         bos_token: str | int | None = None,
         eos_token: str | int | None = None,
         add_bos: bool = False,
+        unk_token: str | int | None = None,
+        fuse_unk: bool = False,
     ):
         self.vocab: dict[int, bytes] = {}
         for token_id, token in vocab.items():
@@ -135,11 +150,10 @@ class Tokenizer(TokenizerFiles):
         for token_id in sorted(self.vocab):
             # If a token appears twice, the lower id encodes it.
             self._token_ids.setdefault(self.vocab[token_id], token_id)
-        missing = [b for b in range(256) if bytes([b]) not in self._token_ids]
-        if missing:
-            raise ValueError(f"vocab must contain all 256 single bytes; missing byte values {missing[:10]}")
-        # Byte value -> its id (GPT-2's files number the bytes differently from 0..255).
-        self._byte_ids: list[int] = [self._token_ids[bytes([b])] for b in range(256)]
+        # Byte value -> its id (GPT-2's files number the bytes differently from
+        # 0..255), or _MISSING_BYTE for a byte the vocabulary lacks.
+        self._byte_ids: list[int] = [self._token_ids.get(bytes([b]), _MISSING_BYTE) for b in range(256)]
+        self.missing_bytes: tuple[int, ...] = tuple(b for b in range(256) if self._byte_ids[b] == _MISSING_BYTE)
 
         # (left id, right id) -> (rank, merged id): what encoding consults.
         self.merges: list[tuple[bytes, bytes]] = []
@@ -178,6 +192,10 @@ class Tokenizer(TokenizerFiles):
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos=True needs a bos_token")
         self.add_bos = add_bos
+        self.unk_id: int | None = self._resolve_token("unk_token", unk_token)
+        if not isinstance(fuse_unk, bool):
+            raise ValueError(f"fuse_unk must be a bool, got {fuse_unk!r}")
+        self.fuse_unk = fuse_unk
 
         self._cache: dict[str, tuple[int, ...]] = {}
         self._batch_merger: BatchMerger | None = None  # built on first use (~20 ms for GPT-2)
@@ -242,9 +260,32 @@ class Tokenizer(TokenizerFiles):
             if whole is not None:
                 return (whole,)
         ids = [self._byte_ids[b] for b in encoded]
+        if self.missing_bytes and _MISSING_BYTE in ids:
+            ids = self._replace_missing_bytes(ids)
         if len(ids) >= LONG_PIECE_BYTES:
             return tuple(merge_by_rank_heap(ids, self._merge_ranks))
         return tuple(merge_by_rank(ids, self._merge_ranks))
+
+    def _replace_missing_bytes(self, ids: list[int]) -> list[int]:
+        """``ids`` with each missing byte made the unk token (a run of them one, with ``fuse_unk``) or dropped.
+
+        >>> vocab = {0: b"a", 1: b"b", 2: b"ab", 3: b"<unk>"}
+        >>> Tokenizer(vocab, [(b"a", b"b")]).encode("a\u00e9b")  # b"a\xc3\xa9b": dropped, then a and b merge
+        [2]
+        >>> Tokenizer(vocab, [(b"a", b"b")], unk_token="<unk>", fuse_unk=True).encode("a\u00e9b")
+        [0, 3, 1]
+        """
+        kept: list[int] = []
+        after_missing = False
+        for token_id in ids:
+            if token_id != _MISSING_BYTE:
+                kept.append(token_id)
+                after_missing = False
+                continue
+            if self.unk_id is not None and not (self.fuse_unk and after_missing):
+                kept.append(self.unk_id)
+            after_missing = True
+        return kept
 
     def _batch_merge_missing(self, pieces: list[str]) -> None:
         """Merge every distinct pre-token of ``pieces`` not yet cached, in one batch, if they fit the cache."""
@@ -260,15 +301,19 @@ class Tokenizer(TokenizerFiles):
             missing = distinct
         short, encoded = [], []
         whole_ids = self._token_ids if self.ignore_merges else None
+        # Pieces holding a byte the vocabulary lacks are left to the main loop.
+        absent = bytes(self.missing_bytes)
         for piece in missing:
             data = piece.encode("utf-8")
             if whole_ids is not None and data in whole_ids:
                 cache[piece] = (whole_ids[data],)
-            elif len(data) <= _BATCH_MAX_BYTES:
+            elif len(data) <= _BATCH_MAX_BYTES and not (absent and len(data.translate(None, absent)) < len(data)):
                 short.append(piece)
                 encoded.append(data)
         if self._batch_merger is None:
-            self._batch_merger = BatchMerger(self._merge_ranks, self._byte_ids)
+            # A missing byte never reaches the batch; any id stands in for it.
+            byte_ids = [0 if token_id == _MISSING_BYTE else token_id for token_id in self._byte_ids]
+            self._batch_merger = BatchMerger(self._merge_ranks, byte_ids)
         for piece, ids in zip(short, self._batch_merger.merge(encoded)):
             cache[piece] = tuple(ids)
 
@@ -384,6 +429,7 @@ class Tokenizer(TokenizerFiles):
             specials = f"[{shown}, ...] ({len(self.special_tokens)} in all)"
         settings = "" if self.pretokenizer == DEFAULT_PRETOKENIZER else f", pretokenizer={self.pretokenizer!r}"
         settings += ", ignore_merges=True" if self.ignore_merges else ""
+        settings += f", missing_bytes={len(self.missing_bytes)}" if self.missing_bytes else ""
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
             f"special_tokens={specials}{settings})"

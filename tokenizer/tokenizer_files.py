@@ -42,6 +42,8 @@ class TokenizerFiles:
             "bos_token": self.bos_id,
             "eos_token": self.eos_id,
             "add_bos": self.add_bos,
+            "unk_token": self.unk_id,
+            "fuse_unk": self.fuse_unk,
         }
         return args, kwargs
 
@@ -56,6 +58,8 @@ class TokenizerFiles:
             bos_id=self.bos_id,
             eos_id=self.eos_id,
             add_bos=self.add_bos,
+            unk_id=self.unk_id,
+            fuse_unk=self.fuse_unk,
         )
 
     @classmethod
@@ -91,7 +95,8 @@ class TokenizerFiles:
 
         Byte-level BPE only, with a pre-tokenizer that is one of the presets;
         bos/eos come from ``tokenizer_config.json`` beside it and from the
-        post-processor. Anything this class cannot reproduce exactly is
+        post-processor, ``unk_token`` and ``fuse_unk`` from the BPE model. A
+        vocabulary may lack single bytes, as real ones do. Anything this class cannot reproduce exactly is
         refused with a ValueError naming the field and value; the rules are
         in :mod:`scratchlm.tokenizer.hf_reader`. Ids are the file's own.
 
@@ -184,4 +189,6 @@ class TokenizerFiles:
             "ignore_merges": self.ignore_merges,
             "bos_id": self.bos_id,
             "add_bos": self.add_bos,
+            "unk_id": self.unk_id,
+            "fuse_unk": self.fuse_unk,
         }

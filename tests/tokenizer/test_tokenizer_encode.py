@@ -98,8 +98,10 @@ def test_empty_text_and_type_errors():
 
 
 def test_bad_vocab_or_merges_raise():
-    with pytest.raises(ValueError, match="all 256 single bytes"):
-        Tokenizer({0: b"\x00"}, [])
+    with pytest.raises(ValueError, match="vocab must map non-negative int ids to bytes"):
+        Tokenizer({-1: b"\x00"}, [])
+    with pytest.raises(ValueError, match="vocab must map non-negative int ids to bytes"):
+        Tokenizer({0: "a"}, [])
     with pytest.raises(ValueError, match=r"merges\[0\]"):
         Tokenizer({i: bytes([i]) for i in range(256)}, [(b"a", b"b")])
 
