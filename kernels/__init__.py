@@ -27,6 +27,8 @@ The model uses them with ``TransformerLM(..., kernels="triton")``.
 """
 
 import importlib
+import sys
+import types
 
 # Public name -> the module defining it. Imported on first use (PEP 562), so that
 # importing a plain-PyTorch module of this package (flash_attention_tiled,
@@ -53,3 +55,24 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
+
+
+class _Package(types.ModuleType):
+    """This package's module type: a submodule never hides the public function of its name.
+
+    Importing ``scratchlm.kernels.flash_attention`` (the module) makes the
+    import system set it as the attribute ``flash_attention`` of this package,
+    over the function of that name, and ``__getattr__`` above is never asked
+    again. Here such an assignment stores the function instead, so
+    ``from scratchlm.kernels import flash_attention`` is the function in any
+    import order; the module stays reachable as
+    ``importlib.import_module("scratchlm.kernels.flash_attention")``.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{_EXPORTS[name]}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

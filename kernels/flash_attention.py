@@ -838,13 +838,18 @@ class FlashAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, causal: bool, scale: float, documents: Optional[torch.Tensor]) -> torch.Tensor:
         q3, k3, v3 = _as_heads(q), _as_heads(k), _as_heads(v)
         o, lse = flash_attention_fwd(q3, k3, v3, causal, scale, documents)
-        ctx.save_for_backward(q3, k3, v3, o, documents, lse)  # lse last: the tests read it there
+        # Tensors only, never None, and the logsumexp last in q's leading shape (..., Nq): callers
+        # that inspect autograd (the CS336 assignment 2 tests) look for the one tensor of that shape.
+        optional = () if documents is None else (documents,)
+        ctx.save_for_backward(q3, k3, v3, o, *optional, lse.view(q.shape[:-1]))
         ctx.causal, ctx.scale, ctx.k_shape = causal, scale, k.shape
         return o.view(q.shape)
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
-        q3, k3, v3, o, documents, lse = ctx.saved_tensors
+        q3, k3, v3, o, *optional, lse = ctx.saved_tensors
+        documents = optional[0] if optional else None
+        lse = lse.view(q3.shape[:2])
         dq, dk, dv = flash_attention_bwd(q3, k3, v3, o, lse, _as_heads(do), ctx.causal, ctx.scale, documents)
         return dq.view(do.shape), dk.view(ctx.k_shape), dv.view(ctx.k_shape), None, None, None
 

@@ -341,14 +341,17 @@ class TiledAttentionFunction(torch.autograd.Function):
         o = o.to(q.dtype).reshape(q.shape)
         lse = lse.reshape(q.shape[:-1])
         # Like the kernel: O is kept in the output dtype, only the logsumexp in float32.
-        ctx.save_for_backward(q, k, v, o, lse, documents)
+        # Tensors only, never None, the logsumexp (..., Nq) last, as the kernel's Function saves them.
+        optional = () if documents is None else (documents,)
+        ctx.save_for_backward(q, k, v, o, *optional, lse)
         ctx.settings = (causal, scale, block_m, block_n)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse, documents = ctx.saved_tensors
+        q, k, v, o, *optional, lse = ctx.saved_tensors
+        documents = optional[0] if optional else None
         compute = _compute_dtype(q.dtype)
         kv_batch, group = math.prod(k.shape[:-2]), kv_group_size(q, k, v)
         num_queries, num_keys, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]

@@ -9,6 +9,8 @@ next to ones spanning several.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -239,7 +241,7 @@ def test_query_tiles_of_other_documents_are_never_visited_for_dk_dv(implementati
 
 def test_many_short_documents_visit_fewer_key_tiles_than_plain_causal():
     # Counted through the twin: its loops are the kernel's programs and tiles.
-    import scratchlm.kernels.flash_attention_tiled as tiled_module
+    tiled_module = importlib.import_module("scratchlm.kernels.flash_attention_tiled")
 
     visits = []
     original = tiled_module._visible
