@@ -15,7 +15,6 @@ writes), so ``scratchlm generate --checkpoint llama.pt`` needs no
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ def read_tokenizer(path: str | Path):
     tokenizer.json (or the folder holding it), or a .gguf file's metadata."""
     from scratchlm.model.gguf_checkpoint import is_gguf_file
     from scratchlm.tokenizer import Tokenizer
+    from scratchlm.tokenizer.json_input import read_json
 
     path = Path(path)
     if not path.exists():
@@ -36,10 +36,8 @@ def read_tokenizer(path: str | Path):
         return Tokenizer.from_hf(path)
     if is_gguf_file(path):
         return Tokenizer.from_gguf(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--tokenizer {str(path)!r} is neither a .gguf file nor JSON: {e}") from e
+    # Not GGUF, so JSON: a scratchlm tokenizer or an HF tokenizer.json.
+    document = read_json(path, f"--tokenizer {str(path)!r} (not a .gguf file)")
     if isinstance(document, dict) and "model" in document:
         return Tokenizer.from_hf(path)  # Hugging Face's tokenizer.json has a "model" section
     return Tokenizer.load(path)

@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from scratchlm.atomic import atomic_write
+from scratchlm.tokenizer.json_input import read_json
 
 # Bytes GPT-2 keeps as the character with the same code point.
 _PRINTABLE_BYTE_RANGES = ((ord("!"), ord("~")), (ord("¡"), ord("¬")), (ord("®"), ord("ÿ")))
@@ -67,8 +68,7 @@ def load_gpt2_files(
     Returns ``(vocab, merges)`` in the form :class:`Tokenizer` takes. A
     ``#version`` first line and blank lines in the merges file are skipped.
     """
-    with open(vocab_filepath, encoding="utf-8") as file:
-        encoder = json.load(file)
+    encoder = read_json(vocab_filepath, f"vocab_filepath {str(vocab_filepath)!r}")
     if not isinstance(encoder, dict):
         raise ValueError(f"vocab_filepath {str(vocab_filepath)!r} must hold a JSON object token -> id")
     vocab = {int(token_id): decode_gpt2_token(token) for token, token_id in encoder.items()}

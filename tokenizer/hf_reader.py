@@ -47,12 +47,12 @@ What loads:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
+from scratchlm.tokenizer.json_input import read_json
 from scratchlm.tokenizer.pretokenizers import (
     DIGITS_PATTERN,
     GPT2_PRETOKENIZE_PATTERN,
@@ -131,11 +131,7 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
 
 
 def _read_json_object(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as file:
-            document = json.load(file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON (truncated or corrupt?): {error}") from None
+    document = read_json(path, repr(str(path)))
     if not isinstance(document, dict):
         raise ValueError(f"{str(path)!r} holds JSON {type(document).__name__}, not an object")
     return document

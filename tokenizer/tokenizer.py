@@ -43,6 +43,8 @@ from __future__ import annotations
 import json  # noqa: F401  (tests patch json.dump through this module)
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
+
 from scratchlm.tokenizer.apply_merges import LONG_PIECE_BYTES, merge_by_rank, merge_by_rank_heap
 from scratchlm.tokenizer.merge_batch import MAX_ID, MAX_PIECE_BYTES, BatchMerger
 from scratchlm.tokenizer.pretokenize import (  # noqa: F401  (GPT2_PRETOKENIZE_REGEX: for callers of this module)
@@ -145,6 +147,13 @@ class Tokenizer(TokenizerFiles):
             if not isinstance(token_id, int) or token_id < 0 or not isinstance(token, bytes):
                 raise ValueError(f"vocab must map non-negative int ids to bytes, got {token_id!r}: {token!r}")
             self.vocab[token_id] = token
+        if special_tokens is not None and not isinstance(special_tokens, Mapping):
+            # A str is iterable too, but each of its characters becoming a special token is never meant.
+            if isinstance(special_tokens, (str, bytes)) or not isinstance(special_tokens, Iterable):
+                raise ValueError(
+                    f"special_tokens must be a list of strings, a mapping text -> id, or None; got {special_tokens!r}"
+                )
+            special_tokens = list(special_tokens)
         fixed_special_ids = self._add_fixed_special_ids(special_tokens) if isinstance(special_tokens, Mapping) else {}
         self._token_ids: dict[bytes, int] = {}
         for token_id in sorted(self.vocab):
@@ -347,11 +356,16 @@ class Tokenizer(TokenizerFiles):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids: list[int] = []
         parts = split_on_special_tokens(text, self._special_regex)
-        for index, part in enumerate(parts):
-            if index % 2:  # odd positions hold the special tokens themselves
-                ids.append(self.special_token_ids[part])
-            elif part:
-                self._encode_ordinary(part, ids)
+        try:
+            for index, part in enumerate(parts):
+                if index % 2:  # odd positions hold the special tokens themselves
+                    ids.append(self.special_token_ids[part])
+                elif part:
+                    self._encode_ordinary(part, ids)
+        except UnicodeEncodeError as error:
+            # Raised for one pre-token; say where in the whole text the unencodable character is.
+            position = next(i for i, char in enumerate(text) if char == error.object[error.start])
+            raise UnicodeEncodeError(error.encoding, text, position, position + 1, error.reason) from None
         return ids
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
@@ -403,13 +417,19 @@ class Tokenizer(TokenizerFiles):
         b'hi'
         """
         vocab = self.vocab
-        if not isinstance(ids, (list, tuple)):
+        if hasattr(ids, "tolist"):  # a torch tensor or numpy array: its elements as Python ints
+            ids = ids.tolist()
+            if not isinstance(ids, list):
+                raise ValueError(f"ids must be one-dimensional; got a single id {ids!r} (wrap it in a list)")
+        elif not isinstance(ids, (list, tuple)):
             ids = list(ids)  # an iterator would be used up before an error could name the bad id
         try:
             return b"".join([vocab[token_id] for token_id in ids])
         except (KeyError, TypeError):
-            bad = next(i for i in ids if i not in vocab)
-            raise ValueError(f"token id {bad!r} is not in the vocabulary (ids are 0..{self.vocab_size - 1})") from None
+            bad = next(i for i in ids if not (isinstance(i, (int, np.integer)) and i in vocab))
+            if isinstance(bad, (int, np.integer)) and not isinstance(bad, bool):
+                raise ValueError(f"token id {bad!r} is not in the vocabulary (ids are 0..{self.vocab_size - 1})") from None
+            raise ValueError(f"ids must be a flat sequence of ints; got {bad!r} ({type(bad).__name__})") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the tokens ``ids``; bytes that are not valid UTF-8 become U+FFFD.

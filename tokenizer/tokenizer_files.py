@@ -24,6 +24,7 @@ from scratchlm.tokenizer.gguf_vocab import gguf_tokenizer_arguments, read_gguf_t
 from scratchlm.tokenizer.gpt2_files import load_gpt2_files, save_gpt2_files
 from scratchlm.tokenizer.hf_files import save_hf_folder, save_hf_tokenizer
 from scratchlm.tokenizer.hf_reader import read_hf_tokenizer
+from scratchlm.tokenizer.json_input import read_json
 from scratchlm.tokenizer.saved_format import tokenizer_arguments, tokenizer_document
 
 if TYPE_CHECKING:
@@ -69,7 +70,10 @@ class TokenizerFiles:
         ``source`` names it in error messages.
         """
         args, kwargs = tokenizer_arguments(document, source)
-        return cls(*args, **kwargs)
+        try:
+            return cls(*args, **kwargs)
+        except ValueError as error:  # e.g. "special_tokens": 5: say which file
+            raise ValueError(f"{source}: {error}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer as JSON (format in :mod:`scratchlm.tokenizer.tokenizer`), atomically."""
@@ -82,12 +86,7 @@ class TokenizerFiles:
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         """Read a tokenizer written by :meth:`save` (either format version)."""
         source = f"path {str(path)!r}"
-        try:
-            with open(path, encoding="utf-8") as file:
-                document = json.load(file)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{source} is not valid JSON (truncated or corrupt?): {error}") from None
-        return cls.from_document(document, source)
+        return cls.from_document(read_json(path, source), source)
 
     @classmethod
     def from_hf(cls, path: str | os.PathLike) -> "Tokenizer":
