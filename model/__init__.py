@@ -16,7 +16,7 @@ from scratchlm.model.hf_export import export_hf
 from scratchlm.model.layers import Embedding, Linear, RMSNorm, RotaryPositionEmbedding, SwiGLU
 from scratchlm.model.pretrained import load_pretrained
 from scratchlm.model.transformer import TransformerBlock, TransformerLM
-from scratchlm.model.weight_loading import PretrainedFormatError
+from scratchlm.model.weight_loading import PretrainedFormatError, PretrainedFormatWarning
 
 __all__ = [
     "BACKENDS",
@@ -24,6 +24,7 @@ __all__ = [
     "OPS",
     "PRESETS",
     "PretrainedFormatError",
+    "PretrainedFormatWarning",
     "Embedding",
     "KVCache",
     "KernelsUnavailableError",

@@ -101,7 +101,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.v_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
         self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
         # A model passes one ``rope`` to all its layers: the tables depend only on
-        # the config, and at Llama 3.1's 131072 positions they are 32 MB each.
+        # the config, and at Llama 3.1's 131072 positions (once used) they are 32 MB each.
         self.rope: RotaryPositionEmbedding | None = rope
         if rope is None and theta is not None:
             self.rope = RotaryPositionEmbedding(
@@ -141,12 +141,17 @@ class MultiHeadSelfAttention(nn.Module):
 
         if self.rope is not None:
             if token_positions is None:
+                # Numbered here, on the host: the RoPE tables grow to them without reading positions back.
                 start = 0 if kv_cache is None else kv_cache.length
+                self.rope.reserve(start + seq_len)
                 token_positions = torch.arange(start, start + seq_len, device=x.device)  # (seq,)
+                rotate = self.rope.rotate
+            else:
+                rotate = self.rope  # grows its tables to the largest given position first
             # A heads dim so the positions broadcast over heads: (..., 1, seq).
             head_positions = token_positions.unsqueeze(-2)
-            q = self.rope(q, head_positions)
-            k = self.rope(k, head_positions)
+            q = rotate(q, head_positions)
+            k = rotate(k, head_positions)
 
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (..., kv_heads, cached + seq, d_head)

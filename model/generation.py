@@ -24,6 +24,8 @@ from torch import Tensor
 from scratchlm.model.transformer import TransformerLM
 
 DEFAULT_STOP_TOKEN = "<|endoftext|>"
+# Columns for new tokens in the first token grid; it doubles when they run out.
+_FIRST_NEW_COLUMNS = 256
 
 
 class TokenizerLike(Protocol):
@@ -31,8 +33,9 @@ class TokenizerLike(Protocol):
 
     special_token_ids: dict[str, int]
     # Optional (read with getattr): a pretrained tokenizer's beginning/end-of-sequence ids,
-    # and whether its model expects bos before every text.
-    # bos_id: int | None; eos_id: int | None; add_bos: bool
+    # and whether its model expects bos before every text; its ids (id -> bytes), which
+    # generation checks against the model's vocabulary and limits sampling to.
+    # bos_id: int | None; eos_id: int | None; add_bos: bool; vocab: dict[int, bytes]
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -46,6 +49,8 @@ def sample_next_token(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    *,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """Pick one token per row: logits (batch, vocab) -> ids (batch,).
 
@@ -53,7 +58,13 @@ def sample_next_token(
     softmax(logits / temperature), cut to the nucleus: the most likely tokens
     whose mass first reaches ``top_p`` (always at least the top token), then
     renormalised by sampling in proportion to what is left.
+
+    ``allowed`` (vocab,) bool, True for ids that may be picked: the others get
+    logit -inf before anything else, so neither greedy nor any sampling path
+    can choose them (a model's padding rows past its tokenizer's ids).
     """
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (batch, vocab)
@@ -67,7 +78,8 @@ def sample_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def _check_sampling_args(max_tokens: int, temperature: float, top_p: float) -> None:
+def check_sampling_args(max_tokens: int, temperature: float, top_p: float) -> None:
+    """Refuse generation settings that cannot mean anything (checked before a model is needed)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens={max_tokens!r}: expected an int >= 0")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -86,13 +98,15 @@ def generate_ids(
     generator: torch.Generator | None = None,
     stop_id: int | None = None,
     use_kv_cache: bool = True,
+    allowed: Tensor | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, the new token of each row (None for a row not producing one).
 
     A row is done after ``max_tokens`` new tokens or right after it yields
-    ``stop_id``. Runs on the model's device.
+    ``stop_id``. Runs on the model's device. ``allowed`` (vocab_size,) bool
+    limits sampling to the ids marked True (see ``sample_next_token``).
     """
-    _check_sampling_args(max_tokens, temperature, top_p)
+    check_sampling_args(max_tokens, temperature, top_p)
     context_length = model.config.context_length
     lengths = [len(ids) for ids in prompts]
     for row, length in enumerate(lengths):
@@ -103,11 +117,14 @@ def generate_ids(
     if not prompts or max_tokens == 0:
         return
     device = next(model.parameters()).device
+    allowed = _check_allowed(allowed, model.config.vocab_size, device)
 
     with torch.inference_mode():
-        batch, width = len(prompts), max(lengths) + max_tokens
-        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
-        is_prompt = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        batch, prompt_width = len(prompts), max(lengths)
+        # The grid grows with the tokens actually produced: max_tokens may be far more than
+        # a stop token lets happen, and sizing it up front would make that a memory demand.
+        tokens = torch.zeros(batch, prompt_width + min(max_tokens, _FIRST_NEW_COLUMNS), dtype=torch.long, device=device)
+        is_prompt = torch.zeros(batch, prompt_width + 1, dtype=torch.bool, device=device)  # last column: all False
         for row, ids in enumerate(prompts):
             tokens[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long, device=device)
             is_prompt[row, : len(ids)] = True
@@ -115,8 +132,10 @@ def generate_ids(
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = model.new_kv_cache() if use_kv_cache else None
 
-    for position in range(min(lengths), width):
+    for position in range(min(lengths), prompt_width + max_tokens):
         with torch.inference_mode():
+            if position == tokens.shape[1]:
+                tokens = _add_columns(tokens, min(tokens.shape[1], prompt_width + max_tokens - position))
             if position > context_length:
                 cache = None  # from here on, a sliding window recomputed each step
                 logits = model(tokens[:, position - context_length : position])
@@ -124,8 +143,8 @@ def generate_ids(
                 logits = model(tokens[:, cache.length : position], kv_cache=cache)
             else:
                 logits = model(tokens[:, :position])
-            sampled = sample_next_token(logits[:, -1], temperature, top_p, generator)  # (batch,)
-            from_prompt = is_prompt[:, position]
+            sampled = sample_next_token(logits[:, -1], temperature, top_p, generator, allowed=allowed)  # (batch,)
+            from_prompt = is_prompt[:, min(position, prompt_width)]
             next_ids = torch.where(from_prompt, tokens[:, position], sampled)
             tokens[:, position] = next_ids
             is_new = ~from_prompt & ~finished
@@ -138,6 +157,48 @@ def generate_ids(
         yield step
         if all_finished:
             return
+
+
+def _add_columns(tokens: Tensor, count: int) -> Tensor:
+    """``tokens`` (batch, width) with ``count`` zero columns appended."""
+    return torch.cat((tokens, tokens.new_zeros(tokens.shape[0], count)), dim=1)
+
+
+def _check_allowed(allowed: Tensor | None, vocab_size: int, device: torch.device) -> Tensor | None:
+    """``allowed`` as a (vocab_size,) bool tensor on ``device``, refused if malformed or all False."""
+    if allowed is None:
+        return None
+    if not isinstance(allowed, Tensor) or allowed.dtype != torch.bool or tuple(allowed.shape) != (vocab_size,):
+        shape = tuple(allowed.shape) if isinstance(allowed, Tensor) else type(allowed).__name__
+        raise ValueError(f"allowed is {shape}; expected a bool tensor of shape ({vocab_size},), one per model id")
+    if not bool(allowed.any()):
+        raise ValueError("allowed is False for every id; expected at least one id that may be sampled")
+    return allowed.to(device)
+
+
+def tokenizer_ids_mask(tokenizer: TokenizerLike, vocab_size: int) -> Tensor | None:
+    """Which of the model's ``vocab_size`` ids the tokenizer has, as a bool mask; None when it has all.
+
+    Refuses a tokenizer with ids the model cannot embed, naming both sizes.
+    Real models often pad their embedding past the tokenizer (Qwen2.5: 151,936
+    rows for about 151,665 tokens), and a tokenizer's ids may be sparse; the
+    ids it lacks must never be sampled, since they could not be decoded.
+    A tokenizer without a ``vocab`` dict (id -> bytes) is taken as it is.
+    """
+    vocab = getattr(tokenizer, "vocab", None)
+    if not isinstance(vocab, dict) or not vocab:
+        return None
+    largest = max(vocab)
+    if largest >= vocab_size:
+        raise ValueError(
+            f"the tokenizer has ids up to {largest} (vocab_size {largest + 1}) but the model embeds only "
+            f"{vocab_size} ids; expected a tokenizer no larger than the model's vocabulary (the model's own tokenizer?)"
+        )
+    if len(vocab) == vocab_size:
+        return None  # ids are distinct and below vocab_size: all of them are there
+    allowed = torch.zeros(vocab_size, dtype=torch.bool)
+    allowed[torch.tensor(sorted(vocab), dtype=torch.long)] = True
+    return allowed
 
 
 def _stop_token_id(tokenizer: TokenizerLike, stop_token: str | None) -> int | None:
@@ -196,7 +257,8 @@ def _start(
     use_kv_cache: bool,
 ) -> tuple[Iterator[list[int | None]], int | None]:
     """Check the arguments now (generate_ids is lazy) and return its steps and the stop id."""
-    _check_sampling_args(max_tokens, temperature, top_p)
+    check_sampling_args(max_tokens, temperature, top_p)
+    allowed = tokenizer_ids_mask(tokenizer, model.config.vocab_size)
     if device is not None:
         model.to(device)
     stop_id = _stop_token_id(tokenizer, stop_token)
@@ -210,6 +272,7 @@ def _start(
         generator=generator,
         stop_id=stop_id,
         use_kv_cache=use_kv_cache,
+        allowed=allowed,
     )
     return steps, stop_id
 

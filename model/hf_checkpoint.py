@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from scratchlm.model.config import ModelConfig
 from scratchlm.model.transformer import TransformerLM
 from scratchlm.model.weight_loading import (
     PretrainedFormatError,
+    PretrainedFormatWarning,
     WeightFiller,
     allocate,
     check_plan,
@@ -63,6 +65,9 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Buffers some older checkpoints saved; recomputed from the config, never weights.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
+# Rows of the embedding compared with a stored tied lm_head at a time (a few MB for any real model).
+_COMPARE_ROWS = 1024
+
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 # LlamaConfig's defaults for the fields a config.json may leave out.
@@ -90,12 +95,17 @@ def scratchlm_to_hf_name(name: str) -> str:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file's contents; a clear error naming the path if it is not JSON."""
+    """A JSON file's contents; a clear error naming the path if it is not JSON or nests absurdly deep."""
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PretrainedFormatError(f"{str(path)!r} is not valid JSON ({e})") from e
+    except RecursionError as e:
+        # Python's JSON reader recurses once per nesting level; a config is a few levels deep.
+        raise PretrainedFormatError(
+            f"{str(path)!r} nests its JSON deeper than Python's reader allows; expected a config of plain fields"
+        ) from e
 
 
 # ------------------------------------------------------------------ config.json
@@ -245,9 +255,11 @@ def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def _plan(
     folder: Path, config: ModelConfig
-) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[str, tuple[int, ...]]], torch.dtype]:
-    """Where each weight is ({ours: (file, HF name)}), the plan check_plan reads, and the file's float dtype."""
+) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[str, tuple[int, ...]]], torch.dtype, tuple[Path, str] | None]:
+    """Where each weight is ({ours: (file, HF name)}), the plan check_plan reads, the file's float dtype,
+    and where a tied model stores an lm_head.weight of its own (None if it stores none)."""
     locations: dict[str, tuple[Path, str]] = {}
+    tied_copy: tuple[Path, str] | None = None
     plan: dict[str, tuple[str, tuple[int, ...]]] = {}
     dtypes: dict[str, str] = {}
     for path in _shard_files(folder):
@@ -260,7 +272,8 @@ def _plan(
                     f"{str(path)!r} has tensor {hf_name!r}, which a LlamaForCausalLM does not have"
                 )
             if ours == "lm_head.weight" and config.tie_embeddings:
-                continue  # tied: transformers ignores a stored copy too
+                tied_copy = (path, hf_name)  # tied: transformers ignores a stored copy too
+                continue
             if ours in locations:
                 raise PretrainedFormatError(
                     f"tensor {hf_name!r} is stored twice: in {locations[ours][0].name} and {path.name}"
@@ -273,7 +286,34 @@ def _plan(
             plan[ours] = (hf_name, shape)
             dtypes[ours] = dtype
     check_plan(plan, config, repr(str(folder)))
-    return locations, plan, _FLOAT_DTYPES[dtypes["token_embeddings.weight"]]
+    return locations, plan, _FLOAT_DTYPES[dtypes["token_embeddings.weight"]], tied_copy
+
+
+def _warn_if_tied_copy_differs(folder: Path, embedding: tuple[Path, str], lm_head: tuple[Path, str]) -> None:
+    """Warn when config.json ties the embeddings but the file's own lm_head.weight is another matrix.
+
+    transformers then uses the embedding, and so does scratchlm; a file whose
+    lm_head differs was most likely saved with the wrong tie_word_embeddings,
+    and would give other logits than the model that wrote it. The two are
+    compared a block of rows at a time, so no second full matrix is held.
+    """
+    from safetensors import safe_open
+
+    with safe_open(embedding[0], framework="pt") as embedding_file, safe_open(lm_head[0], framework="pt") as head_file:
+        rows, head = embedding_file.get_slice(embedding[1]), head_file.get_slice(lm_head[1])
+        differs = tuple(rows.get_shape()) != tuple(head.get_shape())
+        for start in range(0, 0 if differs else rows.get_shape()[0], _COMPARE_ROWS):
+            if not torch.equal(rows[start : start + _COMPARE_ROWS], head[start : start + _COMPARE_ROWS]):
+                differs = True
+                break
+    if differs:
+        warnings.warn(
+            f"{str(folder)!r}: config.json has tie_word_embeddings=true but the file's {lm_head[1]!r} differs from "
+            f"{embedding[1]!r}; the embedding is used as the output matrix (as transformers does) and the stored "
+            f"{lm_head[1]!r} is ignored",
+            PretrainedFormatWarning,
+            stacklevel=3,
+        )
 
 
 # ------------------------------------------------------------------ load
@@ -293,7 +333,9 @@ def load_hf_folder(
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_FILE}")
     config = config_from_hf(read_json(config_path), repr(str(config_path)))
-    locations, _, file_dtype = _plan(folder, config)
+    locations, _, file_dtype, tied_copy = _plan(folder, config)
+    if tied_copy is not None:
+        _warn_if_tied_copy_differs(folder, locations["token_embeddings.weight"], tied_copy)
 
     model = allocate(config, kernels, device, dtype or file_dtype)
     filler = WeightFiller(model, repr(str(folder)))

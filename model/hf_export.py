@@ -27,6 +27,10 @@ from scratchlm.model.transformer import TransformerLM
 from scratchlm.model.weight_loading import adjacent_to_half_split_rows, expected_shapes
 
 GENERATION_CONFIG_FILE = "generation_config.json"
+# Everything an export writes: the only names a folder may hold for --overwrite to replace it.
+EXPORTED_FILES = frozenset(
+    {CONFIG_FILE, GENERATION_CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json"}
+)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -102,11 +106,32 @@ def _write_weights(model: TransformerLM, path: Path) -> None:
         os.fsync(file.fileno())
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool, *, name: str = "out_dir", written: frozenset[str] = frozenset()) -> None:
+    """Refuse an ``out_dir`` that is a file, or a non-empty folder unless ``overwrite``.
+
+    Even with ``overwrite`` the folder must hold only what an export writes
+    (``EXPORTED_FILES``, plus ``written``: the names this export did write).
+    The folder is replaced as a whole, so anything else in it would be
+    deleted: a file of the user's, or another model's shards and index
+    (which transformers would otherwise read in preference to
+    model.safetensors, were the folder updated file by file).
+    """
+    where = f"{name}={str(out_dir)!r}" if name == "out_dir" else f"{name} {str(out_dir)!r}"
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out_dir={str(out_dir)!r} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"out_dir={str(out_dir)!r} exists and is not empty; pass overwrite=True to replace it")
+        raise ValueError(f"{where} exists and is not a folder; expected a folder to write the model into")
+    entries = sorted(entry.name for entry in out_dir.iterdir()) if out_dir.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        flag = "overwrite=True" if name == "out_dir" else "--overwrite"
+        raise ValueError(f"{where} exists and is not empty; pass {flag} to replace it")
+    foreign = [entry for entry in entries if entry not in EXPORTED_FILES | written]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{where} holds {shown}, which an export does not write; expected an empty folder or an earlier "
+            f"export (replacing the folder would delete them): remove them or choose another folder"
+        )
 
 
 def export_hf(model: TransformerLM, tokenizer: Any, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -115,12 +140,14 @@ def export_hf(model: TransformerLM, tokenizer: Any, out_dir: str | os.PathLike, 
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` gives the
     same logits, and ``AutoTokenizer.from_pretrained(out_dir)`` the same ids.
     An existing non-empty ``out_dir`` is refused unless ``overwrite``, and is
-    then replaced as a whole only once the new folder is complete.
+    then replaced as a whole only once the new folder is complete; a folder
+    holding anything an export does not write is refused even then (see
+    ``check_out_dir``).
     """
     if not isinstance(model, TransformerLM):
         raise ValueError(f"model is {type(model).__name__}; expected a TransformerLM")
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     bos_id = getattr(tokenizer, "bos_id", None) if tokenizer is not None else None
     eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
     config = hf_config(model, bos_id, eos_id)
@@ -138,7 +165,8 @@ def export_hf(model: TransformerLM, tokenizer: Any, out_dir: str | os.PathLike, 
             tokenizer.save_hf_folder(staging)  # tokenizer.json and tokenizer_config.json
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is an ordinary one
         if out_dir.exists():
-            _check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
+            # Again: something may have appeared meanwhile.
+            check_out_dir(out_dir, overwrite, written=frozenset(entry.name for entry in staging.iterdir()))
             retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
             os.replace(out_dir, retired / out_dir.name)
             os.replace(staging, out_dir)

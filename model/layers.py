@@ -147,14 +147,26 @@ def rope_frequencies(theta: float, d_k: int, scaling: dict | None = None) -> Ten
     return (1 - blend) * frequencies / factor + blend * frequencies
 
 
+# Positions whose tables are built with the module. A model states its longest
+# context (Llama 3.1: 131072, a bad config: 10**12), but most runs use far less:
+# beyond this the tables grow with the positions actually used (``reserve``).
+# 4096 positions of head dim 128 are 1 MB per table in float32.
+INITIAL_ROPE_POSITIONS = 4096
+
+
 class RotaryPositionEmbedding(nn.Module):
     """RoPE (RoFormer): rotate feature pair (x[2i], x[2i+1]) by pos * theta^(-2i/d_k).
 
     A query at position m and a key at position n then have a dot product
-    that depends on m - n only. The cos/sin tables for every position up to
-    ``max_seq_len`` are computed once; they are non-persistent buffers, so they
-    follow ``.to(device)`` but stay out of the state dict. ``scaling`` is
-    Llama 3.1's frequency rescaling (see ``rope_frequencies``), None for plain RoPE.
+    that depends on m - n only. ``scaling`` is Llama 3.1's frequency
+    rescaling (see ``rope_frequencies``), None for plain RoPE.
+
+    The cos/sin tables (non-persistent buffers: they follow ``.to(device)``
+    but stay out of the state dict) cover the first
+    min(``max_seq_len``, ``INITIAL_ROPE_POSITIONS``) positions when built, and
+    grow up to ``max_seq_len`` as later positions are asked for (``reserve``),
+    so a stated context far beyond what is used costs no memory. Row p is
+    the same value whenever it is computed.
     """
 
     def __init__(
@@ -171,31 +183,88 @@ class RotaryPositionEmbedding(nn.Module):
         super().__init__()
         if d_k % 2 != 0:
             raise ValueError(f"d_k={d_k}: expected an even number, since RoPE rotates pairs of features")
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len <= 0:
+            raise ValueError(f"max_seq_len={max_seq_len!r}: expected a positive int")
         self.theta = theta
         self.d_k = d_k
         self.max_seq_len = max_seq_len
         self.scaling = scaling
-        table_dtype = dtype if dtype is not None else torch.get_default_dtype()
-        self.register_buffer("cos", torch.empty(max_seq_len, d_k // 2, device=device, dtype=table_dtype), persistent=False)
-        self.register_buffer("sin", torch.empty(max_seq_len, d_k // 2, device=device, dtype=table_dtype), persistent=False)
+        # Rows are rounded to this dtype first: a table grown after ``.to(other_dtype)``
+        # then holds what converting the whole table would have given.
+        self._table_dtype = dtype if dtype is not None else torch.get_default_dtype()
+        rows = min(max_seq_len, INITIAL_ROPE_POSITIONS)
+        self.register_buffer("cos", torch.empty(rows, d_k // 2, device=device, dtype=self._table_dtype), persistent=False)
+        self.register_buffer("sin", torch.empty(rows, d_k // 2, device=device, dtype=self._table_dtype), persistent=False)
         self.reset_tables()
         self._rope = get_op("rope", backend, device)
+
+    @property
+    def num_positions(self) -> int:
+        """How many positions the tables cover now (grows up to ``max_seq_len``)."""
+        return self.cos.shape[0]
+
+    def _tables_up_to(self, stop: int) -> tuple[Tensor, Tensor]:
+        """cos and sin of positions 0..stop-1, (stop, d_k/2), float64 on the CPU.
+
+        Always from position 0, as one computation: the rows then come out of
+        the same vectorised loop, lane for lane, as in a table built whole.
+        """
+        # Angles in float64: pos * freq reaches thousands of radians, where
+        # float32 would already lose about 1e-4 rad before cos/sin are taken.
+        frequencies = rope_frequencies(self.theta, self.d_k, self.scaling)  # (d_k/2,)
+        positions = torch.arange(stop, dtype=torch.float64)  # (stop,)
+        angles = torch.outer(positions, frequencies)  # (stop, d_k/2)
+        return torch.cos(angles), torch.sin(angles)
 
     @torch.no_grad()
     def reset_tables(self) -> None:
         """(Re)compute the cos/sin tables in place, on their device and in their dtype."""
         if self.cos.device.type == "meta":
             return  # shapes only; TransformerLM.empty computes them once the tables have storage
-        # Angles in float64: pos * freq reaches thousands of radians, where
-        # float32 would already lose about 1e-4 rad before cos/sin are taken.
-        frequencies = rope_frequencies(self.theta, self.d_k, self.scaling)  # (d_k/2,)
-        positions = torch.arange(self.max_seq_len, dtype=torch.float64)  # (max_seq_len,)
-        angles = torch.outer(positions, frequencies)  # (max_seq_len, d_k/2)
-        self.cos.copy_(torch.cos(angles))
-        self.sin.copy_(torch.sin(angles))
+        cos, sin = self._tables_up_to(self.num_positions)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def reserve(self, num_positions: int) -> None:
+        """Make the tables cover positions 0..num_positions-1 (growing to at least twice, at most max_seq_len).
+
+        A plain comparison when they already do, which is every call but a
+        few: under torch.compile it is a shape guard, not a graph break.
+        """
+        if num_positions > self.num_positions:
+            self._grow(num_positions)
+
+    @torch.compiler.disable  # runs eagerly (buffers change shape); compiled code is re-traced after
+    @torch.no_grad()
+    def _grow(self, num_positions: int) -> None:
+        if num_positions > self.max_seq_len:
+            raise ValueError(
+                f"RoPE asked for position {num_positions - 1}; expected positions below max_seq_len={self.max_seq_len}"
+            )
+        old, new = self.num_positions, min(self.max_seq_len, max(num_positions, 2 * self.num_positions))
+        like = self.cos
+        if like.device.type == "meta":
+            self.cos, self.sin = like.new_empty(new, like.shape[1]), like.new_empty(new, like.shape[1])
+            return
+        cos, sin = self._tables_up_to(new)
+        # Through the build dtype, then the current one: as if the rows had been there all along.
+        cos, sin = (t[old:].to(self._table_dtype).to(like.device, like.dtype) for t in (cos, sin))
+        self.cos = torch.cat((self.cos, cos))
+        self.sin = torch.cat((self.sin, sin))
 
     def forward(self, x: Tensor, token_positions: Tensor) -> Tensor:
-        """x (..., seq, d_k); token_positions (..., seq) integer, broadcastable to x's leading dims."""
+        """x (..., seq, d_k); token_positions (..., seq) integer, broadcastable to x's leading dims.
+
+        While the tables are partial, the largest position is read back (a
+        device sync) to grow them first; callers that know it on the host
+        call ``reserve`` and ``rotate`` instead.
+        """
+        if self.num_positions < self.max_seq_len and token_positions.numel() and not torch.compiler.is_compiling():
+            self.reserve(int(token_positions.max()) + 1)
+        return self.rotate(x, token_positions)
+
+    def rotate(self, x: Tensor, token_positions: Tensor) -> Tensor:
+        """``forward`` without growing the tables: every position must be below ``num_positions``."""
         cos = self.cos[token_positions]  # (..., seq, d_k/2)
         sin = self.sin[token_positions]
         return self._rope(x, cos, sin)

@@ -23,8 +23,16 @@ import torch
 
 from scratchlm.model.backends import KernelsSpec
 from scratchlm.model.config import ModelConfig
-from scratchlm.model.gguf_checkpoint import is_gguf_file, read_gguf_config, read_gguf_file
-from scratchlm.model.hf_checkpoint import CONFIG_FILE, PICKLE_WEIGHTS, config_from_hf, load_hf_folder, read_json
+from scratchlm.model.gguf_checkpoint import GGUF_MAGIC, is_gguf_file, read_gguf_config, read_gguf_file
+from scratchlm.model.hf_checkpoint import (
+    CONFIG_FILE,
+    PICKLE_WEIGHTS,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+    config_from_hf,
+    load_hf_folder,
+    read_json,
+)
 from scratchlm.model.transformer import TransformerLM
 from scratchlm.model.weight_loading import PretrainedFormatError, WeightFiller, allocate, check_plan
 
@@ -32,6 +40,8 @@ HF_TOKENIZER_FILE = "tokenizer.json"
 # Where a scratchlm checkpoint keeps its tokenizer: checkpoint["extra"][CHECKPOINT_TOKENIZER_KEY]
 # holds the document Tokenizer.save writes, as plain data.
 CHECKPOINT_TOKENIZER_KEY = "tokenizer"
+# The files a scratchlm run folder holds, one per saved step (train/checkpoint.py names them).
+RUN_CHECKPOINTS = "checkpoint_*.pt"
 
 
 def load_pretrained(
@@ -94,16 +104,56 @@ def _kind(path: Path) -> str:
     """"hf", "gguf" or "scratchlm": which reader ``path`` needs."""
     if not path.exists():
         raise FileNotFoundError(f"path {str(path)!r} does not exist")
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        return "hf"
-    if path.is_file() and is_gguf_file(path):
+    if path.is_dir():
+        if (path / CONFIG_FILE).is_file():
+            return "hf"
+        _check_run_folder(path)
+        return "scratchlm"
+    if is_gguf_file(path):
         return "gguf"
-    if path.is_file() and (path.name in PICKLE_WEIGHTS or path.suffix == ".safetensors"):
+    if path.suffix.lower() == ".gguf":
+        raise PretrainedFormatError(
+            f"path {str(path)!r} is not a GGUF file: it starts with {_first_bytes(path)!r}, "
+            f"not the GGUF magic {GGUF_MAGIC!r} (a wrong or damaged download?)"
+        )
+    if path.name in PICKLE_WEIGHTS or path.suffix == ".safetensors":
         raise PretrainedFormatError(
             f"path {str(path)!r} is a single weights file; "
             f"pass the Hugging Face folder holding it and its {CONFIG_FILE}"
         )
     return "scratchlm"
+
+
+def _check_run_folder(folder: Path) -> None:
+    """Refuse, saying what it lacks, a folder that is neither a Hugging Face folder nor a scratchlm run.
+
+    FileNotFoundError, as for any other missing file: a folder of Hugging Face
+    weights without its config.json, or one with no checkpoint at all.
+    """
+    hf_files = sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if entry.name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, HF_TOKENIZER_FILE, *PICKLE_WEIGHTS)
+        or entry.suffix == ".safetensors"
+    )
+    if hf_files:
+        raise FileNotFoundError(
+            f"folder {str(folder)!r} holds {', '.join(hf_files)} but no {CONFIG_FILE}; "
+            f"a Hugging Face folder needs the config.json it was saved with"
+        )
+    if not any(folder.glob(RUN_CHECKPOINTS)):
+        raise FileNotFoundError(
+            f"folder {str(folder)!r} holds neither a {CONFIG_FILE} (a Hugging Face folder) nor "
+            f"{RUN_CHECKPOINTS} files (a scratchlm run); expected one of those"
+        )
+
+
+def _first_bytes(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(GGUF_MAGIC))
+    except OSError:
+        return b""
 
 
 # ------------------------------------------------------------------ scratchlm checkpoints

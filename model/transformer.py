@@ -208,26 +208,23 @@ class TransformerLM(nn.Module):
         """
         if targets is not None and kv_cache is not None:
             raise ValueError("forward got targets and a kv_cache; expected targets only for a whole sequence")
-        seq_len = token_ids.shape[-1]
         cached = 0 if kv_cache is None else kv_cache.length
         self._check_input(token_ids, cached, kv_cache, check_ids)
         if document_ids is not None:
             _check_document_ids(document_ids, token_ids, cached)
-        positions = torch.arange(cached, cached + seq_len, device=token_ids.device)  # (seq,)
-
+        if targets is not None:
+            self._check_targets(targets, token_ids, ignore_index, check_ids)
+        # Positions are left to each attention, which numbers them cached..cached+seq-1 from its
+        # cache on the host: the RoPE tables then grow to what is used without a device sync.
         x = self.token_embeddings(token_ids)  # (..., seq, d_model)
         recompute = self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             if recompute:
-                x = checkpoint(layer, x, positions, None, document_ids, use_reentrant=False)
+                x = checkpoint(layer, x, None, None, document_ids, use_reentrant=False)
             else:
-                x = layer(x, positions, None if kv_cache is None else kv_cache.layers[index], document_ids)
+                x = layer(x, None, None if kv_cache is None else kv_cache.layers[index], document_ids)
         hidden = self.ln_final(x)  # (..., seq, d_model)
         if targets is not None:
-            if tuple(targets.shape) != tuple(token_ids.shape):
-                raise ValueError(
-                    f"targets has shape {tuple(targets.shape)}; expected token_ids' shape {tuple(token_ids.shape)}"
-                )
             return self._loss(hidden, self.lm_head.weight, targets, ignore_index)  # scalar
         return self.lm_head(hidden)  # (..., seq, vocab_size)
 
@@ -252,10 +249,16 @@ class TransformerLM(nn.Module):
         )
 
     def _check_input(self, token_ids: Tensor, cached: int, kv_cache: KVCache | None, check_ids: bool) -> None:
-        if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+        if not _is_integer_dtype(token_ids.dtype):
             raise ValueError(f"token_ids has dtype {token_ids.dtype}; expected an integer tensor (torch.long)")
         if token_ids.dim() == 0 or token_ids.shape[-1] == 0:
             raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}; expected (..., seq) with seq >= 1")
+        if token_ids.numel() == 0:
+            # Refused rather than answered with empty logits: no backend is asked to run on nothing,
+            # and a mean loss over no positions has no value.
+            raise ValueError(
+                f"token_ids has shape {tuple(token_ids.shape)}, an empty batch; expected at least one sequence"
+            )
         seq_len = token_ids.shape[-1]
         if cached + seq_len > self.config.context_length:
             where = f" after {cached} cached tokens" if cached else ""
@@ -275,6 +278,35 @@ class TransformerLM(nn.Module):
                 raise ValueError(
                     f"token_ids contains id {bad}; expected ids in [0, vocab_size={self.config.vocab_size})"
                 )
+
+    def _check_targets(self, targets: Tensor, token_ids: Tensor, ignore_index: int, check_ids: bool) -> None:
+        """Refuse targets of the wrong shape or type, or (unless ``check_ids`` is off) outside the vocabulary.
+
+        The range check is made here so that every loss backend refuses the
+        same targets with the same message; it reads them back to the host,
+        like the token id check, and is skipped with it.
+        """
+        if not isinstance(targets, Tensor) or not _is_integer_dtype(targets.dtype):
+            kind = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(f"targets has type {kind}; expected an integer tensor (torch.long)")
+        if tuple(targets.shape) != tuple(token_ids.shape):
+            raise ValueError(
+                f"targets has shape {tuple(targets.shape)}; expected token_ids' shape {tuple(token_ids.shape)}"
+            )
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index={ignore_index!r}: expected an int")
+        if not check_ids or torch.compiler.is_compiling():
+            return
+        counted = targets[targets != ignore_index]
+        if counted.numel() == 0:
+            return
+        low, high = int(counted.min()), int(counted.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"targets contains id {bad}; expected ids in [0, vocab_size={self.config.vocab_size}) "
+                f"or ignore_index={ignore_index}"
+            )
 
     def new_kv_cache(self) -> KVCache:
         """An empty KV cache with one slot per layer, for incremental decoding."""
@@ -307,6 +339,10 @@ class TransformerLM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backends={self.backends}"
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def _check_document_ids(document_ids: Tensor, token_ids: Tensor, cached: int) -> None:

@@ -30,6 +30,11 @@ class PretrainedFormatError(ValueError):
     unsupported feature, a missing or extra tensor, or a truncated or corrupt file."""
 
 
+class PretrainedFormatWarning(UserWarning):
+    """A checkpoint that loads, but holds something its writer surely did not mean
+    (a tied model storing a different lm_head)."""
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight a model of ``config`` loads, by scratchlm name, with its shape.
 
@@ -59,6 +64,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_plan(plan: dict[str, tuple[str, tuple[int, ...]]], config: ModelConfig, source: str) -> None:
     """Refuse a plan {scratchlm name: (file name, shape)} that misses a weight or has a wrong shape."""
+    _check_layer_count(plan, config, source)
     expected = expected_shapes(config)
     missing = [name for name in expected if name not in plan]
     if missing:
@@ -73,6 +79,21 @@ def check_plan(plan: dict[str, tuple[str, tuple[int, ...]]], config: ModelConfig
             raise PretrainedFormatError(
                 f"{source} has tensor {file_name!r} of shape {tuple(shape)}; expected {expected[name]} from its config"
             )
+
+
+def _check_layer_count(plan: dict[str, tuple[str, tuple[int, ...]]], config: ModelConfig, source: str) -> None:
+    """Refuse a config stating more layers than the file has tensors for, before listing its weights.
+
+    ``expected_shapes`` builds nine entries per stated layer: a config.json
+    saying num_hidden_layers = 10**12 must be refused from the file's own
+    tensor count, not by building that list first.
+    """
+    present = {name.split(".")[1] for name in plan if name.startswith("layers.")}
+    if config.num_layers > len(present):
+        raise PretrainedFormatError(
+            f"{source} states {config.num_layers} layers but holds tensors for {len(present)}; "
+            f"expected one set of weights per layer"
+        )
 
 
 def half_split_to_adjacent_rows(weight: Tensor, num_heads: int) -> Tensor:

@@ -145,13 +145,23 @@ def test_stream_writer_files_read_back_with_safetensors(tmp_path):
 def test_non_empty_out_dir_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="exists and is not empty; pass overwrite=True"):
         export_hf(scratch_model(), TOKENIZER, out)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in out.iterdir()] == ["config.json"]
     export_hf(scratch_model(), TOKENIZER, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "config.json").read_text() != "{}" and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary siblings left
+
+
+def test_overwrite_never_deletes_files_an_export_does_not_write(tmp_path):
+    out = tmp_path / "export"
+    export_hf(scratch_model(), TOKENIZER, out)
+    (out / "keep.txt").write_text("mine")
+    (out / "model.safetensors.index.json").write_text("{}")  # another model's shard index
+    with pytest.raises(ValueError, match=r"holds keep\.txt, model\.safetensors\.index\.json, which an export does not write"):
+        export_hf(scratch_model(), TOKENIZER, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_a_failure_leaves_no_half_written_folder(tmp_path, monkeypatch):
