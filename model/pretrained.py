@@ -23,6 +23,7 @@ import torch
 
 from scratchlm.model.backends import KernelsSpec
 from scratchlm.model.config import ModelConfig
+from scratchlm.model.devices import check_device
 from scratchlm.model.gguf_checkpoint import GGUF_MAGIC, is_gguf_file, read_gguf_config, read_gguf_file
 from scratchlm.model.hf_checkpoint import (
     CONFIG_FILE,
@@ -73,6 +74,7 @@ def load_pretrained(
     path = Path(path)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r}: expected None or a floating-point torch.dtype")
+    device = check_device(device)  # a device this machine lacks is named now, not deep in the first allocation
     kind = _kind(path)
     if kind == "hf":
         found = _hf_tokenizer(path) if tokenizer else None

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from functools import partial
 from pathlib import Path
 
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>"]
@@ -30,17 +32,42 @@ def _add_tokenizer_train(subparsers) -> None:
         help="special tokens, never split or merged across (default: <|endoftext|>)",
     )
     p.add_argument("--output", required=True, type=Path, help="where to write the tokenizer JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never an input)")
     p.add_argument("--num_processes", type=int, default=None, help="pre-tokenization workers (default: all cores)")
     p.set_defaults(func=_run_tokenizer_train)
 
 
 def _run_tokenizer_train(args) -> int:
+    from scratchlm.outputs import check_output
     from scratchlm.tokenizer import Tokenizer, train_bpe
 
+    check_output(args.output, "--output", inputs={"--input": args.input}, overwrite=args.overwrite)
+    _check_input_file(args.input)
+    empty = _warn_if_empty(args.input, "the tokenizer will hold only the 256 bytes and the special tokens")
     vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, num_processes=args.num_processes)
+    if len(vocab) < args.vocab_size and not empty:
+        warnings.warn(
+            f"--vocab_size {args.vocab_size} is more than --input {str(args.input)!r} can reach: training stopped at "
+            f"{len(vocab)} tokens after {len(merges)} merges, when no pair of adjacent tokens was left to merge"
+        )
     Tokenizer(vocab, merges, args.special_tokens).save(args.output)
     print(f"tokenizer: {len(vocab)} tokens, {len(merges)} merges -> {args.output}")
     return 0
+
+
+def _check_input_file(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"--input {str(path)!r} is a folder; expected a UTF-8 text file")
+    if not path.is_file():
+        raise FileNotFoundError(f"--input {str(path)!r} does not exist; expected a UTF-8 text file")
+
+
+def _warn_if_empty(path: Path, consequence: str) -> bool:
+    """Warn that the corpus ``path`` (given as --input) holds nothing; return whether it does."""
+    empty = path.is_file() and path.stat().st_size == 0
+    if empty:
+        warnings.warn(f"--input {str(path)!r} is empty; {consequence}")
+    return empty
 
 
 def _add_tokenize(subparsers) -> None:
@@ -54,15 +81,21 @@ def _add_tokenize(subparsers) -> None:
     )
     p.add_argument("--input", required=True, type=Path, help="UTF-8 text file to encode")
     p.add_argument("--output", required=True, type=Path, help="token file to write (.npy, uint16 or uint32 ids)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never an input)")
     p.add_argument("--num_processes", type=int, default=None, help="encoding workers (default: all cores)")
     p.set_defaults(func=_run_tokenize)
 
 
 def _run_tokenize(args) -> int:
     from scratchlm.convert import read_tokenizer
+    from scratchlm.outputs import check_output
     from scratchlm.tokenizer import encode_file
 
+    inputs = {"--input": args.input, "--tokenizer": args.tokenizer}
+    check_output(args.output, "--output", inputs=inputs, overwrite=args.overwrite)
     tokenizer = read_tokenizer(args.tokenizer)
+    _check_input_file(args.input)
+    _warn_if_empty(args.input, "the token file will hold no tokens")
     count = encode_file(tokenizer, args.input, args.output, num_processes=args.num_processes)
     print(f"tokenize: {count} tokens -> {args.output}")
     return 0
@@ -100,8 +133,8 @@ def _run_generate(args) -> int:
     from scratchlm.convert import read_tokenizer
     from scratchlm.model import load_pretrained, stream
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # Read the tokenizer first: a bad --tokenizer fails before a large model loads.
+    # Every argument is checked before anything is read: a typo costs no model load.
+    device = _check_generate_args(args)
     tokenizer = read_tokenizer(args.tokenizer) if args.tokenizer is not None else None
     # With --tokenizer the checkpoint's own is not read (nor refused, if scratchlm cannot use it).
     model, own_tokenizer = load_pretrained(args.checkpoint, kernels=args.kernels, device=device, tokenizer=tokenizer is None)
@@ -111,8 +144,8 @@ def _run_generate(args) -> int:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-    sys.stdout.write(args.prompt)
-    for piece in stream(
+    # stream checks the tokenizer against the model (ids it cannot embed) before the prompt is echoed.
+    pieces = stream(
         model,
         tokenizer,
         args.prompt,
@@ -121,11 +154,30 @@ def _run_generate(args) -> int:
         top_p=args.top_p,
         device=device,
         generator=generator,
-    ):
+    )
+    sys.stdout.write(args.prompt)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _check_generate_args(args):
+    """The torch.device to generate on, once --max_tokens, --temperature, --top_p, --device and --kernels are checked."""
+    from scratchlm.model import resolve_kernels
+    from scratchlm.model.devices import check_device
+    from scratchlm.model.generation import check_sampling_args
+
+    try:
+        check_sampling_args(args.max_tokens, args.temperature, args.top_p)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from e  # the message starts with the argument's name, the flag's without "--"
+    device = check_device(args.device, "--device")
+    resolve_kernels(args.kernels, device)
+    if not args.checkpoint.exists():
+        raise FileNotFoundError(f"--checkpoint {str(args.checkpoint)!r} does not exist")
+    return device
 
 
 def _add_convert(subparsers) -> None:
@@ -135,7 +187,18 @@ def _add_convert(subparsers) -> None:
         "convert", help="GGUF or Hugging Face -> scratchlm checkpoint (.pt), or any model -> Hugging Face folder"
     )
     convert.add_arguments(p)
-    p.set_defaults(func=convert.run)
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    """``scratchlm convert``, once DST is known to be writable and none of its inputs."""
+    from scratchlm import convert
+    from scratchlm.outputs import check_output
+
+    to_checkpoint = args.dst.suffix == ".pt"  # the rule convert.run applies
+    inputs = {"SRC": args.src, "--tokenizer": args.tokenizer}
+    check_output(args.dst, "DST", inputs=inputs, overwrite=args.overwrite, folder=not to_checkpoint)
+    return convert.run(args)
 
 
 def _add_train(subparsers) -> None:
@@ -190,12 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
-        # Bad input is reported as one line naming what was wrong, not a traceback.
-        print(f"scratchlm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        # A warning is one line naming the command, as errors are, not Python's two-line form.
+        warnings.showwarning = partial(_show_warning, args.command)
+        try:
+            return args.func(args)
+        except (ValueError, OSError, NotImplementedError) as error:
+            # Bad input is reported as one line naming what was wrong, not a traceback;
+            # OSError covers files that cannot be read or written (permissions, a full disk).
+            print(f"scratchlm {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+
+
+def _show_warning(command: str, message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"scratchlm {command}: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(error: object) -> str:
+    """The message of ``error`` on one line (a few library messages span several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 if __name__ == "__main__":
