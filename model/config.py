@@ -21,7 +21,7 @@ from typing import Any
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int  # number of token ids; the embedding and lm_head have this many rows
-    context_length: int  # longest sequence the model accepts; also the size of the RoPE tables
+    context_length: int  # longest sequence the model accepts; the RoPE tables grow up to it as positions are used
     d_model: int  # width of the residual stream
     num_layers: int  # number of TransformerBlocks
     num_heads: int  # attention heads per block; d_model is split evenly between them
