@@ -8,7 +8,10 @@ H100. This checks compilation only; the CUDA tests check results. Each
 compiled kernel's registers per thread and stack bytes (spills), as cuobjdump
 reads them from the cubin, are printed (shown with ``pytest -s``) for tuning,
 and the 16-bit attention kernels, every forward config the autotuner may pick
-and each backward setting, fail the test when they spill.
+and each backward setting, fail the test when they spill. The compiled code
+is also read for what the interpreter ignores: float32 dots must stay IEEE
+(no tensor-core instruction in the SASS), and offsets of rows and heads must
+be computed in 64 bits (in the PTX).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pytest
 # Compilation must see compiled (not interpreted) kernels, and conftest has set
 # TRITON_INTERPRET for this process; so each case runs in a fresh interpreter.
 SCRIPT = r'''
-import concurrent.futures, contextlib, importlib, io, multiprocessing, os, subprocess, sys, tempfile
+import concurrent.futures, contextlib, importlib, io, multiprocessing, os, re, subprocess, sys, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
@@ -46,9 +49,37 @@ def report_resources(fn, compiled, label):
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", cubin.name], capture_output=True, text=True).stdout
     usage = " ".join(line.strip() for line in out.splitlines() if "REG:" in line)
     print(f"{fn.__name__} {label}: {usage}")
+    report_code(fn, compiled, sass)
     return int(usage.split("REG:")[1].split()[0]), int(usage.split("STACK:")[1].split()[0])
+
+
+def report_code(fn, compiled, sass):
+    """Print "CODE <kernel> mma=<n> pid64=<bool> head64=<bool or None>", what the interpreter
+    cannot show.
+    mma: tensor-core matrix instructions (HGMMA on sm_90, HMMA before) in the SASS; a float32
+    tl.dot with input_precision="ieee" has none, TF32 compiles to HGMMA.
+    pid64: the program id widened to 64 bits in the PTX before any arithmetic on it (a cvt or a
+    widening multiply straight from the %ctaid register), as `.to(tl.int64)` compiles; without
+    it, row * stride is a 32-bit multiply that wraps past 2^31 elements.
+    head64: for the attention kernels, whose compiler narrows the program id's division back to
+    32 bits, every head stride (stride_qh, stride_lse_h, ...) is used only in 64-bit arithmetic
+    (sign-extended, or a widening multiply), never in a 32-bit multiply; None for other kernels."""
+    mma = len(re.findall(r"\b(?:HGMMA|HMMA)\b", sass))
+    ptx = compiled.asm["ptx"]
+    pid_registers = re.findall(r"mov\.u32\s+(%r\d+),\s*%ctaid\.x;", ptx)
+    widened = [r for r in pid_registers if re.search(rf"(?:cvt\.[su]64\.[su]32|mul\.wide\.[su]32)\s+%rd\d+,\s*{r}[,;]", ptx)]
+    head64 = None
+    for index, name in enumerate(fn.arg_names):
+        if not re.fullmatch(r"stride_(?:q|k|v|o|do|dq|dk|dv|lse_|delta_)h", name):
+            continue
+        for register in re.findall(rf"ld\.param\.[bus]32\s+(%r\d+),\s*\[\w+_param_{index}\];", ptx):
+            uses = re.findall(rf"^[ \t]*([\w.]+)[ \t]+[^;\n]*{register}[,;]", ptx, flags=re.MULTILINE)
+            wide = all(op.startswith(("cvt.s64", "mul.wide")) for op in uses if not op.startswith("ld.param"))
+            head64 = wide if head64 is None else head64 and wide
+    print(f"CODE {fn.__name__} mma={mma} pid64={bool(pid_registers) and widened == pid_registers} head64={head64}")
 
 
 def compile_for_h100(fn, constexprs, dtype, num_warps, num_stages=2, must_fit=False):
@@ -171,12 +202,37 @@ def test_kernels_compile_for_sm90(op, dtype):
     lines = result.stdout.strip().splitlines()
     assert result.returncode == 0 and lines[-1:] == ["compiled"], result.stderr[-3000:]
     print("\n".join(lines[:-1]))
+    _check_compiled_code(op, dtype, [line.split() for line in lines if line.startswith("CODE ")])
     spills = [line for line in lines if line.startswith("SPILLS")]
     # The register budget is held for the Triton the project is developed with (3.9 on); an older
     # one allocates differently (3.6 spills 8 bytes in the 128 x 128 document tile at head dim 128),
     # so there the kernels must compile and their spills are only printed.
     if _triton_version() >= (3, 9):
         assert not spills, "kernels that keep values in local memory (bytes a thread):\n" + "\n".join(spills)
+
+
+# The kernels that multiply tiles with tl.dot.
+DOT_KERNELS = {
+    "_flash_attention_fwd_kernel", "_flash_attention_bwd_dkdv_kernel", "_flash_attention_bwd_dq_kernel",
+    "_lce_fwd_kernel", "_lce_bwd_dh_kernel", "_lce_bwd_dw_kernel",
+}  # fmt: skip
+
+
+def _check_compiled_code(op: str, dtype: str, codes: list[list[str]]) -> None:
+    """What only the compiled code shows (the interpreter ignores both): float32 dots stay IEEE
+    (no tensor-core instruction; TF32 would be HGMMA, ~1e-3 off), 16-bit dots use the tensor
+    cores, and row or head offsets are 64-bit (see report_code in SCRIPT)."""
+    assert codes, f"{op} {dtype}: no CODE lines; Triton's cuobjdump ({op} needs it) is missing"
+    for _, kernel, mma, pid64, head64 in codes:
+        mma_count = int(mma.removeprefix("mma="))
+        if dtype == "fp32":
+            assert mma_count == 0, f"{kernel} float32: {mma_count} tensor-core instructions; its dots must be IEEE"
+        elif kernel in DOT_KERNELS:
+            assert mma_count > 0, f"{kernel} {dtype}: no tensor-core instruction for its dots"
+        if kernel.startswith("_flash_attention"):
+            assert head64 == "head64=True", f"{kernel} {dtype}: a head offset is computed in 32 bits"
+        else:
+            assert pid64 == "pid64=True", f"{kernel} {dtype}: the program id is not made 64-bit before use"
 
 
 def _triton_version() -> tuple[int, int]:
