@@ -23,6 +23,17 @@ demo: $(READY)
 test: $(READY)
 	$(BIN)/python -m pytest -q tests
 
+# On a machine with a CUDA GPU: the whole suite with the kernels compiled (no interpreter), so
+# every CUDA test runs (large shapes, tensors past 2^31 elements, training on the GPU); it fails
+# rather than skip where there is no GPU. GPU_PYTHON: an interpreter that already has the
+# dependencies (a GPU image that installs nothing), instead of this venv; GPU_TESTS narrows the run.
+GPU_PYTHON ?= $(BIN)/python
+GPU_TESTS ?= tests
+.PHONY: test-gpu
+test-gpu: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),$(READY))
+	@$(GPU_PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA device here (make test runs the CPU suite)')"
+	env -u TRITON_INTERPRET $(GPU_PYTHON) -m pytest -q -p no:cacheprovider $(GPU_TESTS)
+
 # Kernel microbenchmarks: benchmarks/bench_*.py (which `make test` never collects),
 # then benchmarks/report.py turns the JSON into kernels.md and kernels.png.
 # Without CUDA only small shapes and the reference/torch providers run.

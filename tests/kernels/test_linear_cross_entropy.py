@@ -257,3 +257,23 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(lce_module, "INTERPRETING", False)
     with pytest.raises(ValueError, match="hidden is on cpu; the Triton kernels need a CUDA device"):
         linear_cross_entropy(torch.ones(2, 3), torch.ones(4, 3), torch.zeros(2, dtype=torch.long))
+
+
+@on_cuda_only
+def test_rows_past_two_to_the_31_elements():
+    # 1,048,579 rows of 2048 features: the last rows start past 2^31 elements of hidden.
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs about 20 GiB of free GPU memory")
+    rows, d, vocab = 2**31 // 2048 + 3, 2048, 512
+    hidden, weight, targets = _inputs((rows, d, vocab), torch.bfloat16)
+    assert hidden.numel() > 2**31
+    hidden.requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, targets, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    for part in (slice(0, 2), slice(rows - 3, rows)):
+        want = _reference(hidden[part], weight, targets[part], torch.float64, reduction="none")
+        same = _reference(hidden[part], weight, targets[part], torch.bfloat16, reduction="none")
+        got = (loss[part].detach(), hidden.grad[part])
+        for g, t, w, name in zip(got, same, want, NAMES):
+            assert_within_torch_error(g.to(t.dtype), t, w, name=f"{name} rows {part.start}..{part.stop}")

@@ -127,17 +127,24 @@ def test_backward_is_bitwise_deterministic(shape):
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-5, 0.1])
-def test_eps_is_honoured(eps):
-    # Values of size 1e-2 make mean(x^2) ~ 1e-4, so eps changes the result visibly.
-    x, weight, dy = _inputs((4, 64), torch.float32)
-    x = x * 1e-2
+@pytest.mark.parametrize("path", ["one block", "column loop"])
+def test_eps_is_honoured_on_every_path(monkeypatch, path, eps):
+    # RMS ~3e-3, so mean(x^2) ~1e-5 is the size of eps: where eps sits decides the result.
+    if path == "column loop":
+        monkeypatch.setattr(rmsnorm_module, "MAX_BLOCK_BYTES", 256)  # 64 float32 columns a block
+    x, weight, dy = _inputs((4, 300), torch.float32)
+    x = (x - 0.5) * 1e-3
+    assert launch_settings(4, 300, 4, torch.device(DEVICE)).one_block == (path == "one block")
     got = _run_kernel(x, weight, dy, eps=eps)
     want = _reference(x, weight, dy, torch.float64, eps=eps)
     for g, w, name in zip(got, want, NAMES):
-        assert_close(g, w, atol=1e-5, rtol=1e-5, name=f"{name} eps={eps}")
+        assert_close(g, w, atol=1e-5, rtol=1e-5, name=f"{name} eps={eps} {path}")
     if eps:
-        y_no_eps = _reference(x, weight, dy, torch.float64, eps=0.0)[0]
-        assert (got[0].double() - y_no_eps).abs().max() > 1e-3
+        # eps outside the square root, or dropped, would be off by far more than the tolerance.
+        x64, w64 = x.double(), weight.double()
+        rms = x64.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        for wrong in (x64 / (rms + eps) * w64, x64 / rms * w64):
+            assert (wrong - want[0]).abs().max() > 1e-2, "the inputs must make eps's place visible"
 
 
 def test_saves_only_a_float32_rstd_beside_x_and_weight():
@@ -236,3 +243,21 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(rmsnorm_module, "INTERPRETING", False)
     with pytest.raises(ValueError, match="x is on cpu; the Triton kernels need a CUDA device"):
         rmsnorm(torch.ones(2, 3), torch.ones(3))
+
+
+@on_cuda_only
+def test_rows_past_two_to_the_31_elements():
+    # 524,291 rows of 4096: the last rows start past 2^31 elements, where a 32-bit row offset wraps.
+    free, _ = torch.cuda.mem_get_info()
+    if free < 30 * 2**30:
+        pytest.skip("needs about 25 GiB of free GPU memory")
+    cols = 4096
+    rows = 2**31 // cols + 3
+    x, weight, dy = _inputs((rows, cols), torch.bfloat16)
+    assert x.numel() > 2**31
+    y, dx, _ = _run_kernel(x, weight, dy)
+    for part in (slice(0, 2), slice(rows - 3, rows)):
+        want = _reference(x[part], weight, dy[part], torch.float64)
+        same = _torch_same_dtype(x[part], weight, dy[part])
+        for g, t, w, name in zip((y[part], dx[part]), same, want, NAMES):
+            assert_within_torch_error(g, t, w, name=f"{name} rows {part.start}..{part.stop}")

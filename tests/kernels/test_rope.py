@@ -205,3 +205,23 @@ def _float(*shape: int, dtype: torch.dtype = torch.float32, device: str = DEVICE
 def test_bad_input_is_refused(x, cos, sin, error, match):
     with pytest.raises(error, match=match):
         apply_rope(x, cos, sin)
+
+
+@on_cuda_only
+def test_heads_past_two_to_the_31_elements():
+    # 16,400 heads of 1024 x 128: the last heads start past 2^31 elements.
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs about 20 GiB of free GPU memory")
+    shape = (16400, 1024, 128)
+    x = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    cos, sin = _tables((1024, 64))
+    y = apply_rope(x, cos, sin)
+    y.backward(dy)
+    for part in (slice(0, 2), slice(shape[0] - 2, shape[0])):
+        want = _reference(x[part], cos, sin, dy[part])
+        same = _torch_same_dtype(x[part], cos, sin, dy[part])
+        for g, t, w, name in zip((y[part].detach(), x.grad[part]), same, want, ("y", "dx")):
+            assert_within_torch_error(g, t, w, name=f"{name} heads {part.start}..{part.stop}")
