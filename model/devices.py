@@ -40,7 +40,9 @@ def check_device(device: torch.device | str | None, name: str = "device") -> tor
         backend = getattr(torch, parsed.type, None)
         is_available = getattr(backend, "is_available", None)
         if not callable(is_available) or not is_available():
-            raise ValueError(f"{name}={str(device)!r}: {parsed.type} is not available on this machine; expected cpu{_cuda_hint()}")
+            raise ValueError(
+                f"{name}={str(device)!r}: {parsed.type} is not available on this machine; expected cpu{_cuda_hint()}"
+            )
     return parsed
 
 

@@ -262,7 +262,9 @@ def test_an_empty_corpus_warns_for_tokenizer_train_and_tokenize(tmp_path, tokeni
     ]
     result = scratchlm("tokenize", "--tokenizer", tokenizer_file, "--input", empty, "--output", tmp_path / "ids.npy")
     assert result.returncode == 0
-    assert warning_lines(result) == [f"scratchlm tokenize: warning: --input {str(empty)!r} is empty; the token file will hold no tokens"]
+    assert warning_lines(result) == [
+        f"scratchlm tokenize: warning: --input {str(empty)!r} is empty; the token file will hold no tokens"
+    ]
 
 
 def test_a_vocab_size_the_corpus_cannot_reach_warns_where_it_stopped(tmp_path):
