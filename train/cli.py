@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -89,10 +90,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train from parsed flags; returns a process exit code (2 for bad input, 1 for a diverged run)."""
+    """Train from parsed flags; returns a process exit code.
+
+    0: trained to --total_iters. 2: bad input (nothing was written), or the
+    output folder is in use by another run. 1: the run diverged, or the disk
+    filled up. 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM): a
+    signal stopped it, after a checkpoint unless Ctrl-C was pressed twice.
+    Each ending is reported as one line, never a traceback.
+    """
+    from scratchlm.atomic import NoSpaceLeftError, disk_full_cause
     from scratchlm.train.checkpoint import CheckpointError
     from scratchlm.train.loop import train
+    from scratchlm.train.stopping import TrainingStopped
 
+    is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         config = config_from_args(args)
         summary = train(config, progress=True)
@@ -102,7 +113,30 @@ def run(args: argparse.Namespace) -> int:
     except FloatingPointError as e:
         print(f"scratchlm train: stopped: {e}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) == 0:
+    except TrainingStopped as e:
+        if is_main:
+            print(f"scratchlm train: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        # The second Ctrl-C (or the first, before training had started).
+        print(
+            "scratchlm train: interrupted: stopped at once, without writing a checkpoint; "
+            "--resume continues from the newest one in --output_dir",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
+    except OSError as e:
+        if disk_full_cause(e) is None:
+            raise
+        # Our writers raise NoSpaceLeftError, which names the file; anything else could not say which.
+        what = str(e) if isinstance(e, NoSpaceLeftError) else "no space left on device"
+        print(
+            f"scratchlm train: error: {what}; free some space, then continue with --resume "
+            "(the newest complete checkpoint is intact)",
+            file=sys.stderr,
+        )
+        return 1
+    if is_main:
         print(
             f"trained to step {summary['iterations']}: val loss {summary['initial_val_loss']:.4f} -> "
             f"{summary['final_val_loss']:.4f}; checkpoint {summary['checkpoint']}"

@@ -54,6 +54,12 @@ class Parallel:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum of ``tensor`` over all ranks (in place, and returned)."""
+        if self.distributed and self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -62,6 +68,11 @@ class Parallel:
 def launched_world_size() -> int:
     """The WORLD_SIZE torchrun set for this process (1 when not launched by it)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """The RANK torchrun set for this process (0 when not launched by it)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def check_launch(mode: str) -> None:

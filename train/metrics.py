@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scratchlm.atomic import atomic_write
+from scratchlm.atomic import NoSpaceLeftError, atomic_write, disk_full_cause
 
 METRICS_NAME = "metrics.jsonl"
 _TRAIN_SCALARS = ("loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "mfu")
@@ -68,7 +68,12 @@ class MetricsLog:
         self._tensorboard = _summary_writer(output_dir / "tensorboard") if tensorboard else None
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if disk_full_cause(e) is not None:
+                raise NoSpaceLeftError(self.path) from e
+            raise
         if self._tensorboard is None:
             return
         step = record["step"]

@@ -10,6 +10,8 @@
     ids (counting ``eos_token_id`` tokens) go along, so attention stays
     inside each document of a window.
     Gradients are reduced across ranks on the last micro-batch only.
+    The all-reduce of the loss also carries each rank's stop request
+    (train/stopping.py), so all ranks agree on ``stop_agreed``.
  3. Unscale (fp16), measure the global gradient norm and clip it.
  4. If the loss or the norm is not finite, skip: no update, the step count
     and so the schedule stay where they were, and the skip is counted.
@@ -24,6 +26,7 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +227,8 @@ class Trainer:
         self.precision = MixedPrecision(config.precision, device)
         self.sampler = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        # Whether any rank asked to stop during the last train_step; the same on every rank.
+        self.stop_agreed = False
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
         if resume_payload is not None:
@@ -248,8 +253,14 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
-    def train_step(self, data: np.ndarray) -> dict:
-        """Take one optimizer step (or skip it); returns the record to log."""
+    def train_step(self, data: np.ndarray, stop_requested: Callable[[], bool] | None = None) -> dict:
+        """Take one optimizer step (or skip it); returns the record to log.
+
+        ``stop_requested`` says whether this rank was asked to stop; it is
+        read once the gradients are in, so a request made during the step
+        ends the run after this step. Afterwards ``stop_agreed`` says whether
+        any rank was asked.
+        """
         config, parallel = self.config, self.parallel
         started = time.perf_counter()
         lr = learning_rate_schedule(
@@ -273,7 +284,11 @@ class Trainer:
                 loss = loss / len(micro_batches)
                 self.precision.backward(loss)
             loss_sum += loss.detach()
-        loss_value = float(parallel.sum(loss_sum)) / parallel.world_size
+        # One all-reduce carries both the loss and the stop requests: agreement costs no extra collective.
+        stop = torch.tensor(float(stop_requested is not None and stop_requested()), device=self.device)
+        loss_total, stops = parallel.sum(torch.stack([loss_sum, stop])).tolist()
+        loss_value = loss_total / parallel.world_size
+        self.stop_agreed = stops > 0
 
         self.precision.unscale(self.optimizer)
         if config.max_grad_norm > 0:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from scratchlm.train import read_checkpoint, train
+from scratchlm.train.checkpoint import list_checkpoints
 from scratchlm.train.distributed import check_launch
 from tiny_run import read_run_metrics, tiny_config
 
@@ -127,3 +131,67 @@ def test_a_batch_that_does_not_split_across_ranks_is_refused(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"--batch_size=4 must be divisible by 3 ranks x --grad_accum_steps=1"):
         train(_config(tmp_path, "odd", parallel="ddp"), progress=False)
     assert not (tmp_path / "odd").exists()
+
+
+# ---------------------------------------------------------------- stopping on a signal
+
+STOP_TOTAL = 100
+
+
+def _rank_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of the worker torchrun started as ``rank`` (its children, told apart by their RANK)."""
+    for task in os.listdir(f"/proc/{torchrun_pid}/task"):
+        for child in open(f"/proc/{torchrun_pid}/task/{task}/children").read().split():
+            environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+            if f"RANK={rank}".encode() in environ:
+                return int(child)
+    raise AssertionError(f"torchrun {torchrun_pid} has no worker with RANK={rank}")
+
+
+@pytest.fixture(scope="module")
+def straight_long(tmp_path_factory):
+    """One process, STOP_TOTAL steps, uninterrupted."""
+    tmp_path = tmp_path_factory.mktemp("straight_long")
+    return train(_config(tmp_path, "straight", total_iters=STOP_TOTAL, checkpoint_interval=1000), progress=False)
+
+
+@pytest.mark.parametrize(
+    "mode, signalled", [("ddp", "rank 1"), ("fsdp", "torchrun")], ids=["ddp-rank1", "fsdp-torchrun"]
+)
+def test_sigterm_stops_every_rank_at_one_step_and_the_collective_save_completes(
+    tmp_path, straight_long, mode, signalled
+):
+    """SIGTERM to one worker only (the others must learn of it), or to torchrun (which forwards it)."""
+    config = _config(tmp_path, mode, parallel=mode, total_iters=STOP_TOTAL, checkpoint_interval=1000)
+    run = tmp_path / mode
+    settings = tmp_path / "config.json"
+    settings.write_text(json.dumps(config.to_dict()))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "scratchlm.train", "--config", str(settings),
+    ]  # fmt: skip
+    with open(tmp_path / "out.txt", "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 300
+        while len(_losses(run) if (run / "metrics.jsonl").exists() else []) < 3:
+            assert process.poll() is None, (tmp_path / "out.txt").read_text()[-4000:]
+            assert time.monotonic() < deadline, "timed out waiting for 3 logged steps"
+            time.sleep(0.02)
+        os.kill(_rank_pid(process.pid, 1) if signalled == "rank 1" else process.pid, signal.SIGTERM)
+        assert process.wait(timeout=300) != 0
+    output = (tmp_path / "out.txt").read_text()
+
+    # Rank 0 alone reports, once; every rank stopped after the same step, or the gathered save would have hung.
+    lines = [line for line in output.splitlines() if line.startswith("scratchlm train: stopped by SIGTERM")]
+    assert len(lines) == 1, output[-4000:]
+    step = int(re.match(r"scratchlm train: stopped by SIGTERM after step (\d+);", lines[0])[1])
+    assert 3 <= step < STOP_TOTAL
+    assert [s for s, _ in list_checkpoints(run)] == [step]
+    assert len(_losses(run)) == step
+
+    # Resumed in one process, it goes on as the uninterrupted one-process run did (the same batches
+    # and steps; the ranks' sums were taken in another order, hence approx).
+    resumed = train(dataclasses.replace(config, parallel="none", resume=str(run)), progress=False)
+    assert resumed["start_iteration"] == step
+    assert resumed["train_losses"] == pytest.approx(straight_long["train_losses"][step:], rel=1e-4)
+    _assert_same_weights(_weights(resumed["checkpoint"]), _weights(straight_long["checkpoint"]), atol=1e-4)

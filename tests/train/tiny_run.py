@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +57,32 @@ def crash_at_step(monkeypatch, call: int) -> None:
     real_step = Trainer.train_step
     calls = {"n": 0}
 
-    def crash(self, data):
+    def crash(self, data, **kwargs):
         calls["n"] += 1
         if calls["n"] == call:
             raise KeyboardInterrupt("simulated crash")
-        return real_step(self, data)
+        return real_step(self, data, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", crash)
+
+
+class DiskFillsUp:
+    """A binary file object over ``file`` that takes ``room`` more bytes, then fails as a full disk does.
+
+    The bytes that fit are written, so a half-written file is really left
+    behind for the code under test to clean up.
+    """
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.file.write(bytes(data[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
