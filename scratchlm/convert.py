@@ -10,14 +10,20 @@ its tokenizer inside (``extra["tokenizer"]``, the document ``Tokenizer.save``
 writes), so ``scratchlm generate --checkpoint llama.pt`` needs no
 ``--tokenizer``; it holds no optimizer state, so it starts fine-tuning
 (``scratchlm train --init_from``) rather than resuming a run.
+
+One convert per destination: a second one aimed at the same DST while the
+first runs is refused, naming the first's pid and host (``destination_lock``).
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+
+from scratchlm.folder_lock import RUN_LOCK_NAME, FolderLock
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,7 +66,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
+def destination_lock(dst: Path) -> ExitStack:
+    """The locks ``scratchlm convert`` holds while it writes ``dst`` (see scratchlm/folder_lock.py).
+
+    ``.<name>.lock`` beside DST keeps two converts from writing one
+    destination; it sits in DST's folder, not inside it, because a Hugging
+    Face folder is replaced as a whole at the end. When DST is a training
+    run's folder, its run lock is taken too, so no live run is replaced.
+    """
+    stack = ExitStack()
+    try:
+        stack.enter_context(FolderLock(dst.parent / f".{dst.name}.lock", f"DST {str(dst)!r}", "scratchlm convert"))
+        if (dst / RUN_LOCK_NAME).is_file():
+            stack.enter_context(FolderLock(dst / RUN_LOCK_NAME, f"DST {str(dst)!r}", "scratchlm convert"))
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
 def run(args: argparse.Namespace) -> int:
+    """Convert SRC into DST, holding DST's lock from the first check to the last byte written."""
+    with destination_lock(args.dst):
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     from scratchlm.model import export_hf, load_pretrained
 
     dst: Path = args.dst

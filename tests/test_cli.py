@@ -88,3 +88,71 @@ def test_demo_runs_end_to_end_and_reports_its_last_line(tmp_path):
     before, after, checkpoint = float(match[1]), float(match[2]), match[3]
     assert after < before
     assert checkpoint == str(tmp_path / "demo" / "run" / "checkpoint_00000004.pt") and Path(checkpoint).is_file()
+
+
+# ---------------------------------------------------------------- one writer per destination
+
+# Holds the lock named by argv[1] ("convert DST" or "train RUN_DIR") as that command would, until killed.
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from scratchlm.convert import destination_lock
+from scratchlm.folder_lock import RUN_LOCK_NAME, FolderLock
+
+what, path = sys.argv[1], Path(sys.argv[2])
+if what == "convert":
+    destination_lock(path)
+else:
+    FolderLock(path / RUN_LOCK_NAME, "--output_dir", "scratchlm train").acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold_lock(what: str, path: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, what, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path) -> Path:
+    from scratchlm.model import TransformerLM
+    from scratchlm.train import AdamW, save_checkpoint
+
+    model = TransformerLM(vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=2, d_ff=64)
+    save_checkpoint(model, AdamW(model.parameters(), lr=1e-3), 0, tmp_path / "src.pt")
+    return tmp_path / "src.pt"
+
+
+def test_convert_refuses_a_destination_another_convert_is_writing(tmp_path, small_checkpoint, capsys):
+    dst = tmp_path / "out.pt"
+    holder = _hold_lock("convert", dst)
+    try:
+        assert main(["convert", str(small_checkpoint), str(dst)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"scratchlm convert: error: DST {str(dst)!r} is in use by scratchlm convert (pid {holder.pid} ")
+        assert not dst.exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    # Its holder gone (killed, even), the destination is free.
+    assert main(["convert", str(small_checkpoint), str(dst)]) == 0
+    assert dst.is_file()
+
+
+def test_convert_over_a_live_training_run_is_refused(tmp_path, small_checkpoint):
+    from scratchlm import convert
+    from scratchlm.cli import build_parser
+    from scratchlm.folder_lock import FolderInUseError
+
+    run = tmp_path / "run"
+    holder = _hold_lock("train", run)
+    try:
+        args = build_parser().parse_args(["convert", str(small_checkpoint), str(run), "--overwrite"])
+        with pytest.raises(FolderInUseError, match=rf"in use by scratchlm train \(pid {holder.pid} "):
+            convert.run(args)
+        assert [p.name for p in run.iterdir()] == [".scratchlm.lock"], "the run's folder was not replaced"
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
