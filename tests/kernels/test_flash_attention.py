@@ -159,6 +159,28 @@ def test_causal_loop_bounds_for_every_diagonal_offset(monkeypatch, blocks):
         _assert_float32_close(_run_kernel(q, k, v, do, True), _reference(q, k, v, do, True), label)
 
 
+# On the GPU the tiles are 32 to 128 wide: offsets around those edges, and lengths over two tiles.
+CUDA_OFFSET_SWEEP = [(130, 130 + offset) for offset in (0, 1, 2, 31, 32, 33, 63, 64, 65, 127, 128, 129)]
+CUDA_OFFSET_SWEEP += [(131, 130), (200, 71), (257, 1), (1, 257)]
+
+
+@on_cuda_only
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_causal_loop_bounds_for_every_diagonal_offset_in_every_autotuned_config(monkeypatch, head_dim):
+    # The autotuner would pick one config per length bucket; each candidate is pinned in turn, so
+    # the bounds are checked for every tile shape the GPU may run (the backward's settings are fixed).
+    import triton
+
+    configs = flash_module.forward_configs(head_dim, 4, flash_module._shared_memory(0))
+    for config in configs:
+        pinned = triton.autotune(configs=[config], key=["q_len_bucket"])(flash_module._flash_attention_fwd_kernel)
+        monkeypatch.setattr(flash_module, "_forward_autotuner", lambda *args, kernel=pinned: kernel)
+        for q_len, k_len in CUDA_OFFSET_SWEEP:
+            q, k, v, do = _inputs((1, 2, q_len, head_dim), k_len, torch.float32)
+            label = f" config {config}, Nq={q_len}, Nk={k_len}"
+            _assert_float32_close(_run_kernel(q, k, v, do, True), _reference(q, k, v, do, True), label)
+
+
 def test_bfloat16_outputs_round_to_nearest():
     # Two identical keys: p = (1/2, 1/2) exactly, so o = (v0 + v1) / 2 is exact
     # in float32 and the stored bfloat16 must be that value rounded to nearest

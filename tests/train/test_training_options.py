@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,9 +28,7 @@ def test_mixed_precision_trains_close_to_fp32_and_resumes_exactly(tmp_path, monk
     straight_config = tiny_config(tmp_path / "a", precision=precision, output_dir=str(tmp_path / "a" / "run"))
     straight = train(straight_config, progress=False)
     assert straight["precision"] == precision
-    # Half-precision matmuls move each loss a little, not the run's course.
-    assert straight["train_losses"] == pytest.approx(fp32_run["train_losses"], abs=0.05)
-    assert straight["final_val_loss"] == pytest.approx(fp32_run["final_val_loss"], abs=0.05)
+    _assert_follows_the_fp32_run(straight, fp32_run, precision)
     stored = read_checkpoint(straight["checkpoint"])
     # Master weights and moments stay float32.
     assert all(w.dtype == torch.float32 for w in stored["model"].values())
@@ -48,6 +47,26 @@ def test_mixed_precision_trains_close_to_fp32_and_resumes_exactly(tmp_path, monk
     for name, weight in stored["model"].items():
         assert torch.equal(weight, final["model"][name]), name
     assert final["extra"]["train_state"]["scaler"] == scaler
+
+
+def _assert_follows_the_fp32_run(mixed: dict, fp32: dict, precision: str) -> None:
+    """Half-precision matmuls move each step a little, not the run's course. The tolerances come from
+    the fp32 run's own spread, so they scale with the run rather than being fixed numbers:
+    - gradient norms: each step's within a quarter of the fp32 run's median step-to-step change
+      (a loss scale left in the norm, or clipping before unscaling, is off by 2^16);
+    - losses: the mean gap within a quarter of the fp32 run's median step-to-step change of loss,
+      and the validation loss within half of it (updates shrunk or skipped drift the run away)."""
+    mixed_steps, fp32_steps = read_run_metrics(mixed["output_dir"]), read_run_metrics(fp32["output_dir"])
+    mixed_norms = [r["grad_norm"] for r in mixed_steps if "grad_norm" in r]
+    fp32_norms = [r["grad_norm"] for r in fp32_steps if "grad_norm" in r]
+    assert len(mixed_norms) == len(fp32_norms) == 20
+    norm_spread = float(np.median(np.abs(np.diff(fp32_norms))))
+    norm_gaps = np.abs(np.subtract(mixed_norms, fp32_norms))
+    assert norm_gaps.max() <= 0.25 * norm_spread, (precision, norm_gaps.max(), norm_spread)
+    loss_spread = float(np.median(np.abs(np.diff(fp32["train_losses"]))))
+    loss_gaps = np.abs(np.subtract(mixed["train_losses"], fp32["train_losses"]))
+    assert loss_gaps.mean() <= 0.25 * loss_spread, (precision, loss_gaps.mean(), loss_spread)
+    assert abs(mixed["final_val_loss"] - fp32["final_val_loss"]) <= 0.5 * loss_spread
 
 
 def test_activation_checkpointing_recomputes_to_the_same_gradients():
