@@ -8,7 +8,8 @@ backward are Triton kernels, registered as PyTorch operators so that
 - ``swiglu(a, b)``: silu(a) * b, elementwise
 - ``apply_rope(x, cos, sin)``: x (..., seq, d); cos, sin (seq, d/2), adjacent pairs
 - ``flash_attention(q, k, v, causal=True, scale=None, document_ids=None)``: FlashAttention-2,
-  q (..., Nq, D), k and v (..., Nk, D); saves only the float32 logsumexp (..., Nq) for backward.
+  q (..., Nq, D), k and v (..., Nk, D); saves only the float32 logsumexp (..., Nq) for backward,
+  which ``flash_attention_with_lse`` (same arguments) also returns: (o, logsumexp).
   Grouped-query attention: k and v may have fewer heads (dim -3) than q, Hkv
   dividing Hq; query head h uses K/V head h // (Hq // Hkv), read without a copy.
   ``document_ids`` (..., Nk): packed documents, attention kept inside each one
@@ -37,6 +38,8 @@ _EXPORTS = {
     "apply_rope": "rope",
     "flash_attention": "flash_attention",
     "flash_attention_tiled": "flash_attention_tiled",
+    "flash_attention_tiled_with_lse": "flash_attention_tiled",
+    "flash_attention_with_lse": "flash_attention",
     "linear_cross_entropy": "linear_cross_entropy",
     "linear_cross_entropy_chunked": "linear_cross_entropy_chunked",
     "rmsnorm": "rmsnorm",

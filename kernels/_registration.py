@@ -12,6 +12,10 @@ op that the compiler also traces without graph breaks.
 The autograd ``Function`` in each kernel file calls these operators, so the
 same code runs eagerly, under ``torch.compile``, and under the interpreter.
 
+The host-side checks the kernels and their plain-PyTorch twins share live
+here too (dtypes, devices, the grouped-query head rule, the twins' compute
+dtype): this module needs only torch, so the twins import without Triton.
+
 Importing this module under the interpreter also mends one interpreter defect
 of Triton 3.6 with NumPy >= 2.4 (see ``_mend_interpreter_index``), so every
 kernel module, which imports this one, runs its loops there too.
@@ -109,3 +113,49 @@ def check_same(name: str, tensor: torch.Tensor, other_name: str, other: torch.Te
         raise ValueError(f"{name} is on {tensor.device} but {other_name} is on {other.device}; expected one device")
     if tensor.dtype != other.dtype:
         raise TypeError(f"{name} has dtype {tensor.dtype} but {other_name} has {other.dtype}; expected the same dtype")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the plain-PyTorch twins compute in: float32 for 16-bit inputs, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def kv_group_size(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """G, the number of query heads that share each K/V head, after checking the shapes.
+
+    Heads are dim -3: q (..., Hq, Nq, D), k and v (..., Hkv, Nk, D), with the
+    same dims before the heads, the same D, and Hq a multiple of Hkv; then
+    G = Hq // Hkv (1 when the head counts match). With 2 dims, (N, D), there
+    is no heads dim, k must be (Nk, D) and G = 1.
+    """
+    head_dim = q.shape[-1]
+    if q.dim() < 3:
+        if k.dim() != q.dim() or k.shape[-1] != head_dim:
+            raise ValueError(
+                f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected (Nk, {head_dim}), "
+                "the same leading dims and head_dim as q"
+            )
+        group = 1
+    else:
+        q_heads, kv_heads = q.shape[-3], (k.shape[-3] if k.dim() >= 3 else 0)
+        if k.dim() != q.dim():
+            problem = f"k has {k.dim()} dims where q has {q.dim()}"
+        elif k.shape[:-3] != q.shape[:-3]:
+            problem = f"the dims before the heads differ, {tuple(k.shape[:-3])} against {tuple(q.shape[:-3])}"
+        elif k.shape[-1] != head_dim:
+            problem = f"head_dim {k.shape[-1]} is not q's {head_dim}"
+        elif (q_heads % kv_heads if kv_heads else q_heads) != 0:
+            problem = f"q's {q_heads} heads are not a multiple of k's {kv_heads}"
+        else:
+            problem = None
+        if problem is not None:
+            lead = "".join(f"{n}, " for n in q.shape[:-3])
+            raise ValueError(
+                f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected ({lead}{q_heads}, Nk, "
+                f"{head_dim}), or ({lead}Hkv, Nk, {head_dim}) with Hkv dividing {q_heads} for grouped-query "
+                f"attention ({problem})"
+            )
+        group = q_heads // kv_heads if kv_heads else 1
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; expected the same shape")
+    return group

@@ -99,51 +99,11 @@ import math
 import torch
 from torch import Tensor
 
+from scratchlm.kernels._registration import compute_dtype, kv_group_size
 from scratchlm.kernels.documents import document_rows, document_spans
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 NEG_INF = float("-inf")
-
-
-def kv_group_size(q: Tensor, k: Tensor, v: Tensor) -> int:
-    """G, the number of query heads that share each K/V head, after checking the shapes.
-
-    Heads are dim -3: q (..., Hq, Nq, D), k and v (..., Hkv, Nk, D), with the
-    same dims before the heads, the same D, and Hq a multiple of Hkv; then
-    G = Hq // Hkv (1 when the head counts match). With 2 dims, (N, D), there
-    is no heads dim, k must be (Nk, D) and G = 1.
-    """
-    head_dim = q.shape[-1]
-    if q.dim() < 3:
-        if k.dim() != q.dim() or k.shape[-1] != head_dim:
-            raise ValueError(
-                f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected (Nk, {head_dim}), "
-                "the same leading dims and head_dim as q"
-            )
-        group = 1
-    else:
-        q_heads, kv_heads = q.shape[-3], (k.shape[-3] if k.dim() >= 3 else 0)
-        if k.dim() != q.dim():
-            problem = f"k has {k.dim()} dims where q has {q.dim()}"
-        elif k.shape[:-3] != q.shape[:-3]:
-            problem = f"the dims before the heads differ, {tuple(k.shape[:-3])} against {tuple(q.shape[:-3])}"
-        elif k.shape[-1] != head_dim:
-            problem = f"head_dim {k.shape[-1]} is not q's {head_dim}"
-        elif (q_heads % kv_heads if kv_heads else q_heads) != 0:
-            problem = f"q's {q_heads} heads are not a multiple of k's {kv_heads}"
-        else:
-            problem = None
-        if problem is not None:
-            lead = "".join(f"{n}, " for n in q.shape[:-3])
-            raise ValueError(
-                f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected ({lead}{q_heads}, Nk, "
-                f"{head_dim}), or ({lead}Hkv, Nk, {head_dim}) with Hkv dividing {q_heads} for grouped-query "
-                f"attention ({problem})"
-            )
-        group = q_heads // kv_heads if kv_heads else 1
-    if v.shape != k.shape:
-        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; expected the same shape")
-    return group
 
 
 def _visible(
@@ -318,11 +278,6 @@ def tiled_backward(
     return dq, dk, dv
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for 16-bit and float32 inputs, float64 for float64 (used by the gradcheck test)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 class TiledAttentionFunction(torch.autograd.Function):
     """Views the inputs as (B, G, Nq, D) queries against (B, Nk, D) keys and values, B counting
     K/V heads (the leading dims times Hkv) and G the query heads of each; computes in float32
@@ -330,7 +285,7 @@ class TiledAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float, block_m: int, block_n: int, documents: Tensor | None):
-        compute = _compute_dtype(q.dtype)
+        compute = compute_dtype(q.dtype)
         kv_batch, group = math.prod(k.shape[:-2]), kv_group_size(q, k, v)
         num_queries, num_keys, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
         # Hq = Hkv * G, consecutive query heads forming a group: the heads dim splits into (Hkv, G).
@@ -352,7 +307,7 @@ class TiledAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, o, *optional, lse = ctx.saved_tensors
         documents = optional[0] if optional else None
-        compute = _compute_dtype(q.dtype)
+        compute = compute_dtype(q.dtype)
         kv_batch, group = math.prod(k.shape[:-2]), kv_group_size(q, k, v)
         num_queries, num_keys, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
 

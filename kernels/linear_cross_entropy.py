@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from scratchlm.kernels._registration import INTERPRETING, check_float_tensor, check_same, kernel_op, launch
-from scratchlm.kernels.flash_attention import _dot, _round_to
+from scratchlm.kernels._triton_utils import LN2, LOG2E, dot, round_to
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -81,7 +81,7 @@ def _logits_tile(
         offs_d = start_d + tl.arange(0, BLOCK_D)
         h = _load_rows(h_block, stride_h, rows_left, offs_d, dim, BLOCK_M)
         w = _load_rows(w_tile, stride_w, vocab_left, offs_d, dim, BLOCK_V)
-        acc = _dot(h, tl.trans(w), acc)
+        acc = dot(h, tl.trans(w), acc)
     return acc
 
 
@@ -114,14 +114,14 @@ def _lce_fwd_kernel(
         vocab_left = vocab - start_v
         z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
         target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None] - start_v, z, 0.0), 1)
-        s = tl.where((offs_v < vocab_left)[None, :], z * 1.4426950408889634, float("-inf"))
+        s = tl.where((offs_v < vocab_left)[None, :], z * LOG2E, float("-inf"))
         # Every tile holds at least one real column, so m_new is finite and
         # the first tile's rescale factor is exp2(-inf) = 0, never NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
         w_tile += BLOCK_V * stride_w
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln(2): back to natural log
+    lse = (m_i + tl.log2(l_i)) * LN2  # back to natural log
     loss = tl.where(targets < 0, 0.0, lse - target_logit + z_loss * lse * lse)
     offs_m = tl.arange(0, BLOCK_M)
     tl.store(loss_ptr + start_m + offs_m, loss, mask=offs_m < rows_left)
@@ -138,7 +138,7 @@ def _row_state(targets_ptr, lse_ptr, grad_ptr, start_m, rows_left, ignore_index,
     lse = tl.load(lse_ptr + start_m + offs_m, mask=m_mask, other=0.0)
     g = tl.load(grad_ptr + start_m + offs_m, mask=m_mask, other=0.0)
     g = tl.where(targets < 0, 0.0, g)
-    return targets, lse * 1.4426950408889634, g * (1.0 + 2.0 * z_loss * lse), g
+    return targets, lse * LOG2E, g * (1.0 + 2.0 * z_loss * lse), g
 
 
 @triton.jit
@@ -146,7 +146,7 @@ def _dlogits(z, targets, lse_log2, p_scale, g, vocab_left, BLOCK_V: tl.constexpr
     """dZ = g * (p * (1 + 2 z_loss lse) - onehot(t)) for one (rows, vocab) tile, 0 past the vocabulary;
     ``targets`` are relative to the tile's first vocabulary entry."""
     offs_v = tl.arange(0, BLOCK_V)
-    p = tl.exp2(z * 1.4426950408889634 - lse_log2[:, None])
+    p = tl.exp2(z * LOG2E - lse_log2[:, None])
     p = tl.where((offs_v < vocab_left)[None, :], p, 0.0)
     onehot = offs_v[None, :] == targets[:, None]
     return p * p_scale[:, None] - tl.where(onehot, g[:, None], 0.0)
@@ -175,14 +175,14 @@ def _lce_bwd_dh_kernel(
         vocab_left = vocab - start_v
         z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
         dz = _dlogits(z, targets - start_v, lse_log2, p_scale, g, vocab_left, BLOCK_V)
-        dz = _round_to(dz, w_ptr.dtype.element_ty)
+        dz = round_to(dz, w_ptr.dtype.element_ty)
         for start_d in range(0, dim, BLOCK_D):
             offs_d = start_d + tl.arange(0, BLOCK_D)
             d_mask = offs_d < dim
             w = _load_rows(w_tile, stride_w, vocab_left, offs_d, dim, BLOCK_V)
             dh_ptrs = dh_block + offs_m[:, None] * stride_dh + offs_d[None, :]
             dh_mask = m_mask[:, None] & d_mask[None, :]
-            dh = _dot(dz, w, tl.load(dh_ptrs, mask=dh_mask, other=0.0))
+            dh = dot(dz, w, tl.load(dh_ptrs, mask=dh_mask, other=0.0))
             tl.store(dh_ptrs, dh, mask=dh_mask)
         w_tile += BLOCK_V * stride_w
 
@@ -210,14 +210,14 @@ def _lce_bwd_dw_kernel(
         )  # fmt: skip
         z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
         dz = _dlogits(z, targets - start_v.to(tl.int32), lse_log2, p_scale, g, vocab_left, BLOCK_V)
-        dz_t = _round_to(tl.trans(dz), h_ptr.dtype.element_ty)
+        dz_t = round_to(tl.trans(dz), h_ptr.dtype.element_ty)
         for start_d in range(0, dim, BLOCK_D):
             offs_d = start_d + tl.arange(0, BLOCK_D)
             d_mask = offs_d < dim
             h = _load_rows(h_block, stride_h, rows_left, offs_d, dim, BLOCK_M)
             dw_ptrs = dw_tile + offs_v[:, None] * stride_dw + offs_d[None, :]
             dw_mask = v_mask[:, None] & d_mask[None, :]
-            dw = _dot(dz_t, h, tl.load(dw_ptrs, mask=dw_mask, other=0.0))
+            dw = dot(dz_t, h, tl.load(dw_ptrs, mask=dw_mask, other=0.0))
             tl.store(dw_ptrs, dw, mask=dw_mask)
         h_block += BLOCK_M * stride_h
 

@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from scratchlm.kernels._registration import compute_dtype
+
 REDUCTIONS = ("mean", "sum", "none")
 
 # Each chunk's float32 logits take about this many bytes (at least one row).
@@ -45,11 +47,6 @@ CHUNK_BYTES = 32 * 1024 * 1024
 def default_chunk_rows(vocab_size: int) -> int:
     """Rows per chunk so that a chunk of float32 logits is about 32 MiB (at least 1 row)."""
     return max(1, CHUNK_BYTES // (4 * max(1, vocab_size)))
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 for 16-bit inputs, float64 stays float64 (the tests' reference precision).
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str, z_loss: float, chunk_rows) -> None:
@@ -139,7 +136,7 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_rows, grad_wanted):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
-        dtype = _compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+        dtype = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
         weight_c = weight.to(dtype)  # a no-op for float32 weights
         valid_all = targets != ignore_index
         # Under no_grad (evaluation) needs_input_grad still says True; grad_wanted knows better.
@@ -190,7 +187,7 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
             d_weight = (d_weight * g).to(weight_dtype) if ctx.needs_input_grad[1] else None
             return d_hidden, d_weight, None, None, None, None, None, None
         hidden, weight, targets = ctx.saved_tensors
-        dtype = _compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+        dtype = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
         weight_c = weight.to(dtype)
         d_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
         d_weight = torch.zeros(weight.shape, dtype=dtype, device=hidden.device)

@@ -13,6 +13,7 @@ from scratchlm.kernels.flash_attention import backward_settings, flash_attention
 
 # The module itself: the package may export a function under the same name.
 flash_module = importlib.import_module("scratchlm.kernels.flash_attention")
+attention_configs = importlib.import_module("scratchlm.kernels.flash_attention_configs")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -171,7 +172,7 @@ def test_causal_loop_bounds_for_every_diagonal_offset_in_every_autotuned_config(
     # the bounds are checked for every tile shape the GPU may run (the backward's settings are fixed).
     import triton
 
-    configs = flash_module.forward_configs(head_dim, 4, flash_module._shared_memory(0))
+    configs = flash_module.forward_configs(head_dim, 4, attention_configs.shared_memory_per_block(0))
     for config in configs:
         pinned = triton.autotune(configs=[config], key=["q_len_bucket"])(flash_module._flash_attention_fwd_kernel)
         monkeypatch.setattr(flash_module, "_forward_autotuner", lambda *args, kernel=pinned: kernel)
@@ -319,7 +320,7 @@ def test_backward_settings_rule():
         for element_size in (2, 4):
             for shared_memory in (h100, a100, consumer):
                 s = backward_settings(block_d, element_size, shared_memory)
-                need = flash_module._backward_shared_bytes(s["BLOCK_M"], s["BLOCK_N"], s["num_stages"], block_d,
+                need = attention_configs.backward_shared_bytes(s["BLOCK_M"], s["BLOCK_N"], s["num_stages"], block_d,
                                                            element_size)  # fmt: skip
                 assert need <= shared_memory, (block_d, element_size, shared_memory)
 
