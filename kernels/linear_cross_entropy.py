@@ -73,9 +73,7 @@ def _logits_tile(
 ):  # fmt: skip
     """(BLOCK_M, BLOCK_V) float32 logits of the rows at ``h_block`` against the vocabulary rows at
     ``w_tile``, walking d in BLOCK_D tiles; 0 past ``rows_left`` rows and ``vocab_left`` entries."""
-    # Offsets inside a tile are int32 (the tile's base pointer carries the
-    # int64 part): 64-bit offsets for every element of a 2-D tile would take
-    # twice the registers and spill.
+    # Offsets inside a tile are int32: the tile's base pointer carries the int64 part.
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     for start_d in range(0, dim, BLOCK_D):
         offs_d = start_d + tl.arange(0, BLOCK_D)
@@ -239,11 +237,9 @@ INTERPRETER_SETTINGS = LaunchSettings(16, 32, 16, 4, 1)
 def launch_settings(element_size: int) -> LaunchSettings:
     """Fixed launch settings by element size: one shape always launches, and rounds, the same way.
 
-    Compiled for sm_90 (Triton 3.9) none of the three kernels spills with
-    these: 16-bit inputs take 64 x 128 (rows x vocab) tiles with d walked 32
-    at a time, 213-246 registers per thread; float32 takes 64 x 64 tiles and
-    16-wide d steps, 184-194 registers (IEEE float32 dots are not tensor-core
-    work). Wider d steps (64) or 4 warps spilled 8 to 1352 bytes per thread.
+    16-bit inputs take 64 x 128 (rows x vocab) tiles with d walked 32 at a
+    time, float32 64 x 64 tiles and 16-wide d steps, on 8 warps: the largest
+    that compile for sm_90 without spilling (figures in ``kernels/NOTES.md``).
     """
     if INTERPRETING:
         return INTERPRETER_SETTINGS
