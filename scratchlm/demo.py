@@ -17,6 +17,7 @@ there is one. The last line printed is
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from scratchlm.model import decode
     from scratchlm.tokenizer import Tokenizer, encode_file, train_bpe
     from scratchlm.train import TrainConfig, load_model, train
+    from scratchlm.train.stopping import TrainingStopped
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out: Path = args.output_dir
@@ -114,7 +116,12 @@ def run(args: argparse.Namespace) -> int:
         f"[4/5] training on {device}: {config.total_iters} steps of {config.batch_size}x{config.context_length} "
         f"tokens{masking}"
     )
-    summary = train(config)
+    try:
+        summary = train(config)
+    except TrainingStopped as stopped:
+        # Ctrl-C or SIGTERM: the run is saved and resumable; the demo ends here, in one line.
+        print(f"demo: training {stopped}", file=sys.stderr)
+        return stopped.exit_code
 
     model = load_model(summary["checkpoint"], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)

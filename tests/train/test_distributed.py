@@ -76,7 +76,9 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, one_pr
     # Only rank 0 reports and writes.
     assert result.stdout.count("trained to step 6") == 1
     written = sorted(p.name for p in run.iterdir() if p.name != "tensorboard")
-    assert written == ["checkpoint_00000003.pt", "checkpoint_00000006.pt", "metrics.jsonl", "train_config.json"]
+    assert written == [
+        ".scratchlm.lock", "checkpoint_00000003.pt", "checkpoint_00000006.pt", "metrics.jsonl", "train_config.json"
+    ]
     assert _losses(run) == pytest.approx(single["train_losses"], rel=1e-5)
     assert [r["val_loss"] for r in read_run_metrics(run) if "val_loss" in r] == pytest.approx(
         [r["val_loss"] for r in read_run_metrics(single_config.output_dir) if "val_loss" in r], rel=1e-5
