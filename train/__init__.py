@@ -1,6 +1,7 @@
 """Training: optimizers, loss, learning-rate schedule, data, checkpoints, the loop and its CLI.
 
-The loop (loop.py) drives one Trainer per rank (trainer.py). Throughput and
+The loop (loop.py) drives one Trainer per rank (trainer.py); a signal ends it
+at a step boundary with a checkpoint (stopping.py). Throughput and
 scale live beside them: mixed precision (precision.py),
 DDP/FSDP2 under torchrun (distributed.py), MFU (throughput.py), metrics and
 TensorBoard (metrics.py) and ``scratchlm plot`` (plot.py).
@@ -25,12 +26,14 @@ from scratchlm.train.loop import load_model, train
 from scratchlm.train.loss import cross_entropy_loss
 from scratchlm.train.optim import SGD, AdamW, gradient_clipping
 from scratchlm.train.schedule import learning_rate_schedule
+from scratchlm.train.stopping import TrainingStopped
 
 __all__ = [
     "SGD",
     "AdamW",
     "CheckpointError",
     "TrainConfig",
+    "TrainingStopped",
     "cross_entropy_loss",
     "estimate_loss",
     "get_batch",
