@@ -49,31 +49,16 @@ def test_written_files_get_the_mode_open_would_give(tmp_path, umask, monkeypatch
         assert _mode(run / name) == expected, f"{name}: {oct(_mode(run / name))} != {oct(expected)}"
 
 
-class _DiskFillsUp:
-    """A file object over ``file`` that takes ``room`` bytes and then fails as a full disk does."""
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_the_old_contents(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(TINY_TRAIN)
+    from tiny_run import DiskFillsUp
 
-    def __init__(self, file, room: int):
-        self.file, self.room = file, room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            self.file.write(data[: self.room])
-            self.room = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def test_a_full_disk_is_one_line_naming_the_file_and_leaves_the_old_contents(tmp_path):
     target = tmp_path / "checkpoint.pt"
     target.write_bytes(b"previous")
     with pytest.raises(NoSpaceLeftError) as raised:
         with atomic_write(target, "wb") as f:
             # torch.save hides the ENOSPC inside a RuntimeError from its zip writer; it must still be found.
-            torch.save({"w": torch.zeros(100_000)}, _DiskFillsUp(f, room=50_000))
+            torch.save({"w": torch.zeros(100_000)}, DiskFillsUp(f, room=50_000))
     assert str(raised.value) == f"no space left on device writing {target}"
     assert raised.value.errno == errno.ENOSPC
     assert isinstance(raised.value.__cause__, RuntimeError), "torch's own error stays reachable as the cause"
