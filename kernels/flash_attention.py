@@ -90,11 +90,8 @@ def _head_dim_mask(offs_d, head_dim, EVEN_D: tl.constexpr):
 def _load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len):
     """Rows ``offs_n`` of k and v, (BLOCK_N, BLOCK_D) each; zeros past k_len and past the head dim.
 
-    The row check stays even on tiles wholly before k_len. Dropping it there
-    changes nothing when strides are multiples of 16 elements (no spills
-    either way on sm_90), but where they are not, so that loads cannot be
-    vectorised, the forward's 128 x 64 tile at head dim 128 then spills 64
-    bytes a thread instead of 40, and the dQ kernel 128 instead of none.
+    The row check stays even on tiles wholly before k_len: where strides keep
+    loads from being vectorised, it spills less without it (kernels/NOTES.md).
     """
     kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
     k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -179,6 +176,41 @@ def _document_key_range(
 
 
 @triton.jit
+def _key_tiles(
+    doc_ptr, stride_doc_kind, stride_doc_row, head, heads_per_row, start_m, offs_m, q_len, k_len,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The key tiles query block ``start_m`` visits and how each is masked, for the forward and dQ kernels:
+    (start, full_start, full_end, end, q_lo, q_hi).
+
+    Tiles in [full_start, full_end) are visible to every row of the block and
+    run unmasked; those in [start, full_start) (documents only) and
+    [full_end, end) are masked to keys q_lo..q_hi per row (``_query_bounds``).
+    Causal, tiles past the diagonal are never visited; with documents, nor
+    tiles of other documents (``_document_key_range``). A new mask is one
+    more bound here.
+    """
+    causal_offset = k_len - q_len  # query i sees key j iff j <= i + causal_offset
+    if CAUSAL:
+        # Keys j <= start_m + causal_offset are visible to every row of the block.
+        full_end = tl.maximum(tl.minimum(start_m + causal_offset + 1, k_len), 0) // BLOCK_N * BLOCK_N
+        end = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_offset, k_len), 0)
+    else:
+        full_end = k_len // BLOCK_N * BLOCK_N
+        end = k_len
+    doc_ptr += (head // heads_per_row) * stride_doc_row  # every head of a batch row shares its documents
+    q_lo, q_hi = _query_bounds(doc_ptr, stride_doc_kind, offs_m, q_len, k_len, causal_offset, CAUSAL, DOCUMENTS)
+    if DOCUMENTS:
+        start, full_start, full_end, end = _document_key_range(
+            doc_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end, CAUSAL, BLOCK_M, BLOCK_N
+        )
+    else:
+        start = 0
+        full_start = 0
+    return start, full_start, full_end, end, q_lo, q_hi
+
+
+@triton.jit
 def _scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr):
     """scale * q k^T in log2 units, (BLOCK_M, BLOCK_N); with MASKED, keys outside each
     query's [q_lo, q_hi] (see ``_query_bounds``) are -inf."""
@@ -234,9 +266,7 @@ def _fwd_key_tiles(
 
 # `group` stays a runtime value even when it is 1 (by default Triton compiles
 # an int equal to 1 as a constant), so plain attention runs the same binaries
-# as grouped-query attention. Folding group = 1 away would spill more on sm_90
-# in bf16 at head dim 128: 192 bytes against 24 in the dK/dV kernel (see its
-# loop), 296 against 200 in the forward's 64 x 128 tile.
+# as grouped-query attention: folding group = 1 away spills more (kernels/NOTES.md).
 @triton.jit(do_not_specialize=["group"])
 def _flash_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_ptr,
@@ -251,8 +281,7 @@ def _flash_attention_fwd_kernel(
     n_m_blocks = tl.cdiv(q_len, BLOCK_M)
     head = pid // n_m_blocks
     kv_head = head // group  # the K/V head shared by this query head's group
-    # Every base pointer moves to this program's heads once, up front (on sm_90
-    # this spills less at head dim 128 than offsetting at each use).
+    # Every base pointer moves to this program's heads once, up front: it spills less than offsetting at each use.
     q_ptr += head * stride_qh
     o_ptr += head * stride_oh
     lse_ptr += head * stride_lse_h
@@ -266,31 +295,18 @@ def _flash_attention_fwd_kernel(
     q_mask = (offs_m < q_len)[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
 
-    causal_offset = k_len - q_len  # query i sees key j iff j <= i + causal_offset
-    if CAUSAL:
-        # Keys j <= start_m + causal_offset are visible to every row of the block.
-        full_end = tl.maximum(tl.minimum(start_m + causal_offset + 1, k_len), 0) // BLOCK_N * BLOCK_N
-        end = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_offset, k_len), 0)
-    else:
-        full_end = k_len // BLOCK_N * BLOCK_N
-        end = k_len
-    # Every head of a batch row shares its documents.
-    doc_ptr += (head // heads_per_row) * stride_doc_row
-    q_lo, q_hi = _query_bounds(doc_ptr, stride_doc_kind, offs_m, q_len, k_len, causal_offset, CAUSAL, DOCUMENTS)
-
+    start, full_start, full_end, end, q_lo, q_hi = _key_tiles(
+        doc_ptr, stride_doc_kind, stride_doc_row, head, heads_per_row, start_m, offs_m, q_len, k_len,
+        CAUSAL, DOCUMENTS, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if DOCUMENTS:
-        start, full_start, full_end, end = _document_key_range(
-            doc_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end, CAUSAL, BLOCK_M, BLOCK_N
-        )
         acc, l_i, m_i = _fwd_key_tiles(
             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_d, d_mask,
             start, full_start, k_len, qk_scale_log2, q_lo, q_hi, MASKED=True, DOCUMENTS=True, BLOCK_N=BLOCK_N,
         )  # fmt: skip
-    else:
-        full_start = 0
     acc, l_i, m_i = _fwd_key_tiles(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_d, d_mask,
         full_start, full_end, k_len, qk_scale_log2, q_lo, q_hi, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
@@ -362,8 +378,7 @@ def _dkdv_query_tiles(
         p_t = tl.exp2(s_t - lse_log2[None, :])
         dv = dot(round_to(p_t, do.dtype), do, dv)
         dp_t = dot(v, tl.trans(do), None)
-        # Loaded where it is used, after q and dO: at head dim 128 on sm_90 this order
-        # holds the fewest registers (229 against 243 with delta loaded beside lse).
+        # Loaded where it is used, after q and dO: the order that holds the fewest registers.
         delta = tl.load(delta_head + offs_m, mask=m_valid, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = dot(round_to(ds_t, q.dtype), q, dk)
@@ -482,10 +497,7 @@ def _flash_attention_bwd_dkdv_kernel(
     first_head = kv_head * group
     if RANGE_TAKES_DISABLE_LICM:
         # Without loop-invariant code motion the masks' broadcast key bounds
-        # stay inside this loop instead of living through the whole kernel,
-        # which spills on sm_90 at head dim 128 (256 bytes a thread, 192 for
-        # the loop-free kernel of plain attention, in bf16 before the masks
-        # became per-key bounds).
+        # stay inside this loop instead of living (and spilling) through the whole kernel.
         for member in tl.range(0, group, disable_licm=True):
             dk, dv = _dkdv_one_query_head(
                 dk, dv, k, v, first_head + member, q_ptr, do_ptr, lse_ptr, delta_ptr,
@@ -552,28 +564,19 @@ def _flash_attention_bwd_dq_kernel(
     lse_log2 = _lse_log2(tl.load(lse_ptr + head * stride_lse_h + offs_m, mask=m_valid, other=0.0))
     delta = tl.load(delta_ptr + head * stride_lse_h + offs_m, mask=m_valid, other=0.0)
 
-    causal_offset = k_len - q_len
-    if CAUSAL:
-        full_end = tl.maximum(tl.minimum(start_m + causal_offset + 1, k_len), 0) // BLOCK_N * BLOCK_N
-        end = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_offset, k_len), 0)
-    else:
-        full_end = k_len // BLOCK_N * BLOCK_N
-        end = k_len
-    doc_ptr += (head // heads_per_row) * stride_doc_row
-    q_lo, q_hi = _query_bounds(doc_ptr, stride_doc_kind, offs_m, q_len, k_len, causal_offset, CAUSAL, DOCUMENTS)
+    # The same key tiles as the forward's.
+    start, full_start, full_end, end, q_lo, q_hi = _key_tiles(
+        doc_ptr, stride_doc_kind, stride_doc_row, head, heads_per_row, start_m, offs_m, q_len, k_len,
+        CAUSAL, DOCUMENTS, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
-    if DOCUMENTS:  # the same key tiles as the forward's
-        start, full_start, full_end, end = _document_key_range(
-            doc_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end, CAUSAL, BLOCK_M, BLOCK_N
-        )
+    if DOCUMENTS:
         dq = _dq_key_tiles(
             dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
             start, full_start, k_len, qk_scale_log2, q_lo, q_hi, MASKED=True, DOCUMENTS=True, BLOCK_N=BLOCK_N,
         )  # fmt: skip
-    else:
-        full_start = 0
     dq = _dq_key_tiles(
         dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
         full_start, full_end, k_len, qk_scale_log2, q_lo, q_hi, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
