@@ -152,7 +152,7 @@ elif op == "flash_attention":
     # documents, must not spill. float32 (IEEE float32 dots, no tensor cores; correctness more
     # than speed) compiles its first config and the backward without documents, spills printed,
     # not checked.
-    name, must_fit, jobs = module.__name__, dtype != "fp32", []
+    name, must_fit, jobs = "scratchlm.kernels.flash_attention_kernels", dtype != "fp32", []
     for block_d in (64, 128):
         for documents in (False, True) if must_fit else (False,):
             constants = {"CAUSAL": True, "DOCUMENTS": documents, "BLOCK_D": block_d, "EVEN_D": True}
@@ -162,14 +162,14 @@ elif op == "flash_attention":
             elif dtype == "fp16":
                 configs = [c for c in configs if c.kwargs["BLOCK_M"] == 128]
             for c in configs:
-                jobs.append((name, "_flash_attention_fwd_kernel", {**constants, **c.kwargs}, dtype, c.num_warps,
+                jobs.append((name, "flash_attention_fwd_kernel", {**constants, **c.kwargs}, dtype, c.num_warps,
                              c.num_stages, must_fit))  # fmt: skip
             s = module.backward_settings(block_d, size, H100_SHARED_MEMORY)
             backward = {**constants, "BLOCK_M": s["BLOCK_M"], "BLOCK_N": s["BLOCK_N"]}
-            for kernel in ("_flash_attention_bwd_dkdv_kernel", "_flash_attention_bwd_dq_kernel"):
+            for kernel in ("flash_attention_bwd_dkdv_kernel", "flash_attention_bwd_dq_kernel"):
                 jobs.append((name, kernel, backward, dtype, s["num_warps"], s["num_stages"], must_fit))
         preprocess = {"BLOCK_M": s["BLOCK_M"], "BLOCK_D": block_d}
-        jobs.append((name, "_flash_attention_bwd_preprocess_kernel", preprocess, dtype, s["num_warps"], 2, False))
+        jobs.append((name, "flash_attention_bwd_preprocess_kernel", preprocess, dtype, s["num_warps"], 2, False))
     compile_all(jobs)
 elif op == "linear_cross_entropy":
     s = module.launch_settings(size)
@@ -213,7 +213,7 @@ def test_kernels_compile_for_sm90(op, dtype):
 
 # The kernels that multiply tiles with tl.dot.
 DOT_KERNELS = {
-    "_flash_attention_fwd_kernel", "_flash_attention_bwd_dkdv_kernel", "_flash_attention_bwd_dq_kernel",
+    "flash_attention_fwd_kernel", "flash_attention_bwd_dkdv_kernel", "flash_attention_bwd_dq_kernel",
     "_lce_fwd_kernel", "_lce_bwd_dh_kernel", "_lce_bwd_dw_kernel",
 }  # fmt: skip
 
@@ -229,7 +229,7 @@ def _check_compiled_code(op: str, dtype: str, codes: list[list[str]]) -> None:
             assert mma_count == 0, f"{kernel} float32: {mma_count} tensor-core instructions; its dots must be IEEE"
         elif kernel in DOT_KERNELS:
             assert mma_count > 0, f"{kernel} {dtype}: no tensor-core instruction for its dots"
-        if kernel.startswith("_flash_attention"):
+        if kernel.startswith("flash_attention"):
             assert head64 == "head64=True", f"{kernel} {dtype}: a head offset is computed in 32 bits"
         else:
             assert pid64 == "pid64=True", f"{kernel} {dtype}: the program id is not made 64-bit before use"
