@@ -217,8 +217,13 @@ def _add_plot(subparsers) -> None:
 
 
 def _run_plot(args) -> int:
+    from scratchlm.outputs import check_output
     from scratchlm.train.plot import plot_metrics
 
+    if args.out is not None:
+        # A plot is a view of the run, redrawn at will: it replaces an earlier one, never its own input.
+        metrics = args.run / "metrics.jsonl" if args.run.is_dir() else args.run
+        check_output(args.out, "--out", inputs={"run": metrics}, overwrite=True)
     try:
         out = plot_metrics(args.run, args.out)
     except ImportError as e:

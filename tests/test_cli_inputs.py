@@ -276,3 +276,15 @@ def test_a_vocab_size_the_corpus_cannot_reach_warns_where_it_stopped(tmp_path):
     assert "--vocab_size 1000 is more than --input" in line and "training stopped at" in line
     stopped_at = json.loads((tmp_path / "t.json").read_text())
     assert str(len(stopped_at["vocab"])) + " tokens" in line
+
+
+def test_plot_never_draws_over_the_metrics_it_reads(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"step": step, "loss": 4.0 - step / 10, "lr": 1e-3, "grad_norm": 1.0}) for step in (1, 2)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(["plot", str(run), "--out", str(run / "metrics.jsonl")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("scratchlm plot: error: --out") and "metrics.jsonl" in error
+    assert (run / "metrics.jsonl").read_bytes() == before
