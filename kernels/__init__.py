@@ -6,7 +6,8 @@ backward are Triton kernels, registered as PyTorch operators so that
 
 - ``rmsnorm(x, weight, eps=1e-5)``: x (..., d), weight (d,)
 - ``swiglu(a, b)``: silu(a) * b, elementwise
-- ``apply_rope(x, cos, sin)``: x (..., seq, d); cos, sin (seq, d/2), adjacent pairs
+- ``rope(x, cos, sin)``: x (..., seq, d); cos, sin (seq, d/2), adjacent pairs
+  (``apply_rope``, its former name, is the same function)
 - ``flash_attention(q, k, v, causal=True, scale=None, document_ids=None)``: FlashAttention-2,
   q (..., Nq, D), k and v (..., Nk, D); saves only the float32 logsumexp (..., Nq) for backward,
   which ``flash_attention_with_lse`` (same arguments) also returns: (o, logsumexp).
@@ -43,6 +44,7 @@ _EXPORTS = {
     "linear_cross_entropy": "linear_cross_entropy",
     "linear_cross_entropy_chunked": "linear_cross_entropy_chunked",
     "rmsnorm": "rmsnorm",
+    "rope": "rope",
     "swiglu": "swiglu",
 }
 __all__ = sorted(_EXPORTS)

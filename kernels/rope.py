@@ -152,8 +152,11 @@ class RoPEFunction(torch.autograd.Function):
         return rope_rotate(dy.contiguous(), cos, sin, True), None, None
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of x by the angles whose cos/sin are given.
+
+    The "rope" op's kernel (``scratchlm.model.backends``); ``apply_rope`` is
+    its former name, the same function.
 
     ``x``: (..., seq, d) with d even, float32, bfloat16 or float16, any layout.
     ``cos``, ``sin``: one shape, (seq, d/2), or (..., seq, d/2) with leading
@@ -187,3 +190,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
             f"{tuple(x.shape)}, optionally with leading dims broadcastable to {tuple(leading)}"
         )
     return RoPEFunction.apply(x, cos, sin)
+
+
+apply_rope = rope  # the former name, kept for code that uses it

@@ -4,6 +4,7 @@ from scratchlm.model.attention import KVCache, LayerKVCache, MultiHeadSelfAttent
 from scratchlm.model.backends import (
     BACKENDS,
     KERNEL_CHOICES,
+    OP_ALIASES,
     OPS,
     KernelsUnavailableError,
     get_op,
@@ -21,6 +22,7 @@ from scratchlm.model.weight_loading import PretrainedFormatError, PretrainedForm
 __all__ = [
     "BACKENDS",
     "KERNEL_CHOICES",
+    "OP_ALIASES",
     "OPS",
     "PRESETS",
     "PretrainedFormatError",

@@ -8,9 +8,21 @@ Five ops are swappable, each with one signature shared by every backend:
     attention(q, k, v, document_ids=None) -> out
                                           causal; q (..., heads, q_seq, d), k/v (..., kv_heads, k_seq, d);
                                           document_ids (..., k_seq) keeps attention inside each document
-    loss(hidden, weight, targets, ignore_index=-100) -> mean loss
+    linear_cross_entropy(hidden, weight, targets, ignore_index=-100) -> mean loss
                                           lm_head plus cross-entropy; hidden (..., d), weight (vocab, d),
                                           targets (...); float32 math whatever the input dtype
+
+One name per op: the op's key here is also the name of its reference function
+in ``scratchlm.model.functional``, of its Triton kernel in
+``scratchlm.kernels`` (``scratchlm.kernels.rmsnorm``, ...), of its test
+(``tests/kernels/test_<op>.py``) and of its benchmark
+(``benchmarks/bench_<op>.py``). One exception: attention's kernel is
+``flash_attention``, the name of its algorithm (FlashAttention-2), since
+plain attention is what the reference computes.
+
+Old op names stay accepted wherever an op is named (``kernels=`` dicts,
+``get_op``, the ``backends`` a model reports): "loss" is
+"linear_cross_entropy" (``OP_ALIASES``).
 
 Attention takes grouped-query inputs on every backend: k and v may have fewer
 heads than q (a divisor of q's), and query head h reads key/value head
@@ -25,7 +37,7 @@ rows get their ids from ``functional.document_ids_from_eos``.
 
 Backends: "reference" (``scratchlm.model.functional``, written out by hand),
 "torch" (PyTorch's fused ops), "triton" (this project's kernels in
-``scratchlm.kernels``, FlashAttention-2 for attention). For the loss,
+``scratchlm.kernels``, FlashAttention-2 for attention). For linear_cross_entropy,
 "reference" forms the full (N, vocab) logits; "torch" is the chunked
 plain-PyTorch ``linear_cross_entropy_chunked`` (PyTorch has no fused
 linear cross-entropy) and "triton" the fused kernel ``linear_cross_entropy``:
@@ -58,13 +70,41 @@ from scratchlm.kernels.documents import document_rows, document_spans
 from scratchlm.kernels.linear_cross_entropy_chunked import linear_cross_entropy_chunked
 from scratchlm.model import functional
 
-OPS = ("rmsnorm", "swiglu", "rope", "attention", "loss")
+OPS = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy")
+# Old op name -> its op, accepted wherever an op is named so that code written
+# before the rename keeps working.
+OP_ALIASES = {"loss": "linear_cross_entropy"}
 BACKENDS = ("reference", "torch", "triton")
 KERNEL_CHOICES = (*BACKENDS, "auto")
 
 # What ``kernels=`` accepts: one choice for every op, or a choice per op
 # (ops left out of the dict get "auto").
 KernelsSpec = Union[str, Mapping[str, str]]
+
+
+def _op_name(op: str) -> str:
+    """The op's name in ``OPS`` for an op name or an old one from ``OP_ALIASES``."""
+    return OP_ALIASES.get(op, op) if isinstance(op, str) else op
+
+
+class OpBackends(dict):
+    """op -> backend name, as ``resolve_kernels`` returns it: a dict keyed by ``OPS``.
+
+    Looking up an old op name reads its op's entry, so
+    ``model.backends["loss"]`` is ``model.backends["linear_cross_entropy"]``;
+    iterating, printing and comparing show the names in ``OPS`` only.
+    """
+
+    def __missing__(self, op: str) -> str:
+        if op in OP_ALIASES:
+            return self[OP_ALIASES[op]]
+        raise KeyError(op)
+
+    def __contains__(self, op: object) -> bool:
+        return super().__contains__(_op_name(op))
+
+    def get(self, op: str, default: str | None = None) -> str | None:
+        return super().get(_op_name(op), default)
 
 
 class KernelsUnavailableError(ValueError, NotImplementedError):
@@ -223,28 +263,29 @@ class _TritonKernel:
 # table is not available for that op.
 _REGISTRY: dict[str, dict[str, Callable[..., Tensor] | _TritonKernel]] = {
     "rmsnorm": {
-        "reference": functional.rms_norm,
+        "reference": functional.rmsnorm,
         "torch": _torch_rmsnorm,
         "triton": _TritonKernel("rmsnorm", "rmsnorm"),
     },
     "swiglu": {
-        "reference": functional.swiglu_gate,
+        "reference": functional.swiglu,
         "torch": _torch_swiglu,
         "triton": _TritonKernel("swiglu", "swiglu"),
     },
     "rope": {
-        "reference": functional.apply_rope,
+        "reference": functional.rope,
         "torch": _torch_rope,
-        "triton": _TritonKernel("rope", "apply_rope"),
+        "triton": _TritonKernel("rope", "rope"),
     },
     "attention": {
-        "reference": functional.causal_attention,
+        "reference": functional.attention,
         "torch": _torch_attention,
-        # Causal by default, aligned bottom-right when a KV cache makes q shorter than k;
-        # document_ids (keyword) go straight to the kernel.
+        # The one kernel not named after its op: flash_attention is the algorithm
+        # (FlashAttention-2) computing it. Causal by default, aligned bottom-right
+        # when a KV cache makes q shorter than k; document_ids (keyword) go straight to the kernel.
         "triton": _TritonKernel("flash_attention", "flash_attention"),
     },
-    "loss": {
+    "linear_cross_entropy": {
         "reference": functional.linear_cross_entropy,
         # Plain PyTorch over row chunks (PyTorch has no fused linear cross-entropy);
         # its module, like the kernels package itself, imports without Triton.
@@ -286,27 +327,52 @@ def _check_choice(choice: object, where: str) -> str:
     return choice
 
 
-def resolve_kernels(kernels: KernelsSpec = "auto", device: torch.device | str | None = None) -> dict[str, str]:
+def _expected_ops() -> str:
+    old_names = ", ".join(f"{old!r} for {op!r}" for old, op in OP_ALIASES.items())
+    return f"{list(OPS)} (or an old name: {old_names})"
+
+
+def _choices_per_op(kernels: Mapping[str, str]) -> dict[str, str]:
+    """A ``kernels=`` dict keyed by op names, old names (``OP_ALIASES``) turned into theirs."""
+    unknown = sorted((str(key) for key in kernels if _op_name(key) not in OPS))
+    if unknown:
+        raise ValueError(f"kernels has unknown ops {unknown}; expected keys among {_expected_ops()}")
+    choices: dict[str, str] = {}
+    given_as: dict[str, str] = {}
+    for key, choice in kernels.items():
+        op = _op_name(key)
+        if op in choices:
+            raise ValueError(
+                f"kernels names the op {op!r} twice, as {given_as[op]!r} and {key!r}; expected one of the two"
+            )
+        choices[op], given_as[op] = _check_choice(choice, f"kernels[{key!r}]"), key
+    return choices
+
+
+def resolve_kernels(kernels: KernelsSpec = "auto", device: torch.device | str | None = None) -> OpBackends:
     """Turn a ``kernels=`` value into one backend name per op, checking it is usable.
 
     ``device`` decides what "auto" means (None: CUDA if available) and whether
-    "triton" can run. Raises ValueError for unknown ops or backends and
+    "triton" can run. A dict may name an op by an old name ("loss"), not by
+    both names. Raises ValueError for unknown ops or backends and
     ``KernelsUnavailableError`` for "triton" where it cannot run.
 
-    >>> resolve_kernels("reference")
-    {'rmsnorm': 'reference', 'swiglu': 'reference', 'rope': 'reference', 'attention': 'reference', 'loss': 'reference'}
+    >>> resolve_kernels("reference")["rope"]
+    'reference'
+    >>> list(resolve_kernels("reference"))
+    ['rmsnorm', 'swiglu', 'rope', 'attention', 'linear_cross_entropy']
+    >>> resolve_kernels({"loss": "torch"}, device="cpu")["loss"]  # the old name of linear_cross_entropy
+    'torch'
     """
     if isinstance(kernels, Mapping):
-        unknown = sorted(set(kernels) - set(OPS))
-        if unknown:
-            raise ValueError(f"kernels has unknown ops {unknown}; expected keys among {list(OPS)}")
-        choices = {op: _check_choice(kernels.get(op, "auto"), f"kernels[{op!r}]") for op in OPS}
+        given = _choices_per_op(kernels)
+        choices = {op: given.get(op, "auto") for op in OPS}
     else:
         choice = _check_choice(kernels, "kernels")
         choices = {op: choice for op in OPS}
 
     auto = _auto_backend(device)
-    resolved = {op: auto if choice == "auto" else choice for op, choice in choices.items()}
+    resolved = OpBackends((op, auto if choice == "auto" else choice) for op, choice in choices.items())
     if "triton" in resolved.values():
         reason = _triton_unavailable_reason(device)
         if reason is not None:
@@ -319,13 +385,15 @@ def get_op(
 ) -> Callable[..., Tensor]:
     """The implementation of one op for one backend choice (any of ``KERNEL_CHOICES``).
 
-    A Triton kernel is imported here, unless ``lazy``: then a callable that
-    imports it on its first call comes back (the model's loss, which only
+    ``op`` is a name in ``OPS`` or an old one ("loss"). A Triton kernel is
+    imported here, unless ``lazy``: then a callable that imports it on its
+    first call comes back (the model's linear_cross_entropy, which only
     training calls, is held this way).
     """
-    if op not in _REGISTRY:
-        raise ValueError(f"op={op!r} is unknown; expected one of {list(OPS)}")
-    implementation = _REGISTRY[op][resolve_kernels({op: backend}, device)[op]]
+    name = _op_name(op)
+    if name not in _REGISTRY:
+        raise ValueError(f"op={op!r} is unknown; expected one of {_expected_ops()}")
+    implementation = _REGISTRY[name][resolve_kernels({name: backend}, device)[name]]
     if isinstance(implementation, _TritonKernel) and not lazy:
         return implementation.load()
     return implementation

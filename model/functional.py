@@ -4,6 +4,11 @@ These functions define what every faster path (PyTorch's fused ops, the Triton
 kernels) must compute. They favour clarity over speed, but still take care
 with the two numerical traps of a transformer: ``exp`` overflowing in softmax,
 and the sum of squares losing precision in 16-bit RMSNorm.
+
+The five swappable ops (``scratchlm.model.backends``) are named as the op is
+named there: ``rmsnorm``, ``swiglu``, ``rope``, ``attention`` and
+``linear_cross_entropy``. Their older names stay as aliases of the same
+functions: ``rms_norm``, ``swiglu_gate``, ``apply_rope``, ``causal_attention``.
 """
 
 from __future__ import annotations
@@ -67,8 +72,11 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = N
     return torch.tril(ones, diagonal=num_keys - num_queries)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
     """Causal attention through ``scaled_dot_product_attention``; (..., seq, d) in and out.
+
+    The "attention" op's reference; its Triton kernel is
+    ``scratchlm.kernels.flash_attention`` (named after its algorithm).
 
     Grouped-query attention: q (..., heads, q_seq, d) with k and v (...,
     kv_heads, k_seq, d), heads a multiple of kv_heads. Query head h attends
@@ -91,6 +99,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | Non
         mask = mask.unsqueeze(-3)  # (..., 1, 1, q_seq, k_seq): broadcast over kv_heads and group
     out = scaled_dot_product_attention(grouped_q, k.unsqueeze(-3), v.unsqueeze(-3), mask)
     return out.flatten(-4, -3)  # (..., heads, q_seq, d)
+
+
+causal_attention = attention  # the op's former name, kept for code that uses it
 
 
 def causal_document_mask(q: Tensor, k: Tensor, document_ids: Tensor) -> Tensor:
@@ -149,7 +160,7 @@ def group_heads(q: Tensor, k: Tensor) -> tuple[int, int]:
     return heads, kv_heads
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dim, in float32, cast back.
 
     Computing in float32 matters for bf16 inputs: squaring and averaging a few
@@ -161,12 +172,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     return (x_compute * inverse_rms * weight.to(dtype)).to(x.dtype)
 
 
-def swiglu_gate(a: Tensor, b: Tensor) -> Tensor:
+rms_norm = rmsnorm  # the op's former name (PyTorch spells it F.rms_norm), kept for code that uses it
+
+
+def swiglu(a: Tensor, b: Tensor) -> Tensor:
     """silu(a) * b: the elementwise middle of SwiGLU, between w1/w3 and w2."""
     return silu(a) * b
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+swiglu_gate = swiglu  # the op's former name, kept for code that uses it
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent feature pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given.
 
     Shapes: x (..., seq, d); cos and sin broadcastable to (..., seq, d/2).
@@ -181,6 +198,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotated_odd = x_even * sin + x_odd * cos
     # Interleave back: stacking on a new last dim then flattening puts pair i at 2i, 2i+1.
     return torch.stack((rotated_even, rotated_odd), dim=-1).flatten(-2).to(x.dtype)
+
+
+apply_rope = rope  # the op's former name, kept for code that uses it
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int | None = None) -> Tensor:
@@ -228,7 +248,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
 
     hidden (..., d), weight (vocab, d), targets (...). The full (..., vocab)
     logits are formed, as ``Linear`` forms them, so this gives exactly the loss
-    of the model's logits; the "torch" and "triton" loss backends avoid them.
+    of the model's logits; the "torch" and "triton" backends of the op avoid them.
     """
     if weight.dim() != 2 or hidden.dim() < 1 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(

@@ -1,7 +1,7 @@
 """TransformerBlock and TransformerLM: the Llama-style decoder.
 
     token_ids -> token_embeddings -> layers[0..L-1] -> ln_final -> lm_head -> logits
-    (with targets)                                      ln_final -> loss backend (lm_head weight) -> mean loss
+    (with targets)                                      ln_final -> linear_cross_entropy (lm_head weight) -> mean loss
 
 Each block is pre-norm: x + attn(ln1(x)), then x + ffn(ln2(x)). Normalising
 the input of each sublayer, not its output, keeps the residual stream an
@@ -72,7 +72,8 @@ class TransformerLM(nn.Module):
 
     ``kernels`` picks the implementation of the hot ops (see
     ``scratchlm.model.backends``); it is resolved here, once, and the result
-    is kept in ``self.backends``.
+    is kept in ``self.backends``, op name -> backend name (the old op name
+    "loss" reads linear_cross_entropy's entry).
 
     The Llama-family fields of the config (``num_kv_heads``,
     ``tie_embeddings``, ``norm_eps``, ``rope_scaling``) are what pretrained
@@ -136,7 +137,7 @@ class TransformerLM(nn.Module):
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype, backend=self.backends["rmsnorm"])
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
         # Lazy: a Triton loss kernel is imported when a loss is first asked for, not to build a model for generation.
-        self._loss = get_op("loss", self.backends["loss"], device, lazy=True)
+        self._loss = get_op("linear_cross_entropy", self.backends["linear_cross_entropy"], device, lazy=True)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -190,9 +191,9 @@ class TransformerLM(nn.Module):
 
         With ``targets`` (..., seq) the result is instead the scalar float32
         mean cross-entropy over the positions whose target is not
-        ``ignore_index``, computed by the "loss" backend from the final
-        hidden states and lm_head's weight (the embedding when tied): the
-        "torch" and "triton" backends never form the logits. The loss goes
+        ``ignore_index``, computed by the "linear_cross_entropy" op from the
+        final hidden states and lm_head's weight (the embedding when tied):
+        its "torch" and "triton" backends never form the logits. The loss goes
         through ``forward`` so that DDP, FSDP and torch.compile, which wrap
         ``forward``, see it.
 
@@ -240,8 +241,8 @@ class TransformerLM(nn.Module):
         """Mean next-token cross-entropy of ``token_ids`` (..., seq) against ``targets`` (..., seq).
 
         Positions whose target is ``ignore_index`` count for nothing. This is
-        ``self(token_ids, targets=targets)``; on the "torch" and "triton" loss
-        backends the (..., seq, vocab) logits are never materialised.
+        ``self(token_ids, targets=targets)``; on the "torch" and "triton"
+        backends of linear_cross_entropy the (..., seq, vocab) logits are never materialised.
         ``document_ids`` (..., seq) keeps attention inside documents (see ``forward``).
         """
         return self(
@@ -282,7 +283,7 @@ class TransformerLM(nn.Module):
     def _check_targets(self, targets: Tensor, token_ids: Tensor, ignore_index: int, check_ids: bool) -> None:
         """Refuse targets of the wrong shape or type, or (unless ``check_ids`` is off) outside the vocabulary.
 
-        The range check is made here so that every loss backend refuses the
+        The range check is made here so that every linear_cross_entropy backend refuses the
         same targets with the same message; it reads them back to the host,
         like the token id check, and is skipped with it.
         """

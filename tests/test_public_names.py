@@ -73,7 +73,7 @@ def test_the_kernel_functions_named_like_their_modules_are_callable_after_those_
     code = (
         "import importlib\n"
         "for name in ('flash_attention', 'flash_attention_tiled', 'linear_cross_entropy',"
-        " 'linear_cross_entropy_chunked', 'rmsnorm', 'swiglu'):\n"
+        " 'linear_cross_entropy_chunked', 'rmsnorm', 'rope', 'swiglu'):\n"
         "    module = importlib.import_module('scratchlm.kernels.' + name)\n"
         "    import scratchlm.kernels as kernels\n"
         "    from scratchlm.kernels import *\n"

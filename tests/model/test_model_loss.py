@@ -1,4 +1,5 @@
-"""The "loss" op: lm_head plus cross-entropy, per backend, against float64 logits; TransformerLM.loss.
+"""The "linear_cross_entropy" op (old name "loss", still accepted and used here): lm_head plus cross-entropy,
+per backend, against float64 logits; TransformerLM.loss.
 
 The reference forms the (N, V) logits; "torch" is the chunked plain-PyTorch
 ``linear_cross_entropy_chunked``; "triton" the fused kernel. Every one must
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, assert_within_torch_error
 
-from scratchlm.model import OPS, ModelConfig, TransformerLM, get_op
+from scratchlm.model import OP_ALIASES, OPS, ModelConfig, TransformerLM, get_op
 from scratchlm.model.functional import cross_entropy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -70,10 +71,11 @@ def grads_of(loss, *tensors, grad_output=None):
 # ---- the registry ------------------------------------------------------------------
 
 
-def test_loss_is_an_op_with_three_backends():
-    assert "loss" in OPS
+def test_linear_cross_entropy_is_an_op_with_three_backends():
+    assert "linear_cross_entropy" in OPS and OP_ALIASES["loss"] == "linear_cross_entropy"
     from scratchlm.model import functional
 
+    assert get_op("linear_cross_entropy", "reference") is functional.linear_cross_entropy
     assert get_op("loss", "reference") is functional.linear_cross_entropy
     assert get_op("loss", "auto", device="cpu") is functional.linear_cross_entropy
     assert callable(get_op("loss", "torch"))

@@ -8,6 +8,7 @@ from helpers import assert_close, assert_within_torch_error
 from reference_model import reference_forward
 
 from scratchlm.model import (
+    OP_ALIASES,
     PRESETS,
     KernelsUnavailableError,
     ModelConfig,
@@ -126,29 +127,33 @@ def test_bf16_backends_agree_with_float32_model():
 
 
 def test_resolve_kernels_strings_and_auto():
-    assert resolve_kernels("torch") == dict.fromkeys(("rmsnorm", "swiglu", "rope", "attention", "loss"), "torch")
+    ops = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy")
+    assert resolve_kernels("torch") == dict.fromkeys(ops, "torch")
     assert set(resolve_kernels("auto", device="cpu").values()) == {"reference"}
     assert set(resolve_kernels("auto", device="cuda").values()) == {"triton"}
     resolved = resolve_kernels({"rmsnorm": "torch", "attention": "reference"}, device="cpu")
     assert resolved == {
-        "rmsnorm": "torch", "swiglu": "reference", "rope": "reference", "attention": "reference", "loss": "reference"
+        "rmsnorm": "torch", "swiglu": "reference", "rope": "reference", "attention": "reference",
+        "linear_cross_entropy": "reference",
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("op", ["rmsnorm", "swiglu", "rope", "attention", "loss"])
+# "loss": the old name of linear_cross_entropy, still accepted.
+@pytest.mark.parametrize("op", ["rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy", "loss"])
 def test_dict_kernels_choose_the_implementation_per_op(op):
     model = tiny_model({op: "torch"})
-    assert model.backends == {name: "torch" if name == op else "reference" for name in model.backends}
+    chosen = OP_ALIASES.get(op, op)
+    assert model.backends == {name: "torch" if name == chosen else "reference" for name in model.backends}
     block = model.layers[1]
     used = {
         "rmsnorm": [block.ln1._rmsnorm, block.ln2._rmsnorm, model.ln_final._rmsnorm],
         "swiglu": [block.ffn._swiglu],
         "rope": [block.attn.rope._rope],
         "attention": [block.attn._attention],
-        "loss": [model._loss],
+        "linear_cross_entropy": [model._loss],
     }
     for name, implementations in used.items():
-        expected = get_op(name, "torch" if name == op else "reference")
+        expected = get_op(name, "torch" if name == chosen else "reference")
         assert all(impl is expected for impl in implementations), name
 
 
@@ -158,7 +163,7 @@ def test_dict_kernels_choose_the_implementation_per_op(op):
         ("Torch", "'Torch'", "'reference', 'torch', 'triton', 'auto'"),
         ("cuda", "'cuda'", "'reference', 'torch', 'triton', 'auto'"),
         (None, "None", "'reference', 'torch', 'triton', 'auto'"),
-        ({"softmax": "torch"}, "'softmax'", "'rmsnorm', 'swiglu', 'rope', 'attention', 'loss'"),
+        ({"softmax": "torch"}, "'softmax'", "'rmsnorm', 'swiglu', 'rope', 'attention', 'linear_cross_entropy'"),
         ({"rmsnorm": "fast"}, "'fast'", "'reference', 'torch', 'triton', 'auto'"),
     ],
 )
@@ -180,7 +185,7 @@ def test_triton_on_a_cpu_without_the_interpreter_is_a_clear_error(kernels, monke
 def test_triton_uses_the_kernels():
     from scratchlm.kernels.flash_attention import flash_attention
     from scratchlm.kernels.rmsnorm import rmsnorm
-    from scratchlm.kernels.rope import apply_rope
+    from scratchlm.kernels.rope import rope
     from scratchlm.kernels.swiglu import swiglu
 
     model = tiny_model("triton")
@@ -188,7 +193,7 @@ def test_triton_uses_the_kernels():
     block = model.layers[0]
     assert block.ln1._rmsnorm is rmsnorm and model.ln_final._rmsnorm is rmsnorm
     assert block.ffn._swiglu is swiglu
-    assert block.attn.rope._rope is apply_rope
+    assert block.attn.rope._rope is rope
     assert block.attn._attention is flash_attention
 
 
