@@ -39,7 +39,8 @@ test-gpu: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),$(READY))
 # Without CUDA only small shapes and the reference/torch providers run.
 # bench_tokenizer.py is a plain script: tokenizer speed vs tiktoken and HF tokenizers;
 # bench_train.py too: training tokens/s, MFU and memory per kernel backend, eager and compiled;
-# bench_loss.py: time and peak memory of the loss op (lm_head + cross-entropy) per backend.
+# bench_linear_cross_entropy.py: time and peak memory of the linear_cross_entropy op (lm_head +
+# cross-entropy) per backend.
 BENCH_RESULTS := benchmarks/results
 BENCH_PYTEST := -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' --benchmark-only
 BENCH_FILES := --json $(BENCH_RESULTS)/kernels.json --skips $(BENCH_RESULTS)/skipped.json
@@ -53,7 +54,7 @@ bench: $(BENCH_READY)
 	$(BIN)/python benchmarks/report.py $(BENCH_FILES) --out-dir $(BENCH_RESULTS)
 	$(BIN)/python benchmarks/bench_tokenizer.py --out $(BENCH_RESULTS)/tokenizer.json
 	$(BIN)/python benchmarks/bench_train.py --out $(BENCH_RESULTS)/train.json
-	$(BIN)/python benchmarks/bench_loss.py --out $(BENCH_RESULTS)/loss.json
+	$(BIN)/python benchmarks/bench_linear_cross_entropy.py --out $(BENCH_RESULTS)/linear_cross_entropy.json
 
 # The kernel tests (interpreter and sm_90 compilation) under Triton 3.6, the oldest Triton of the
 # GPU images we run on, in a venv of their own beside .venv; `make test` (CI's budget) leaves them out.

@@ -18,7 +18,8 @@ N from 512 to 16384. Providers: the explicit reference (skipped where its
 float32 N x N matrix would pass ``REFERENCE_MATRIX_LIMIT``), PyTorch's
 ``scaled_dot_product_attention`` pinned to each backend in turn with
 ``torch.nn.attention.sdpa_kernel`` (those this torch build or GPU lacks are
-skipped with PyTorch's reason), and this project's Triton kernel.
+skipped with PyTorch's reason), and this project's Triton kernel,
+``flash_attention`` (the "attention" op's kernel, named after its algorithm).
 
 Grouped-query attention (``bench_attention_gqa``, CUDA only) at Llama-3-8B's
 attention shape: 32 query heads sharing 8 K/V heads, head_dim 128, causal,
@@ -131,7 +132,7 @@ def attention_provider(provider: str, shape: tuple[int, int, int, int]) -> Calla
             f"(limit {REFERENCE_MATRIX_LIMIT / 2**30:.0f} GiB)"
         )
     if provider == "reference":
-        return functional.causal_attention
+        return functional.attention
     if provider == "triton":
         require_provider("triton")
         flash_attention = import_kernel("flash_attention", "flash_attention")

@@ -60,11 +60,11 @@ def rmsnorm_provider(provider: str) -> Callable[[torch.Tensor, torch.Tensor, flo
 
     require_provider(provider)
     if provider == "reference":
-        return functional.rms_norm
+        return functional.rmsnorm
     if provider == "torch":
         return get_op("rmsnorm", "torch")
     if provider == "compile":
-        return compiled(functional.rms_norm)
+        return compiled(functional.rmsnorm)
     if provider == "triton":
         return import_kernel("rmsnorm", "rmsnorm")
     from liger_kernel.transformers.functional import liger_rms_norm

@@ -2,7 +2,7 @@
 
 Shapes are (batch, seq, heads, head_dim); the tensor itself is laid out
 (batch, heads, seq, head_dim), as attention holds it and as
-``apply_rope(x, cos, sin)`` takes it (x (..., seq, d), cos/sin (seq, d/2)).
+``rope(x, cos, sin)`` takes it (x (..., seq, d), cos/sin (seq, d/2)).
 The cos/sin tables are in the input dtype, as in a model cast to bfloat16.
 
 Bytes each mode must move (n = batch*heads*seq*head_dim elements of size s;
@@ -88,13 +88,13 @@ def rope_provider(provider: str) -> Callable[[torch.Tensor, torch.Tensor, torch.
 
     require_provider(provider)
     if provider == "reference":
-        return functional.apply_rope
+        return functional.rope
     if provider == "torch":
         return get_op("rope", "torch")
     if provider == "compile":
-        return compiled(functional.apply_rope)
+        return compiled(functional.rope)
     if provider == "triton":
-        return import_kernel("rope", "apply_rope")
+        return import_kernel("rope", "rope")
     return None
 
 

@@ -52,11 +52,11 @@ def swiglu_provider(provider: str) -> tuple[Callable[[torch.Tensor, torch.Tensor
 
     require_provider(provider)
     if provider == "reference":
-        return functional.swiglu_gate, ""
+        return functional.swiglu, ""
     if provider == "torch":
         return get_op("swiglu", "torch"), ""
     if provider == "compile":
-        return compiled(functional.swiglu_gate), ""
+        return compiled(functional.swiglu), ""
     if provider == "triton":
         return import_kernel("swiglu", "swiglu"), ""
     from liger_kernel.transformers.functional import liger_swiglu

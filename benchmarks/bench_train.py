@@ -48,8 +48,8 @@ KERNELS = ("reference", "torch", "triton")
 
 
 def kernels_spec(kernels: str, loss: str | None) -> str | dict[str, str]:
-    """--kernels for one row: ``kernels`` for every op, the loss backend replaced when ``loss`` is given."""
-    return kernels if loss is None else {**{op: kernels for op in OPS}, "loss": loss}
+    """--kernels for one row: ``kernels`` for every op, linear_cross_entropy's replaced when ``loss`` is given."""
+    return kernels if loss is None else {**{op: kernels for op in OPS}, "linear_cross_entropy": loss}
 
 
 def build_trainer(model: ModelConfig, args, kernels: str | dict, compile_model: bool) -> Trainer:
@@ -150,7 +150,8 @@ def main() -> int:
         "--losses",
         nargs="*",
         default=None,
-        help=f"loss backends to run with each kernels choice, among {list(KERNELS)} (default: the kernels' own)",
+        help=f"linear_cross_entropy (the loss) backends to run with each kernels choice, among {list(KERNELS)} "
+        "(default: the kernels' own)",
     )
     parser.add_argument("--no-compile", action="store_true", help="eager configurations only")
     parser.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: by GPU name)")

@@ -1,6 +1,9 @@
-"""The loss op (lm_head plus cross-entropy): time and peak memory of forward + backward, per backend.
+"""The linear_cross_entropy op (lm_head plus cross-entropy): time and peak memory of forward + backward, per backend.
 
-    python benchmarks/bench_loss.py [--shapes quick|full] [--repeats 3] [--providers reference torch ...]
+    python benchmarks/bench_linear_cross_entropy.py [--shapes quick|full] [--repeats 3] [--providers reference ...]
+
+The op was called "loss" before (the registry still accepts that name); this
+benchmark was bench_loss.py and wrote results/loss.json.
 
 Providers: ``reference`` (the full (N, V) logits, then the cross-entropy of
 ``scratchlm.model.functional``), ``reference-compiled`` (the same under
@@ -20,7 +23,7 @@ Shapes: "quick" (the default on the CPU) is N=8192, d=256, V=50257 in
 float32, the shape of the memory goal (the chunked backend's peak <= 5% of
 the reference's); "full" (the default on CUDA) is N = 8192 and 16384 at
 d=768, V=50257, and on CUDA also d=4096, V=128256, in bf16 on CUDA. Results
-go to benchmarks/results/loss.json, and a table is printed.
+go to benchmarks/results/linear_cross_entropy.json, and a table is printed.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def shapes_for(kind: str) -> list[tuple[int, int, int, str]]:
 # ---------------------------------------------------------------- one measurement (in a child process)
 
 
-def loss_function(provider: str):
+def linear_cross_entropy_function(provider: str):
     from scratchlm.model import get_op
     from scratchlm.model.functional import linear_cross_entropy
 
@@ -64,7 +67,7 @@ def loss_function(provider: str):
         return linear_cross_entropy
     if provider == "reference-compiled":
         return torch.compile(linear_cross_entropy)
-    return get_op("loss", provider)
+    return get_op("linear_cross_entropy", provider)
 
 
 def measure_one(provider: str, n: int, d: int, vocab: int, dtype_name: str, repeats: int) -> dict:
@@ -78,7 +81,7 @@ def measure_one(provider: str, n: int, d: int, vocab: int, dtype_name: str, repe
     hidden = torch.randn(n, d, device=device, dtype=dtype, generator=generator).requires_grad_()
     weight = (torch.randn(vocab, d, device=device, dtype=dtype, generator=generator) / d**0.5).requires_grad_()
     targets = torch.randint(0, vocab, (n,), device=device, generator=generator)
-    loss_fn = loss_function(provider)
+    loss_fn = linear_cross_entropy_function(provider)
 
     def step() -> tuple[float, float]:
         hidden.grad = weight.grad = None
@@ -157,7 +160,7 @@ def add_ratios(results: list[dict]) -> None:
 
 def format_table(results: list[dict], device_name: str) -> str:
     lines = [
-        f"loss forward+backward on {device_name}",
+        f"linear_cross_entropy forward+backward on {device_name}",
         "| provider | N | d | V | dtype | ms | TFLOP/s | peak MiB | time / ref | peak % of ref |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -182,7 +185,8 @@ def main() -> int:
     parser.add_argument("--providers", nargs="*", default=None, help=f"subset of {list(PROVIDERS)}")
     parser.add_argument("--repeats", type=int, default=5 if ON_CUDA else 1, help="timed runs per measurement")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement process")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "loss.json", help="JSON file")
+    default_out = Path(__file__).parent / "results" / "linear_cross_entropy.json"
+    parser.add_argument("--out", type=Path, default=default_out, help="JSON file")
     parser.add_argument("--worker", nargs=5, metavar=("PROVIDER", "N", "D", "V", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
