@@ -1,8 +1,8 @@
 """Grouped-query attention in the Triton FlashAttention kernels: k and v with fewer heads than q.
 
-The reference repeats each K/V head for the query heads of its group and runs
-float64 softmax attention; autograd through the repeat sums dK and dV over the
-group, which is what the kernels must produce without ever making that copy.
+The shared float64 reference repeats each K/V head for the query heads of its
+group; autograd through the repeat sums dK and dV over the group, which is what
+the kernels must produce without ever making that copy.
 """
 
 from __future__ import annotations
@@ -12,18 +12,25 @@ import importlib
 import pytest
 import torch
 
-from helpers import assert_close, assert_within_torch_error
-from test_flash_attention import _torch_same_dtype
-from scratchlm.kernels.flash_attention import flash_attention
+from attention_reference import (
+    DEVICE,
+    assert_attention_close,
+    assert_compiled_matches_eager,
+    assert_each_within_torch_error,
+    attention_inputs,
+    attention_reference,
+    run_attention,
+    torch_attention_same_dtype,
+)
+from helpers import assert_close
+from scratchlm.kernels.flash_attention import flash_attention, flash_attention_with_lse
 
 flash_module = importlib.import_module("scratchlm.kernels.flash_attention")
 
 CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 on_cuda_only = pytest.mark.skipif(not CUDA, reason="large shapes are for the GPU; the interpreter is too slow")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-NAMES = ("o", "dq", "dk", "dv")
 
 # (q shape, K/V heads, key length, causal); heads are dim -3. Groups of 1, 2
 # and 4 and MQA (one K/V head), odd lengths against the interpreter's 16 x 16
@@ -52,13 +59,8 @@ def _case_id(case):
     return f"q{'x'.join(map(str, q_shape))}-kv{kv_heads}-nk{k_len}-{'causal' if causal else 'full'}"
 
 
-def _inputs(q_shape, kv_heads, k_len, dtype):
-    k_shape = (*q_shape[:-3], kv_heads, k_len, q_shape[-1])
-    q = torch.randn(q_shape, device=DEVICE, dtype=torch.float32).mul(2).to(dtype)  # peaked softmax rows
-    k = torch.randn(k_shape, device=DEVICE, dtype=dtype)
-    v = torch.randn(k_shape, device=DEVICE, dtype=dtype)
-    do = torch.randn(q_shape, device=DEVICE, dtype=dtype)
-    return q, k, v, do
+# o and logsumexp, then dq, dk, dv, against float64 math.
+FLOAT32_TOLERANCE = {"atol": 1e-5, "rtol": 1e-5, "grad_atol": 3e-5, "grad_rtol": 1e-4}
 
 
 def _repeat_kv(q, t):
@@ -66,58 +68,28 @@ def _repeat_kv(q, t):
     return t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3)
 
 
-def _causal_mask(q_len, k_len):
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=DEVICE).tril(k_len - q_len)
-
-
-def _reference(q, k, v, do, causal):
-    """Softmax attention in float64 over explicitly repeated K/V heads: (o, logsumexp, dq, dk, dv)."""
-    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    scores = q @ _repeat_kv(q, k).transpose(-2, -1) * q.shape[-1] ** -0.5
-    mask = _causal_mask(q.shape[-2], k.shape[-2]) | (not causal)  # all True without the causal mask
-    sees_a_key = mask.any(dim=-1, keepdim=True)
-    scores = torch.where(sees_a_key, scores.masked_fill(~mask, float("-inf")), 0.0)
-    lse = torch.logsumexp(scores, dim=-1).masked_fill(~sees_a_key.squeeze(-1), float("-inf"))
-    o = (torch.softmax(scores, dim=-1) * sees_a_key) @ _repeat_kv(q, v)
-    o.backward(do.double())
-    return o.detach(), lse.detach(), q.grad, k.grad, v.grad
-
-
 def _run_kernel(q, k, v, do, causal):
-    """(o, logsumexp, dq, dk, dv) from the kernels; logsumexp is the one saved for backward."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = flash_attention(q, k, v, causal=causal)
-    lse = o.grad_fn.saved_tensors[-1].view(q.shape[:-1])
-    o.backward(do)
-    return o.detach(), lse, q.grad, k.grad, v.grad
-
-
-def _assert_float32_close(got, want, label=""):
-    o, lse, *grads = got
-    assert_close(o, want[0], atol=1e-5, rtol=1e-5, name=f"o{label}")
-    assert_close(lse, want[1], atol=1e-5, rtol=1e-5, name=f"logsumexp{label}")
-    for g, w, name in zip(grads, want[2:], NAMES[1:]):
-        assert_close(g, w, atol=3e-5, rtol=1e-4, name=f"{name}{label}")
+    """(o, logsumexp, dq, dk, dv) from the kernels."""
+    return run_attention(flash_attention_with_lse, q, k, v, do, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [*CASES, *LARGE_CASES], ids=_case_id)
 def test_matches_float64_reference_with_repeated_heads(case, dtype):
     q_shape, kv_heads, k_len, causal = case
-    q, k, v, do = _inputs(q_shape, kv_heads, k_len, dtype)
+    q, k, v, do = attention_inputs(q_shape, k_len, dtype, kv_heads=kv_heads)
     got = _run_kernel(q, k, v, do, causal)
-    want = _reference(q, k, v, do, causal)
+    want = attention_reference(q, k, v, do, causal)
     o, lse, dq, dk, dv = got
     assert o.shape == q.shape and dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
     assert o.dtype == dtype and all(g.dtype == dtype for g in (dq, dk, dv)) and lse.dtype == torch.float32
     assert not any(t.isnan().any() for t in got)
     if dtype == torch.float32:
-        _assert_float32_close(got, want)
+        assert_attention_close(got, want, **FLOAT32_TOLERANCE)
     else:
-        assert_close(lse, want[1], atol=1e-5, rtol=1e-5, name=f"logsumexp {dtype}")
-        same = _torch_same_dtype(q, k, v, do, causal)
-        for g, t, w, name in zip((o, dq, dk, dv), same, (want[0], *want[2:]), NAMES):
-            assert_within_torch_error(g, t, w, name=f"{name} {dtype}")
+        assert_close(lse, want.lse, atol=1e-5, rtol=1e-5, name=f"logsumexp {dtype}")
+        same = torch_attention_same_dtype(q, k, v, do, causal)
+        assert_each_within_torch_error(got.without_lse(), same, want.without_lse(), f" {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -125,7 +97,7 @@ def test_outputs_and_dq_equal_plain_attention_on_repeated_heads(dtype):
     # Per query head the forward and dQ run the very same arithmetic whether
     # K/V are shared or repeated, so they agree bit for bit; dK/dV are then the
     # sums of plain attention's per-head gradients over each group.
-    q, k, v, do = _inputs((1, 6, 37, 16), 2, 29, dtype)
+    q, k, v, do = attention_inputs((1, 6, 37, 16), 29, dtype, kv_heads=2)
     grouped = _run_kernel(q, k, v, do, True)
     plain = _run_kernel(q, _repeat_kv(q, k), _repeat_kv(q, v), do, True)
     for index, name in ((0, "o"), (1, "logsumexp"), (2, "dq")):
@@ -143,7 +115,7 @@ def test_outputs_and_dq_equal_plain_attention_on_repeated_heads(dtype):
      pytest.param((2, 32, 1024, 128), 8, 1024, torch.bfloat16, marks=on_cuda_only)],
 )  # fmt: skip
 def test_backward_is_bitwise_deterministic(q_shape, kv_heads, k_len, dtype):
-    q, k, v, do = _inputs(q_shape, kv_heads, k_len, dtype)
+    q, k, v, do = attention_inputs(q_shape, k_len, dtype, kv_heads=kv_heads)
     first, second = _run_kernel(q, k, v, do, True), _run_kernel(q, k, v, do, True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
@@ -154,7 +126,7 @@ def test_non_contiguous_inputs():
     k = torch.randn(2, 2, 32, 25, device=DEVICE).transpose(-2, -1)  # last dim strided: copied
     v = torch.randn(2, 25, 2, 32, device=DEVICE).transpose(1, 2)
     do = torch.randn(2, 20, 4, 32, device=DEVICE).transpose(1, 2)
-    _assert_float32_close(_run_kernel(q, k, v, do, True), _reference(q, k, v, do, True))
+    assert_attention_close(_run_kernel(q, k, v, do, True), attention_reference(q, k, v, do, True), **FLOAT32_TOLERANCE)
 
 
 def _kernel_name(kernel) -> str:
@@ -184,7 +156,7 @@ def test_kernels_read_shared_kv_heads_in_place(monkeypatch):
         return Recorder()
 
     monkeypatch.setattr(flash_module, "launch", recording_launch)
-    q, k, v, do = _inputs((2, 8, 19, 16), 1, 40, torch.float32)
+    q, k, v, do = attention_inputs((2, 8, 19, 16), 40, torch.float32, kv_heads=1)
     q.requires_grad_()
     k.requires_grad_()
     v.requires_grad_()
@@ -195,29 +167,20 @@ def test_kernels_read_shared_kv_heads_in_place(monkeypatch):
     o.backward(do)
     assert k.grad.shape == k.shape and v.grad.shape == v.shape
     by_name = {name: (grid, args, kwargs) for name, grid, args, kwargs in launches}
-    assert set(by_name) >= {"_flash_attention_fwd_kernel", "_flash_attention_bwd_dkdv_kernel",
-                            "_flash_attention_bwd_dq_kernel"}  # fmt: skip
-    for name in ("_flash_attention_fwd_kernel", "_flash_attention_bwd_dkdv_kernel", "_flash_attention_bwd_dq_kernel"):
+    kernel_names = ("flash_attention_fwd_kernel", "flash_attention_bwd_dkdv_kernel", "flash_attention_bwd_dq_kernel")
+    assert set(by_name) >= set(kernel_names)
+    for name in kernel_names:
         _, args, _ = by_name[name]
         assert args[1].data_ptr() == k.data_ptr() and args[2].data_ptr() == v.data_ptr(), name
         assert args[1].shape == (2, 40, 16) and args[2].shape == (2, 40, 16), name
-    grid, _, kwargs = by_name["_flash_attention_bwd_dkdv_kernel"]
+    grid, _, kwargs = by_name["flash_attention_bwd_dkdv_kernel"]
     assert grid == (-(-40 // kwargs["BLOCK_N"]) * 2,)  # key blocks x (batch x 1 K/V head)
 
 
 def test_traced_by_torch_compile_without_graph_breaks():
-    backend = "inductor" if CUDA else "aot_eager"
-    compiled = torch.compile(lambda q, k, v: (flash_attention(q, k, v) * 2).sum(), fullgraph=True, backend=backend)
-    q, k, v, _ = _inputs((2, 4, 19, 32), 2, 23, torch.float32)
-    for t in (q, k, v):
-        t.requires_grad_()
-    out = compiled(q, k, v)
-    out.backward()
-    assert k.grad.shape == k.shape and v.grad.shape == v.shape
-    eager = _run_kernel(q, k, v, torch.full_like(q, 2.0), True)
-    assert_close(out, eager[0].sum() * 2, atol=1e-4, rtol=1e-6, name="output under compile")
-    for got, want, name in zip((q.grad, k.grad, v.grad), eager[2:], NAMES[1:]):
-        assert_close(got, want, atol=1e-6, rtol=1e-6, name=f"{name} under compile")
+    q, k, v, _ = attention_inputs((2, 4, 19, 32), 23, torch.float32, kv_heads=2)
+    _, dk, dv = assert_compiled_matches_eager(flash_attention_with_lse, q, k, v)
+    assert dk.shape == k.shape and dv.shape == v.shape
 
 
 @pytest.mark.parametrize(
