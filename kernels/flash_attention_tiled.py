@@ -12,7 +12,7 @@ c (default D^-1/2):
     P = softmax(S) by rows      (Nq, Nk)
     O = P V                     (Nq, D)
 
-The explicit version (``model.functional.causal_attention``) stores S and P:
+The explicit version (``scratchlm.model.functional.attention``) stores S and P:
 Nq x Nk numbers per head, 2 GiB in float32 for 32 heads of a 4096-token
 sequence. FlashAttention never forms them. It walks over tiles of Bm queries
 by Bn keys and keeps only state the size of O, so memory grows as N D, not N^2,
