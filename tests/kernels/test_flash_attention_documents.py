@@ -1,7 +1,7 @@
 """Document-masked attention (packed sequences) in the Triton kernel and its tiled PyTorch twin.
 
-The reference is float64 softmax attention with an explicit mask: causal and
-same document, K/V heads repeated for grouped-query attention. Under the
+The reference is the shared float64 softmax attention with an explicit mask:
+causal and same document, K/V heads repeated for grouped-query attention. Under the
 interpreter the kernels run 16 x 16 tiles, so the layouts below put document
 boundaries inside tiles, on tile edges, and documents shorter than a tile
 next to ones spanning several.
@@ -15,24 +15,41 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, assert_within_torch_error
-from scratchlm.kernels.documents import document_mask, document_spans
-from scratchlm.kernels.flash_attention import flash_attention
-from scratchlm.kernels.flash_attention_tiled import flash_attention_tiled
+from attention_reference import (
+    DEVICE,
+    NAMES,
+    assert_compiled_matches_eager,
+    assert_each_within_torch_error,
+    attention_inputs,
+    attention_reference,
+    run_attention,
+    torch_attention_same_dtype,
+)
+from helpers import assert_close
+from scratchlm.kernels.documents import document_spans
+from scratchlm.kernels.flash_attention import flash_attention, flash_attention_with_lse
+from scratchlm.kernels.flash_attention_tiled import flash_attention_tiled, flash_attention_tiled_with_lse
 
 CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 on_cuda_only = pytest.mark.skipif(not CUDA, reason="large shapes are for the GPU; the interpreter is too slow")
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-NAMES = ("o", "dq", "dk", "dv")
 
 
-def _tiled(q, k, v, causal=True, document_ids=None):
+def _tiled_with_lse(q, k, v, causal=True, document_ids=None):
     # Tiles unlike the kernel's 16 x 16, so the twin's own tile ranges get exercised.
-    return flash_attention_tiled(q, k, v, causal, block_m=8, block_n=16, document_ids=document_ids)
+    return flash_attention_tiled_with_lse(q, k, v, causal, block_m=8, block_n=16, document_ids=document_ids)
 
 
-IMPLEMENTATIONS = {"triton": flash_attention, "tiled": _tiled}
+def _output_only(attention_with_lse):
+    """The attention function that returns o alone, as flash_attention does."""
+
+    def attention(q, k, v, causal=True, document_ids=None):
+        return attention_with_lse(q, k, v, causal=causal, document_ids=document_ids)[0]
+
+    return attention
+
+
+WITH_LSE = {"triton": flash_attention_with_lse, "tiled": _tiled_with_lse}
+IMPLEMENTATIONS = {name: _output_only(attention_with_lse) for name, attention_with_lse in WITH_LSE.items()}
 
 
 def _ids_from_lengths(lengths, device=DEVICE):
@@ -66,39 +83,20 @@ LAYOUTS = {
 
 
 def _inputs(layout, dtype):
+    """(q, k, v, do, causal, document ids) of one layout."""
     batch, heads, kv_heads, q_len, k_len, head_dim, causal, make_ids = LAYOUTS[layout]
-    q = torch.randn(batch, heads, q_len, head_dim, device=DEVICE).mul(2).to(dtype)  # peaked softmax rows
-    k = torch.randn(batch, kv_heads, k_len, head_dim, device=DEVICE, dtype=dtype)
-    v = torch.randn(batch, kv_heads, k_len, head_dim, device=DEVICE, dtype=dtype)
-    do = torch.randn(batch, heads, q_len, head_dim, device=DEVICE, dtype=dtype)
+    q, k, v, do = attention_inputs((batch, heads, q_len, head_dim), k_len, dtype, kv_heads=kv_heads)
     return q, k, v, do, causal, make_ids(batch, k_len)
 
 
-def _allowed(q_len, k_len, ids, causal):
-    """(batch, 1, Nq, Nk) boolean: same document and (causal) not after the query's position."""
-    allowed = document_mask(ids, q_len)[:, None]
-    if causal:
-        allowed = allowed & torch.ones(q_len, k_len, dtype=torch.bool, device=ids.device).tril(k_len - q_len)
-    return allowed
+def _run(implementation, q, k, v, do, causal, ids):
+    """(o, dq, dk, dv) from one implementation."""
+    return run_attention(WITH_LSE[implementation], q, k, v, do, causal=causal, document_ids=ids).without_lse()
 
 
 def _reference(q, k, v, do, causal, ids, dtype=torch.float64):
-    """(o, dq, dk, dv) by explicitly masked softmax attention over repeated K/V heads, in ``dtype``."""
-    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    group = q.shape[-3] // k.shape[-3]
-    allowed = _allowed(q.shape[-2], k.shape[-2], ids, causal)
-    o = F.scaled_dot_product_attention(
-        q, k.repeat_interleave(group, -3), v.repeat_interleave(group, -3), attn_mask=allowed
-    )
-    o.backward(do.to(dtype))
-    return tuple(t.detach() for t in (o, q.grad, k.grad, v.grad))
-
-
-def _run(implementation, q, k, v, do, causal, ids):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = IMPLEMENTATIONS[implementation](q, k, v, causal=causal, document_ids=ids)
-    o.backward(do)
-    return o.detach(), q.grad, k.grad, v.grad
+    """(o, dq, dk, dv) of the shared reference with document ids, in ``dtype``."""
+    return attention_reference(q, k, v, do, causal, document_ids=ids, dtype=dtype).without_lse()
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -118,10 +116,9 @@ def test_16_bit_within_pytorchs_own_error(layout, dtype):
     q, k, v, do, causal, ids = _inputs(layout, dtype)
     got = _run("triton", q, k, v, do, causal, ids)
     want = _reference(q, k, v, do, causal, ids)
-    same_dtype = _reference(q, k, v, do, causal, ids, dtype=dtype)  # PyTorch's masked SDPA in this dtype
-    for g, t, w, name in zip(got, same_dtype, want, NAMES):
-        assert g.dtype == dtype, name
-        assert_within_torch_error(g, t, w, name=f"{name} {dtype} ({layout})")
+    same_dtype = torch_attention_same_dtype(q, k, v, do, causal, ids)  # PyTorch's masked SDPA in this dtype
+    assert all(g.dtype == dtype for g in got)
+    assert_each_within_torch_error(got, same_dtype, want, f" {dtype} ({layout})")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -271,19 +268,12 @@ def test_many_short_documents_visit_fewer_key_tiles_than_plain_causal():
 
 
 def test_traced_by_torch_compile_without_graph_breaks():
-    backend = "inductor" if CUDA else "aot_eager"
-    compiled = torch.compile(
-        lambda q, k, v, ids: (flash_attention(q, k, v, document_ids=ids) * 2).sum(), fullgraph=True, backend=backend
-    )
-    q, k, v, do, causal, ids = _inputs("queries-after-cache", torch.float32)
-    for t in (q, k, v):
-        t.requires_grad_()
-    out = compiled(q, k, v, ids)
-    out.backward()
-    eager = _run("triton", q, k, v, torch.full_like(q, 2.0), causal, ids)
-    assert_close(out, eager[0].sum() * 2, atol=1e-4, rtol=1e-6, name="output under compile")
-    for got, want, name in zip((q.grad, k.grad, v.grad), eager[1:], NAMES[1:]):
-        assert_close(got, want, atol=1e-6, rtol=1e-6, name=f"{name} under compile")
+    q, k, v, _, _, ids = _inputs("queries-after-cache", torch.float32)  # causal, as flash_attention's default
+
+    def attention_with_ids(q, k, v, ids):
+        return flash_attention_with_lse(q, k, v, document_ids=ids)
+
+    assert_compiled_matches_eager(attention_with_ids, q, k, v, ids)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -321,6 +311,5 @@ def test_large_layouts_on_the_gpu(head_dim, dtype):
     ids = _random_ids(2, 2048, 300, seed=6)
     got = _run("triton", q, k, v, do, True, ids)
     want = _reference(q, k, v, do, True, ids, dtype=torch.float32)
-    same_dtype = _reference(q, k, v, do, True, ids, dtype=dtype)
-    for g, t, w, name in zip(got, same_dtype, want, NAMES):
-        assert_within_torch_error(g, t, w, name=f"{name} {dtype} D={head_dim}")
+    same_dtype = torch_attention_same_dtype(q, k, v, do, True, ids)
+    assert_each_within_torch_error(got, same_dtype, want, f" {dtype} D={head_dim}")
