@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from helpers import assert_close, assert_within_torch_error
+from attention_reference import (
+    assert_attention_close,
+    assert_each_within_torch_error,
+    attention_reference,
+    run_attention,
+)
+from helpers import assert_close
 from scratchlm.kernels.flash_attention_tiled import (
     flash_attention_tiled,
     flash_attention_tiled_with_lse,
@@ -24,50 +30,34 @@ LENGTHS = [(1, 1), (17, 17), (97, 97), (128, 128), (130, 130), (17, 97), (1, 130
 BLOCKS = [(16, 16), (32, 16), (16, 32)]
 # dtype, atol, rtol of the output and gradients against float64 math.
 EXACT_DTYPES = [(torch.float64, 1e-12, 1e-10), (torch.float32, 3e-5, 1e-4)]
-NAMES = ("o", "dq", "dk", "dv")
 
 
-def _inputs(num_queries, num_keys, dtype, leading=LEADING, head_dim=HEAD_DIM):
+def _inputs(num_queries, num_keys, dtype, leading=LEADING, head_dim=HEAD_DIM, kv_leading=None):
+    """Random (q, k, v, do); k and v have ``kv_leading`` dims (K/V heads last) where given, else q's."""
+    kv_leading = leading if kv_leading is None else kv_leading
     q = torch.randn(*leading, num_queries, head_dim, dtype=dtype)
-    k = torch.randn(*leading, num_keys, head_dim, dtype=dtype)
-    v = torch.randn(*leading, num_keys, head_dim, dtype=dtype)
+    k = torch.randn(*kv_leading, num_keys, head_dim, dtype=dtype)
+    v = torch.randn(*kv_leading, num_keys, head_dim, dtype=dtype)
     do = torch.randn(*leading, num_queries, head_dim, dtype=dtype)
     return q, k, v, do
 
 
-def _reference(q, k, v, do, causal, scale, dtype):
-    """Explicit softmax attention in ``dtype`` by autograd: (o, lse, dq, dk, dv).
-
-    A query with no key gets output 0 and lse -inf: its scores are replaced
-    by zeros before the softmax and its weights by zeros after, so that no
-    NaN reaches the gradients either.
-    """
-    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale  # (..., Nq, Nk)
-    if causal:
-        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
-    has_keys = torch.isfinite(scores).any(dim=-1, keepdim=True)
-    weights = torch.softmax(torch.where(has_keys, scores, 0.0), dim=-1) * has_keys
-    o = weights @ v
-    o.backward(do.to(dtype))
-    return o.detach(), torch.logsumexp(scores.detach(), dim=-1), q.grad, k.grad, v.grad
-
-
 def _run_tiled(q, k, v, do, causal=True, scale=None, block_m=64, block_n=64):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o, lse = flash_attention_tiled_with_lse(q, k, v, causal, scale, block_m, block_n)
-    o.backward(do)
-    return o.detach(), lse, q.grad, k.grad, v.grad
+    """(o, lse, dq, dk, dv) from the tiled twin with ``block_m`` x ``block_n`` tiles."""
+    options = {"causal": causal, "scale": scale, "block_m": block_m, "block_n": block_n}
+    return run_attention(flash_attention_tiled_with_lse, q, k, v, do, **options)
 
 
-def _assert_all_close(got, want, atol, rtol, label=""):
-    o, lse, *grads = got
-    want_o, want_lse, *want_grads = want
-    assert_close(o, want_o, atol=atol, rtol=rtol, name=f"o{label}")
-    assert_close(lse, want_lse, atol=atol, rtol=rtol, name=f"lse{label}")
-    for g, w, name in zip(grads, want_grads, NAMES[1:]):
-        assert_close(g, w, atol=atol, rtol=rtol, name=f"{name}{label}")
+def _assert_16_bit_within_torch_error(q, k, v, do, causal, dtype):
+    """The twin on 16-bit inputs: o and gradients by the three-way rule against explicit attention
+    in ``dtype``, the logsumexp close to float64's; returns the twin's results."""
+    got = _run_tiled(q, k, v, do, causal, None, 32, 16)
+    want = attention_reference(q, k, v, do, causal)
+    torch_same_dtype = attention_reference(q, k, v, do, causal, dtype=dtype)
+    # The logsumexp is float32 math on 16-bit inputs: only float32 rounding away from float64.
+    assert_close(got.lse, want.lse, atol=1e-4, rtol=1e-5, name=f"lse {dtype}")
+    assert_each_within_torch_error(got.without_lse(), torch_same_dtype.without_lse(), want.without_lse(), f" {dtype}")
+    return got
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", EXACT_DTYPES)
@@ -79,7 +69,8 @@ def test_matches_float64_reference(num_queries, num_keys, block_m, block_n, caus
     got = _run_tiled(q, k, v, do, causal, None, block_m, block_n)
     assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[2:])
     assert got[1].dtype == dtype and got[1].shape == (*LEADING, num_queries)  # float32 lse, float64 for float64
-    _assert_all_close(got, _reference(q, k, v, do, causal, None, torch.float64), atol, rtol)
+    want = attention_reference(q, k, v, do, causal)
+    assert_attention_close(got, want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("scale", [0.05, 0.3, 2.0])
@@ -87,14 +78,16 @@ def test_matches_float64_reference(num_queries, num_keys, block_m, block_n, caus
 def test_custom_scale(scale, causal):
     q, k, v, do = _inputs(45, 70, torch.float64)
     got = _run_tiled(q, k, v, do, causal, scale, 16, 32)
-    _assert_all_close(got, _reference(q, k, v, do, causal, scale, torch.float64), 1e-12, 1e-10)
+    want = attention_reference(q, k, v, do, causal, scale)
+    assert_attention_close(got, want, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("block_m, block_n", [(64, 64), (256, 7), (1, 1), (13, 200)])
 def test_block_sizes_larger_smaller_and_odd(block_m, block_n):
     q, k, v, do = _inputs(50, 61, torch.float64, leading=(2,))
     got = _run_tiled(q, k, v, do, True, None, block_m, block_n)
-    _assert_all_close(got, _reference(q, k, v, do, True, None, torch.float64), 1e-12, 1e-10)
+    want = attention_reference(q, k, v, do, True)
+    assert_attention_close(got, want, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("num_queries, num_keys", [(64, 64), (40, 100)])
@@ -115,15 +108,9 @@ def test_agrees_with_the_models_causal_attention(num_queries, num_keys):
 def test_low_precision_within_torch_error(num_queries, num_keys, causal, dtype):
     q, k, v, do = _inputs(num_queries, num_keys, dtype)
     q = q * 2  # sharper softmax rows: bigger differences between exact and 16-bit math
-    got = _run_tiled(q, k, v, do, causal, None, 32, 16)
-    want = _reference(q, k, v, do, causal, None, torch.float64)
-    torch_same_dtype = _reference(q, k, v, do, causal, None, dtype)
+    got = _assert_16_bit_within_torch_error(q, k, v, do, causal, dtype)
     assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[2:])
     assert got[1].dtype == torch.float32
-    # The logsumexp is float32 math on 16-bit inputs: only float32 rounding away from float64.
-    assert_close(got[1], want[1], atol=1e-4, rtol=1e-5, name=f"lse {dtype}")
-    for index, name in zip((0, 2, 3, 4), NAMES):
-        assert_within_torch_error(got[index], torch_same_dtype[index], want[index], name=f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("num_keys", [0, 1, 5])
@@ -137,7 +124,8 @@ def test_queries_without_keys_give_zero_not_nan(num_keys):
     assert torch.equal(o[..., :empty, :], torch.zeros_like(o[..., :empty, :]))
     assert torch.equal(dq[..., :empty, :], torch.zeros_like(dq[..., :empty, :]))
     assert torch.isneginf(lse[..., :empty]).all() and torch.isfinite(lse[..., empty:]).all()
-    _assert_all_close((o, lse, dq, dk, dv), _reference(q, k, v, do, True, None, torch.float64), 3e-5, 1e-4)
+    want = attention_reference(q, k, v, do, True)
+    assert_attention_close((o, lse, dq, dk, dv), want, atol=3e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -172,7 +160,8 @@ def test_gradcheck_float64(num_queries, num_keys, causal):
 def test_any_leading_dims(leading):
     q, k, v, do = _inputs(33, 40, torch.float64, leading=leading)
     got = _run_tiled(q, k, v, do, True, None, 16, 16)
-    _assert_all_close(got, _reference(q, k, v, do, True, None, torch.float64), 1e-12, 1e-10)
+    want = attention_reference(q, k, v, do, True)
+    assert_attention_close(got, want, atol=1e-12, rtol=1e-10)
 
 
 def test_non_contiguous_inputs_and_inputs_untouched():
@@ -183,7 +172,8 @@ def test_non_contiguous_inputs_and_inputs_untouched():
     do = torch.randn(2, 3, 37, HEAD_DIM, dtype=torch.float64)
     before = [t.clone() for t in (q, k, v, do)]
     got = _run_tiled(q, k, v, do, True, None, 16, 16)
-    _assert_all_close(got, _reference(q, k, v, do, True, None, torch.float64), 1e-12, 1e-10)
+    want = attention_reference(q, k, v, do, True)
+    assert_attention_close(got, want, atol=1e-12, rtol=1e-10)
     assert all(torch.equal(t, b) for t, b in zip((q, k, v, do), before))
 
 
@@ -280,20 +270,8 @@ GQA_LENGTHS = [(17, 17), (37, 37), (17, 97), (97, 17)]
 
 
 def _gqa_inputs(leading, q_heads, kv_heads, num_queries, num_keys, dtype, head_dim=HEAD_DIM):
-    q = torch.randn(*leading, q_heads, num_queries, head_dim, dtype=dtype)
-    k = torch.randn(*leading, kv_heads, num_keys, head_dim, dtype=dtype)
-    v = torch.randn(*leading, kv_heads, num_keys, head_dim, dtype=dtype)
-    do = torch.randn(*leading, q_heads, num_queries, head_dim, dtype=dtype)
-    return q, k, v, do
-
-
-def _gqa_reference(q, k, v, do, causal, scale, dtype):
-    """``_reference`` on K/V heads repeated for the query heads of their groups, with each
-    shared head's dk and dv the sum of its group's gradients: (o, lse, dq, dk, dv)."""
-    kv_heads, group = k.shape[-3], q.shape[-3] // k.shape[-3]
-    repeated_k, repeated_v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
-    o, lse, dq, dk, dv = _reference(q, repeated_k, repeated_v, do, causal, scale, dtype)
-    return o, lse, dq, dk.unflatten(-3, (kv_heads, group)).sum(-3), dv.unflatten(-3, (kv_heads, group)).sum(-3)
+    """Random (q, k, v, do) with ``q_heads`` query heads and ``kv_heads`` K/V heads after ``leading``."""
+    return _inputs(num_queries, num_keys, dtype, (*leading, q_heads), head_dim, kv_leading=(*leading, kv_heads))
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", EXACT_DTYPES)
@@ -307,7 +285,8 @@ def test_grouped_query_attention_matches_float64_reference(
     got = _run_tiled(q, k, v, do, causal, None, 16, 32)
     assert got[0].shape == q.shape and got[2].shape == q.shape
     assert got[3].shape == k.shape and got[4].shape == v.shape  # one gradient per K/V head, not per query head
-    _assert_all_close(got, _gqa_reference(q, k, v, do, causal, None, torch.float64), atol, rtol)
+    want = attention_reference(q, k, v, do, causal)
+    assert_attention_close(got, want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -319,12 +298,7 @@ def test_grouped_query_attention_low_precision_within_torch_error(
 ):
     q, k, v, do = _gqa_inputs(leading, q_heads, kv_heads, num_queries, num_keys, dtype)
     q = q * 2
-    got = _run_tiled(q, k, v, do, causal, None, 32, 16)
-    want = _gqa_reference(q, k, v, do, causal, None, torch.float64)
-    torch_same_dtype = _gqa_reference(q, k, v, do, causal, None, dtype)
-    assert_close(got[1], want[1], atol=1e-4, rtol=1e-5, name=f"lse {dtype}")
-    for index, name in zip((0, 2, 3, 4), NAMES):
-        assert_within_torch_error(got[index], torch_same_dtype[index], want[index], name=f"{name} {dtype}")
+    _assert_16_bit_within_torch_error(q, k, v, do, causal, dtype)
 
 
 def test_grouped_query_attention_gradcheck_float64():
