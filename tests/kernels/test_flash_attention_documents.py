@@ -15,16 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention_reference import (
-    DEVICE,
-    NAMES,
-    assert_compiled_matches_eager,
-    assert_each_within_torch_error,
-    attention_inputs,
-    attention_reference,
-    run_attention,
-    torch_attention_same_dtype,
-)
+from attention_reference import DEVICE, NAMES, attention_inputs, attention_reference, torch_attention_same_dtype
+from attention_reference import assert_compiled_matches_eager, assert_each_within_torch_error, run_attention
 from helpers import assert_close
 from scratchlm.kernels.documents import document_spans
 from scratchlm.kernels.flash_attention import flash_attention, flash_attention_with_lse
