@@ -30,6 +30,7 @@ from scratchlm.kernels.documents import document_rows, document_spans
 from scratchlm.kernels.flash_attention_configs import (
     MAX_HEAD_DIM,
     backward_settings,
+    device_capability,
     forward_configs,
     padded_head_dim,
     shared_memory_per_block,
@@ -47,13 +48,13 @@ INTERPRETER_BLOCKS = (16, 16)  # (BLOCK_M, BLOCK_N)
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_autotuner(block_d: int, element_size: int, shared_memory: int):
+def _forward_autotuner(block_d: int, element_size: int, capability: int, shared_memory: int):
     # One autotuner per (padded head dim, dtype size): its configs are pruned
     # ahead of time, so torch.compile sees a plain configs + key autotune.
     # The key holds power-of-two length buckets, not the lengths: decoding
     # with a growing KV cache must not re-tune at every new key length.
     return triton.autotune(
-        configs=forward_configs(block_d, element_size, shared_memory),
+        configs=forward_configs(block_d, element_size, capability, shared_memory),
         key=["q_len_bucket", "k_len_bucket", "head_dim", "CAUSAL", "DOCUMENTS"],
     )(flash_attention_fwd_kernel)
 
@@ -101,7 +102,9 @@ def flash_attention_fwd(
         block_m, block_n = INTERPRETER_BLOCKS
         kernel, settings = flash_attention_fwd_kernel, {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
     else:
-        kernel, settings = _forward_autotuner(block_d, q.element_size(), shared_memory_per_block(q.device.index or 0)), {}
+        device = q.device.index or 0
+        kernel = _forward_autotuner(block_d, q.element_size(), device_capability(device), shared_memory_per_block(device))
+        settings = {}
 
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]) * heads,)
@@ -147,7 +150,8 @@ def flash_attention_bwd(
     if INTERPRETING:
         s = {"BLOCK_M": INTERPRETER_BLOCKS[0], "BLOCK_N": INTERPRETER_BLOCKS[1], "num_warps": 4, "num_stages": 1}
     else:
-        s = backward_settings(block_d, q.element_size(), shared_memory_per_block(q.device.index or 0))
+        device = q.device.index or 0
+        s = backward_settings(block_d, q.element_size(), device_capability(device), shared_memory_per_block(device))
     block_m, block_n = s["BLOCK_M"], s["BLOCK_N"]
     launch_options = {"num_warps": s["num_warps"], "num_stages": s["num_stages"]}
     delta = torch.empty_like(lse)

@@ -1,68 +1,180 @@
-"""Launch policy of the FlashAttention kernels: which tiles, warps and pipeline stages run where.
+"""Launch policy of the FlashAttention kernels: which tiles, warps and pipeline stages run on which GPU.
 
-The kernels (``flash_attention.py``) are written for any tile shape; this
-module picks them, per padded head dim, dtype size and GPU shared memory:
+The kernels (``flash_attention_kernels.py``) are written for any tile shape;
+this module picks them per GPU generation, padded head dim and dtype size:
 
-* the forward autotunes over ``forward_configs``: (BLOCK_M, num_warps) x
-  BLOCK_N x stages, pruned ahead of time by ``fits_forward`` to what fits a
-  GPU's shared memory and registers (13 or 14 configs for 16-bit head dims
-  up to 128 on an H100, each a compile on first use);
+* the forward autotunes over ``forward_configs``, a short list of
+  (BLOCK_M, BLOCK_N, warps, stages) candidates, each a compile on first use;
 * the backward kernels run fixed ``backward_settings``, so a shape always
   launches, and rounds, the same way on one GPU.
 
-``tests/kernels/test_gpu_compilation.py`` compiles every listed config for
-sm_90 and fails on spills; ``kernels/NOTES.md`` keeps the register figures
-behind these rules.
+What decides each choice:
+
+* **Registers.** A thread has at most 255; past that the compiler spills to
+  local memory, which costs more than a smaller tile saves. The budget is
+  spent differently per generation, because a 16-bit ``tl.dot`` compiles to a
+  different tensor-core instruction on each: ``mma.sync`` on Ampere, Ada and
+  consumer Blackwell (operands and accumulator all in registers), ``wgmma``
+  on Hopper (operands read from shared memory), ``tcgen05`` on data-centre
+  Blackwell (accumulator in tensor memory). So each generation has its own
+  table: the largest tiles that compile without a spill there, plain and with
+  documents, bf16 and fp16. float32 dots are IEEE (no tensor cores), the
+  same on every generation, and need 8 warps and small tiles; at head dim
+  128 they still spill a few bytes on some generations.
+* **Shared memory.** K and V tiles once per pipeline stage, plus q, must fit
+  what one program may use: 227 KiB on H100/H200 and B200, 163 KiB on A100,
+  99 KiB on the consumer and workstation parts. Candidates that do not fit
+  the device at hand are dropped at run time, so a generation's table can
+  list deeper pipelines than its smallest member holds.
+* **Unknown GPUs.** A compute capability not in the table takes the nearest
+  known generation below it (a B300, sm_103, runs B200's tiles; anything
+  below sm_80 runs A100's), still pruned by its own shared memory.
+
+``tests/kernels/test_gpu_compilation.py`` compiles every listed candidate
+and backward setting for sm_80, sm_89, sm_90, sm_100 and sm_120 at head dims
+64 and 128 and fails on any 16-bit spill; ``kernels/NOTES.md`` keeps the register
+figures behind the tables. Head dim 256 has smaller tiles of its own, not
+yet held to the no-spill rule.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+from typing import NamedTuple
 
+import torch
 import triton
 
 # Head dims are padded to BLOCK_D = next_power_of_2(D) (at least 16, the
 # smallest tl.dot); past 256 the tiles no longer fit a GPU's registers.
 MAX_HEAD_DIM = 256
-# Forward candidates; four pipeline stages only for the smallest key tiles.
-FORWARD_QUERY_TILES = ((64, 4), (64, 8), (128, 8))  # (BLOCK_M, num_warps)
-FORWARD_BLOCK_N = (32, 64, 128)
-FORWARD_STAGES = (2, 3, 4)
 
 
-def fits_forward(block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int, element_size: int,
-                 shared_memory: int) -> bool:  # fmt: skip
-    """Whether a forward config fits: shared memory for the pipelined K/V tiles, registers for the accumulator."""
-    # q once, K and V tiles once per pipeline stage.
-    tiles_bytes = (block_m + 2 * block_n * num_stages) * block_d * element_size
-    # float32 accumulator plus the (BLOCK_M, BLOCK_N) scores, per thread: past
-    # ~128 values the compiler spills to local memory.
-    values_per_thread = (block_m * block_d + block_m * block_n) / (32 * num_warps)
-    # 8 warps on 64 query rows pay off only when 4 would hold too many values (D >= 128).
-    wasteful = (num_warps == 8 and block_m == 64 and block_d < 128) or (num_stages == 4 and block_n > 32)
-    # From head dim 128, tiles of 64 or more keys on one warpgroup (4 warps) or
-    # with a third pipeline stage spill on sm_90.
-    crowded = block_d >= 128 and block_n >= 64 and (num_warps == 4 or num_stages > 2)
-    return tiles_bytes <= shared_memory and values_per_thread <= 128 and not wasteful and not crowded
+class Tile(NamedTuple):
+    block_m: int  # query rows per program
+    block_n: int  # keys per step
+    num_warps: int
+    num_stages: int
 
 
-def forward_configs(block_d: int, element_size: int, shared_memory: int) -> list[triton.Config]:
-    """The forward's autotuning candidates for one padded head dim, dtype size and GPU shared-memory size."""
-    configs = [
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-        for block_m, num_warps in FORWARD_QUERY_TILES
-        for block_n in FORWARD_BLOCK_N
-        for num_stages in FORWARD_STAGES
-        if fits_forward(block_m, block_n, num_warps, num_stages, block_d, element_size, shared_memory)
+class Generation(NamedTuple):
+    capability: int  # the lowest compute capability it covers, major * 10 + minor
+    gpus: str
+    shared_memory: int  # bytes one program may use
+    tensor_cores: str  # what a 16-bit tl.dot compiles to
+    # Per (head-dim class, element size): the forward's candidates and the backward's setting.
+    forward: dict[tuple[int, int], tuple[Tile, ...]]
+    backward: dict[tuple[int, int], Tile]
+
+
+# float32 and head dim 256: the same on every generation (no tensor cores / few tiles fit at all).
+# float32 dots are IEEE multiply-adds on 8 warps; at head dim 128 every tile tried still spills a
+# few bytes on sm_80/89 (kernels/NOTES.md), these the least.
+FLOAT32_FORWARD = {
+    (64, 4): (Tile(32, 32, 8, 1), Tile(64, 32, 8, 1)),
+    (128, 4): (Tile(16, 32, 8, 1),),
+}
+FLOAT32_BACKWARD = {(64, 4): Tile(32, 32, 8, 1), (128, 4): Tile(32, 16, 8, 1)}
+HEAD_DIM_256_FORWARD = {
+    (256, 2): (Tile(64, 32, 8, 1), Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
+    (256, 4): (Tile(32, 32, 8, 1),),
+}
+HEAD_DIM_256_BACKWARD = {(256, 2): Tile(32, 32, 8, 1), (256, 4): Tile(16, 32, 8, 1)}
+
+# mma.sync generations hold whole operand tiles in registers: 8 warps from 64 x 64 tiles up.
+MMA_SYNC_FORWARD = {
+    (64, 2): (
+        Tile(64, 32, 4, 2), Tile(64, 32, 4, 3), Tile(64, 64, 4, 3), Tile(64, 64, 8, 2), Tile(64, 64, 8, 3),
+        Tile(128, 32, 8, 2), Tile(128, 32, 8, 3), Tile(128, 64, 8, 2), Tile(128, 64, 8, 3),
+    ),
+    (128, 2): (
+        Tile(64, 32, 4, 2), Tile(64, 32, 4, 3), Tile(64, 64, 8, 2), Tile(64, 64, 8, 3),
+        Tile(128, 32, 8, 2), Tile(128, 32, 8, 3), Tile(64, 128, 8, 1), Tile(64, 128, 8, 2),
+    ),
+}  # fmt: skip
+MMA_SYNC_BACKWARD = {(64, 2): Tile(32, 64, 4, 2), (128, 2): Tile(64, 64, 8, 1)}
+
+HOPPER_FORWARD = {
+    (64, 2): (
+        Tile(64, 32, 4, 2), Tile(64, 32, 4, 3), Tile(64, 32, 4, 4), Tile(64, 64, 4, 2), Tile(64, 64, 4, 3),
+        Tile(64, 128, 4, 2), Tile(64, 128, 4, 3), Tile(128, 32, 8, 2), Tile(128, 32, 8, 3), Tile(128, 32, 8, 4),
+        Tile(128, 64, 8, 2), Tile(128, 64, 8, 3), Tile(128, 128, 8, 2), Tile(128, 128, 8, 3),
+    ),
+    (128, 2): (
+        Tile(64, 32, 4, 2), Tile(64, 32, 4, 3), Tile(64, 32, 4, 4), Tile(64, 32, 8, 2), Tile(64, 32, 8, 3),
+        Tile(64, 32, 8, 4), Tile(64, 64, 8, 2), Tile(64, 128, 8, 2), Tile(128, 32, 8, 2), Tile(128, 32, 8, 3),
+        Tile(128, 32, 8, 4), Tile(128, 64, 8, 2), Tile(128, 128, 8, 2),
+    ),
+}  # fmt: skip
+HOPPER_BACKWARD = {(64, 2): Tile(64, 64, 4, 2), (128, 2): Tile(64, 64, 8, 2)}
+
+# tcgen05 keeps the accumulator in tensor memory: 128-row tiles fit, but a 128 x 128 tile
+# still spills (at head dim 64 only plain, from 3 stages), and 4 warps with a pipeline
+# spill from 64 x 128.
+BLACKWELL_FORWARD = {
+    (64, 2): (
+        Tile(64, 64, 4, 2), Tile(64, 64, 4, 3), Tile(64, 128, 8, 2), Tile(64, 128, 8, 3), Tile(128, 32, 8, 2),
+        Tile(128, 64, 8, 2), Tile(128, 64, 8, 3),
+    ),
+    (128, 2): (
+        Tile(64, 32, 8, 2), Tile(64, 64, 8, 2), Tile(64, 64, 8, 3), Tile(64, 128, 8, 2), Tile(64, 128, 8, 3),
+        Tile(128, 32, 8, 2), Tile(128, 32, 8, 3), Tile(128, 64, 8, 2), Tile(128, 64, 8, 3),
+    ),
+}  # fmt: skip
+BLACKWELL_BACKWARD = {(64, 2): Tile(128, 64, 8, 2), (128, 2): Tile(64, 64, 8, 2)}
+
+
+def _generation(capability, gpus, shared_memory, tensor_cores, forward, backward) -> Generation:
+    forward = {**forward, **FLOAT32_FORWARD, **HEAD_DIM_256_FORWARD}
+    return Generation(capability, gpus, shared_memory, tensor_cores, forward,
+                      {**backward, **FLOAT32_BACKWARD, **HEAD_DIM_256_BACKWARD})  # fmt: skip
+
+
+GENERATIONS = (
+    _generation(80, "A100, A30", 166912, "mma.sync", MMA_SYNC_FORWARD, MMA_SYNC_BACKWARD),
+    _generation(86, "RTX 30, A10, A40, L4, L40, RTX 40 (sm_86, sm_89)", 101376, "mma.sync", MMA_SYNC_FORWARD,
+                MMA_SYNC_BACKWARD),  # fmt: skip
+    _generation(90, "H100, H200, GH200", 232448, "wgmma", HOPPER_FORWARD, HOPPER_BACKWARD),
+    _generation(100, "B200, GB200, B300", 232448, "tcgen05", BLACKWELL_FORWARD, BLACKWELL_BACKWARD),
+    _generation(120, "RTX 50, RTX PRO 6000 Blackwell", 101376, "mma.sync", MMA_SYNC_FORWARD, MMA_SYNC_BACKWARD),
+)
+# The targets the compile test checks, one per generation (sm_89 stands for sm_86 too: same tables,
+# same shared memory, same instruction set).
+COMPILE_TARGETS = (80, 89, 90, 100, 120)
+
+
+def generation(capability: int) -> Generation:
+    """The generation whose tables a GPU of ``capability`` (major * 10 + minor) runs: the nearest
+    known one at or below it, A100's below sm_80."""
+    if isinstance(capability, bool) or not isinstance(capability, int) or capability <= 0:
+        raise ValueError(f"capability must be a positive int such as 90 (sm_90), got {capability!r}")
+    index = bisect.bisect_right([g.capability for g in GENERATIONS], capability) - 1
+    return GENERATIONS[max(index, 0)]
+
+
+def _head_dim_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
+
+
+def forward_shared_bytes(tile: Tile, block_d: int, element_size: int) -> int:
+    """q once, K and V tiles once per pipeline stage."""
+    return (tile.block_m + 2 * tile.block_n * tile.num_stages) * block_d * element_size
+
+
+def forward_configs(block_d: int, element_size: int, capability: int, shared_memory: int | None = None):
+    """The forward's autotuning candidates (triton.Config) for one padded head dim and dtype size on a
+    GPU of ``capability``, pruned to ``shared_memory`` bytes a program (the generation's by default)."""
+    g = generation(capability)
+    shared_memory = g.shared_memory if shared_memory is None else shared_memory
+    tiles = g.forward[(_head_dim_class(block_d), element_size)]
+    fitting = [t for t in tiles if forward_shared_bytes(t, block_d, element_size) <= shared_memory]
+    # Nothing fits only on a GPU with less shared memory than any generation here: one unpipelined tile.
+    fitting = fitting or [Tile(32 if element_size == 4 else 64, 32, 8, 1)]
+    return [
+        triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps, num_stages=t.num_stages)
+        for t in fitting
     ]
-    # Nothing fits only for float32 at head dim 256 on a small-memory GPU: one unpipelined small tile.
-    return configs or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1)]
-
-
-@functools.lru_cache(maxsize=None)
-def shared_memory_per_block(device_index: int) -> int:
-    """The most shared memory one program may use on CUDA device ``device_index``."""
-    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 def backward_shared_bytes(block_m: int, block_n: int, num_stages: int, block_d: int, element_size: int) -> int:
@@ -71,22 +183,18 @@ def backward_shared_bytes(block_m: int, block_n: int, num_stages: int, block_d: 
     return (2 * block_m * num_stages + 2 * (block_m + block_n)) * block_d * element_size
 
 
-def backward_settings(block_d: int, element_size: int, shared_memory: int) -> dict:
-    """Fixed backward launch settings by padded head dim, dtype size and GPU shared memory per block.
+def backward_settings(block_d: int, element_size: int, capability: int, shared_memory: int | None = None) -> dict:
+    """Fixed backward launch settings by padded head dim and dtype size on a GPU of ``capability``.
 
     The backward holds two float32 accumulators of (block, BLOCK_D) per
     program (dK and dV, or dQ next to q and dO), about twice the forward's
-    register state, so it cannot reuse the forward's tuned blocks. These are
-    fixed, so a shape always launches (and rounds) the same way on one GPU;
-    where the tiles would not fit (float32, or small-memory GPUs) fewer
-    stages, then smaller blocks.
+    register state, so it cannot reuse the forward's tuned blocks. Where the
+    generation's tile would not fit ``shared_memory``: fewer stages, then
+    smaller blocks.
     """
-    if block_d <= 64:
-        block_m, block_n, num_warps, num_stages = 64, 64, 4, 2
-    elif block_d <= 128:
-        block_m, block_n, num_warps, num_stages = (64 if element_size == 2 else 32), 64, 8, 2
-    else:
-        block_m, block_n, num_warps, num_stages = 32, 32, 8, 1
+    g = generation(capability)
+    shared_memory = g.shared_memory if shared_memory is None else shared_memory
+    block_m, block_n, num_warps, num_stages = g.backward[(_head_dim_class(block_d), element_size)]
     while backward_shared_bytes(block_m, block_n, num_stages, block_d, element_size) > shared_memory:
         if num_stages > 1:
             num_stages -= 1
@@ -95,6 +203,19 @@ def backward_settings(block_d: int, element_size: int, shared_memory: int) -> di
         else:
             break
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(device_index: int) -> int:
+    """The compute capability of CUDA device ``device_index`` as major * 10 + minor (90 for an H100)."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major * 10 + minor
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_block(device_index: int) -> int:
+    """The most shared memory one program may use on CUDA device ``device_index``."""
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 def padded_head_dim(head_dim: int) -> int:

@@ -35,10 +35,12 @@ import triton.language as tl
 
 from scratchlm.kernels._registration import INTERPRETING, check_float_tensor, kernel_op, launch
 
-# The largest row block, in bytes of x: 64 KiB is 16384 float32 or 32768
-# bf16/fp16 elements, held in registers as float32 by 16 warps (at most 64
-# values per thread). Longer rows loop over column blocks.
-MAX_BLOCK_BYTES = 65536
+# The largest row block, in bytes of its float32 values in registers: 16 KiB
+# is 4096 columns of any dtype, 16 per thread on 8 warps. The backward holds
+# x, dy, w and the dw sum of a block; 8192-column blocks need 16 warps, which
+# leave a thread 128 registers, and spill on sm_80 (`kernels/NOTES.md`).
+# Longer rows loop over column blocks.
+MAX_BLOCK_BYTES = 16384
 # Backward programs per streaming multiprocessor: enough resident programs to
 # hide memory latency, few enough that the (programs, d) dw buffer and its
 # final sum stay small next to x (528 x d float32 on a 132-SM H100).
@@ -176,11 +178,10 @@ def launch_settings(n_rows: int, n_cols: int, element_size: int, device: torch.d
     A pure function of its arguments (and the GPU's SM count), so a given
     shape always launches, and reduces dw, the same way.
     """
-    max_block = MAX_BLOCK_BYTES // element_size
+    max_block = MAX_BLOCK_BYTES // 4
     block_size = min(triton.next_power_of_2(max(n_cols, 1)), max_block)
-    # 4 warps up to 2048 columns, 8 at 4096, 16 from 8192: 16 to 64 float32
-    # values per thread once the block outgrows 4 warps.
-    num_warps = min(max(block_size // 512, 4), 16)
+    # 4 warps up to 2048 columns, 8 at 4096: at most 16 float32 values per thread.
+    num_warps = min(max(block_size // 512, 4), 8)
     if device.type == "cuda" and not INTERPRETING:
         programs = BACKWARD_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
     else:

@@ -103,7 +103,8 @@ def test_causal_loop_bounds_for_every_diagonal_offset_in_every_autotuned_config(
     # the bounds are checked for every tile shape the GPU may run (the backward's settings are fixed).
     import triton
 
-    configs = attention_configs.forward_configs(head_dim, 4, attention_configs.shared_memory_per_block(0))
+    device = (attention_configs.device_capability(0), attention_configs.shared_memory_per_block(0))
+    configs = attention_configs.forward_configs(head_dim, 4, *device)
     for config in configs:
         pinned = triton.autotune(configs=[config], key=["q_len_bucket"])(flash_attention_fwd_kernel)
         monkeypatch.setattr(flash_module, "_forward_autotuner", lambda *args, kernel=pinned: kernel)

@@ -1,50 +1,89 @@
-"""The attention kernels' launch policy: forward configs and backward settings that fit in shared memory."""
+"""The attention kernels' launch policy: per GPU generation, forward candidates and backward settings
+that fit its shared memory (that they also fit its registers is test_gpu_compilation's part)."""
 
 from __future__ import annotations
 
 import pytest
 
 from scratchlm.kernels.flash_attention_configs import (
+    COMPILE_TARGETS,
+    GENERATIONS,
     MAX_HEAD_DIM,
     backward_settings,
     backward_shared_bytes,
     forward_configs,
+    generation,
     padded_head_dim,
 )
 
-H100, A100, CONSUMER = 232448, 166912, 101376  # shared memory per block, bytes
+CONSUMER = 101376  # shared memory a program may use on sm_86/89/120, bytes
+BLOCK_DS = (16, 32, 64, 128, 256)
 
 
-@pytest.mark.parametrize("block_d", [16, 64, 128, 256])
+@pytest.mark.parametrize(
+    "capability, first",
+    [(70, 80), (75, 80), (80, 80), (86, 86), (87, 86), (89, 86), (90, 90), (100, 100), (103, 100), (110, 100),
+     (120, 120), (121, 120), (130, 120)],
+)  # fmt: skip
+def test_each_capability_takes_the_nearest_known_generation_at_or_below_it(capability, first):
+    assert generation(capability).capability == first
+
+
+@pytest.mark.parametrize("capability", [0, -90, 9.0, "90", True, None])
+def test_a_capability_that_is_not_a_positive_int_is_refused(capability):
+    with pytest.raises(ValueError, match=rf"capability must be a positive int .*got {capability!r}"):
+        generation(capability)
+
+
+def test_the_compile_test_covers_every_generation():
+    assert sorted(generation(c).capability for c in COMPILE_TARGETS) == [g.capability for g in GENERATIONS]
+
+
+@pytest.mark.parametrize("g", GENERATIONS, ids=lambda g: f"sm_{g.capability}")
 @pytest.mark.parametrize("element_size", [2, 4])
-@pytest.mark.parametrize("shared_memory", [CONSUMER, H100])
-def test_forward_configs_fit_the_head_dim(block_d, element_size, shared_memory):
-    configs = forward_configs(block_d, element_size, shared_memory)
-    assert configs
-    for c in configs:
-        block_m, block_n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        tiles = (block_m + 2 * block_n * c.num_stages) * block_d * element_size
-        assert tiles <= shared_memory or c.num_stages == 1
-        # A 128 x 128 float32 accumulator needs 8 warps (64 values per thread).
-        assert block_m * block_d <= 64 * 32 * c.num_warps
-    if block_d == 16:  # small tiles: everything fits but 8 warps on 64 rows and 4 stages past 32 keys
-        assert len(configs) == 14
+def test_forward_candidates_fit_shared_memory(g, element_size):
+    for block_d in BLOCK_DS:
+        for shared_memory in (g.shared_memory, CONSUMER, 48 * 1024):
+            configs = forward_configs(block_d, element_size, g.capability, shared_memory)
+            assert configs, (block_d, shared_memory)
+            for c in configs:
+                tiles = (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"] * c.num_stages) * block_d * element_size
+                assert tiles <= shared_memory or len(configs) == 1, (block_d, shared_memory, c)
+        # The generation's own shared memory is the default, and the tables hold distinct tiles.
+        default = forward_configs(block_d, element_size, g.capability)
+        assert [str(c) for c in default] == [str(c) for c in forward_configs(block_d, element_size, g.capability,
+                                                                               g.shared_memory)]  # fmt: skip
+        assert len({str(c) for c in default}) == len(default)
 
 
-def test_backward_settings_rule():
-    assert backward_settings(64, 2, H100) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    assert backward_settings(128, 2, H100) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    assert backward_settings(128, 4, H100)["BLOCK_M"] == 32
-    assert backward_settings(256, 2, H100) == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
-    # Smaller GPUs: fewer stages first, then smaller blocks.
-    assert backward_settings(128, 2, CONSUMER) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
-    assert backward_settings(256, 4, A100) == {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
-    for block_d in (16, 32, 64, 128, 256):
-        for element_size in (2, 4):
-            for shared_memory in (H100, A100, CONSUMER):
-                s = backward_settings(block_d, element_size, shared_memory)
-                need = backward_shared_bytes(s["BLOCK_M"], s["BLOCK_N"], s["num_stages"], block_d, element_size)
-                assert need <= shared_memory, (block_d, element_size, shared_memory)
+def test_smaller_shared_memory_drops_deep_pipelines_first():
+    # A100's table at head dim 128 lists 3-stage 64 x 64 tiles; an sm_86-sized budget drops them.
+    a100 = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in forward_configs(128, 2, 80)}
+    small = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in forward_configs(128, 2, 80, CONSUMER)}
+    assert (64, 64, 3) in a100 and (64, 64, 3) not in small and (64, 64, 2) in small
+
+
+def test_backward_settings_per_generation():
+    assert backward_settings(64, 2, 90) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    assert backward_settings(128, 2, 90) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    # mma.sync generations keep both operands and accumulators in registers: smaller tiles.
+    for capability in (80, 89, 120):
+        assert backward_settings(64, 2, capability) == {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        assert backward_settings(128, 2, capability)["num_stages"] == 1
+    # tcgen05 accumulates in tensor memory: 128 query rows at head dim 64.
+    assert backward_settings(64, 2, 100)["BLOCK_M"] == 128
+    # float32 is the same everywhere: no tensor cores.
+    assert len({str(backward_settings(128, 4, g.capability)) for g in GENERATIONS}) == 1
+
+
+def test_backward_settings_shrink_to_fit_shared_memory():
+    for g in GENERATIONS:
+        for block_d in BLOCK_DS:
+            for element_size in (2, 4):
+                for shared_memory in (g.shared_memory, CONSUMER):
+                    s = backward_settings(block_d, element_size, g.capability, shared_memory)
+                    need = backward_shared_bytes(s["BLOCK_M"], s["BLOCK_N"], s["num_stages"], block_d, element_size)
+                    assert need <= shared_memory, (g.capability, block_d, element_size, shared_memory)
 
 
 @pytest.mark.parametrize("head_dim, block_d", [(1, 16), (16, 16), (17, 32), (40, 64), (96, 128), (MAX_HEAD_DIM, 256)])
