@@ -60,6 +60,7 @@ _LLAMA3 = ("llama3", True, True)
 _LLAMA3_REGEX_ONLY = ("llama3", False, False)
 _GPT2 = ("gpt2", False, False)
 _GPT2_DIGITS = ("gpt2-digits", False, False)
+_QWEN2 = ("qwen2", False, False)
 GGUF_PRETOKENIZERS: dict[str, tuple[str, bool, bool]] = {
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"], _LLAMA3),
     **dict.fromkeys(["dbrx", "smaug-bpe"], _LLAMA3_REGEX_ONLY),
@@ -67,6 +68,7 @@ GGUF_PRETOKENIZERS: dict[str, tuple[str, bool, bool]] = {
     **dict.fromkeys(
         ["starcoder", "smollm", "refact", "command-r", "codeshell", "exaone", "minerva-7b"], _GPT2_DIGITS
     ),
+    "qwen2": _QWEN2,
 }
 
 _OTHER_MODELS = {

@@ -88,6 +88,14 @@ LLAMA3_PRETOKENIZE_PATTERN = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
+# Qwen2's pre-tokenizer (Qwen2, Qwen2.5, Qwen3), as its tokenizer.json writes
+# it: Llama 3's pattern with every digit a piece of its own (`\p{N}` where
+# Llama 3 has `\p{N}{1,3}`); the rest is the same text.
+QWEN2_PRETOKENIZE_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
 # HF's Digits(individual_digits=True): every character of class \p{N} is a
 # piece of its own (a Split on \p{N}, "Isolated").
 DIGITS_PATTERN = r"\p{N}"
@@ -148,6 +156,12 @@ _GPT2_DIGITS_PATTERN_FUSED = (
 # look-ahead involved. Rule (b) is what cuts text without spaces, such as
 # Chinese lines. (It would be wrong for GPT-2, whose `\s+(?!\S)` leaves the
 # line break before a word as a piece of its own.)
+#
+# Qwen2 takes Llama 3's two rules unchanged. The argument above never uses
+# the digit alternative: a digit piece starts with a digit (it is never led
+# by a space or a line break), so at and after a cut it is found the same
+# way in both halves, and `\p{N}` versus `\p{N}{1,3}` only changes how a
+# digit run is cut inside, where no rule cuts (digits are not whitespace).
 #
 # Digits then GPT-2: text[p] is whitespace and text[p+1] is neither
 # whitespace nor a digit. That is GPT-2's rule inside one stretch between
@@ -211,6 +225,16 @@ PRETOKENIZERS: dict[str, PreTokenizer] = {
             "Llama 3's regex (HF Split, then ByteLevel without a regex; llama.cpp's llama-bpe)",
             [LLAMA3_PRETOKENIZE_PATTERN],
             LLAMA3_PRETOKENIZE_PATTERN,
+            r"[^\S\r\n](?=\S)|(?<=[\r\n])\S",
+            rb"[\t\x0b\x0c ](?=[\x21-\x7e])|(?<=[\r\n])(?:[\x21-\x7e\xc3-\xdf\xe4-\xf4]|\xe3[\x81-\xbf])",
+            chars_before=1,
+        ),
+        _preset(
+            "qwen2",
+            "Qwen2's regex, Llama 3's with single digits (HF Split, then ByteLevel without a regex; "
+            "Qwen2, Qwen2.5, Qwen3; llama.cpp's qwen2)",
+            [QWEN2_PRETOKENIZE_PATTERN],
+            QWEN2_PRETOKENIZE_PATTERN,
             r"[^\S\r\n](?=\S)|(?<=[\r\n])\S",
             rb"[\t\x0b\x0c ](?=[\x21-\x7e])|(?<=[\r\n])(?:[\x21-\x7e\xc3-\xdf\xe4-\xf4]|\xe3[\x81-\xbf])",
             chars_before=1,

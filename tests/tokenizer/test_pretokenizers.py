@@ -69,11 +69,11 @@ def hf_pieces(hf_tokenizer, text: str) -> list[str]:
 
 
 def test_presets_and_lookup():
-    assert PRESETS == ["gpt2", "gpt2-digits", "llama3"]
+    assert PRESETS == ["gpt2", "gpt2-digits", "llama3", "qwen2"]
     assert get_pretokenizer("llama3") is PRETOKENIZERS["llama3"]
     assert find_pretokenizer(PRETOKENIZERS["gpt2-digits"].splits).name == "gpt2-digits"
     assert find_pretokenizer(["x"]) is None
-    with pytest.raises(ValueError, match=r"pretokenizer must be one of \['gpt2', 'gpt2-digits', 'llama3'\], got 'bert'"):
+    with pytest.raises(ValueError, match=r"pretokenizer must be one of \['gpt2', 'gpt2-digits', 'llama3', 'qwen2'\], got 'bert'"):
         get_pretokenizer("bert")
 
 
@@ -82,6 +82,14 @@ def test_llama3_splits_as_llama3_does():
     assert pieces("I'M 12345 (word)\n\n  x") == ["I", "'M", " ", "123", "45", " (", "word", ")\n\n", " ", " x"]
     assert pieces("a \n\n b") == ["a", " \n\n", " b"]
     assert pieces("\tword 'ſ x's") == ["\tword", " '", "ſ", " x", "'s"]
+
+
+def test_qwen2_splits_as_qwen2_does():
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    assert PRETOKENIZERS["qwen2"].splits == (PRETOKENIZE_REGEX,)
+    pieces = PRETOKENIZERS["qwen2"].pieces
+    assert pieces("IT'S 12345 (word)\n\n  x") == ["IT", "'S", " ", "1", "2", "3", "4", "5", " (", "word", ")\n\n", " ", " x"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
