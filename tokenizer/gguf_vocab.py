@@ -60,6 +60,9 @@ _LLAMA3 = ("llama3", True, True)
 _LLAMA3_REGEX_ONLY = ("llama3", False, False)
 _GPT2 = ("gpt2", False, False)
 _GPT2_DIGITS = ("gpt2-digits", False, False)
+# Qwen2's tokenizer.json normalizes to NFC; its GGUF loads without a normalizer,
+# since llama.cpp applies none and neither does the tokenizer transformers
+# builds from the file (tests/tokenizer/test_qwen2.py compares with the latter).
 _QWEN2 = ("qwen2", False, False)
 GGUF_PRETOKENIZERS: dict[str, tuple[str, bool, bool]] = {
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"], _LLAMA3),

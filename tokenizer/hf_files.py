@@ -11,6 +11,9 @@ pre-tokenizing, and the pre-tokenizer preset becomes HF's pipeline of steps:
     llama3        Sequence[Split(Llama 3's regex, "Isolated"), ByteLevel(use_regex=False)]
     gpt2-digits   Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)]
 
+    qwen2         Sequence[Split(Qwen2's regex, "Isolated"), ByteLevel(use_regex=False)]
+
+``normalizer="nfc"`` becomes HF's ``{"type": "NFC"}`` normalizer (added tokens stay unnormalized).
 ``ignore_merges``, ``unk_token`` and ``fuse_unk`` are the BPE model's options of those names, and ``add_bos``
 becomes a TemplateProcessing post-processor that puts the bos token first, as
 Llama 3's own file does. :func:`save_hf_folder` adds the
@@ -101,6 +104,7 @@ def hf_tokenizer_document(
     add_bos: bool = False,
     unk_id: int | None = None,
     fuse_unk: bool = False,
+    normalizer: str | None = None,
 ) -> dict:
     """The ``tokenizer.json`` contents, as a dict ready for ``json.dump``."""
     model_vocab: dict[str, int] = {}
@@ -124,7 +128,7 @@ def hf_tokenizer_document(
         "truncation": None,
         "padding": None,
         "added_tokens": added_tokens,
-        "normalizer": None,
+        "normalizer": {"type": "NFC"} if normalizer == "nfc" else None,
         "pre_tokenizer": hf_pre_tokenizer(pretokenizer),
         "post_processor": _bos_template(vocab, bos_id) if add_bos and bos_id is not None else None,
         "decoder": _BYTE_LEVEL,
@@ -206,6 +210,7 @@ def save_hf_folder(
     add_bos: bool = False,
     unk_id: int | None = None,
     fuse_unk: bool = False,
+    normalizer: str | None = None,
 ) -> Path:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory`` (created if needed).
 
@@ -225,6 +230,7 @@ def save_hf_folder(
         add_bos=add_bos,
         unk_id=unk_id,
         fuse_unk=fuse_unk,
+        normalizer=normalizer,
     )
     with atomic_write(directory / TOKENIZER_CONFIG_FILE, "w", encoding="utf-8") as file:
         json.dump(config, file, ensure_ascii=False, indent=1)

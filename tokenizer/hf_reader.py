@@ -22,7 +22,8 @@ What loads:
   looks it up). Merges may be ``"a b"`` strings or ``["a", "b"]`` pairs; a
   pair listed twice takes its last rank, as in HF; a merge whose parts or
   result are not in the vocabulary is refused (HF refuses the file too).
-* ``normalizer``: none (null, or an empty Sequence).
+* ``normalizer``: none (null, or an empty Sequence), or ``NFC`` (alone or as
+  the one step of a Sequence; Qwen2), which loads as ``normalizer="nfc"``.
 * ``pre_tokenizer``: a ``ByteLevel`` step last (``add_prefix_space`` false),
   after ``Split`` (regex, ``"Isolated"``, not inverted) and ``Digits``
   (``individual_digits``) steps, together exactly one of the presets of
@@ -33,7 +34,9 @@ What loads:
   file. ``lstrip``, ``rstrip`` and ``single_word`` must be false. HF splits
   off the tokens with ``normalized`` false before those with it true; with no
   normalizer that differs from splitting all at once only where a token of
-  one kind can overlap one of the other, which is refused.
+  one kind can overlap one of the other, which is refused. With NFC, every
+  added token must have ``normalized`` false: HF would look for the others
+  in the normalized text.
 * ``post_processor``: none, ``ByteLevel`` (it only trims offsets), a
   ``TemplateProcessing`` whose single-text template is ``$A`` or one special
   token then ``$A`` (that token is bos, and ``add_bos`` is true), or a
@@ -96,7 +99,7 @@ def read_hf_tokenizer(path: str | os.PathLike) -> tuple[dict[int, bytes], list, 
     if not isinstance(model, dict):
         raise source.refuse("model", model, "expected an object")
     ignore_merges = _check_model(model, source)
-    _check_normalizer(document.get("normalizer"), source)
+    normalizer = _normalizer_name(document.get("normalizer"), source)
     pretokenizer = _pretokenizer_name(document.get("pre_tokenizer"), source)
     decoder = document.get("decoder")
     if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
@@ -104,12 +107,12 @@ def read_hf_tokenizer(path: str | os.PathLike) -> tuple[dict[int, bytes], list, 
 
     if not isinstance(model.get("vocab"), dict):
         raise source.refuse("model.vocab", model.get("vocab"), "expected an object token -> id")
-    added = _added_tokens(document.get("added_tokens", []), model["vocab"], source)
+    added = _added_tokens(document.get("added_tokens", []), model["vocab"], normalizer, source)
     vocab = _vocab(model["vocab"], added, source)
     merges = _merges(model.get("merges"), source)
     template_bos = _post_processor_bos(document.get("post_processor"), "post_processor", source)
     settings = _bos_eos(config, config_path, template_bos, added, vocab)
-    settings |= {"pretokenizer": pretokenizer, "ignore_merges": ignore_merges}
+    settings |= {"pretokenizer": pretokenizer, "ignore_merges": ignore_merges, "normalizer": normalizer}
     settings |= _unknown_token(model, vocab, source)
     return vocab, merges, added, settings
 
@@ -186,12 +189,18 @@ def _unknown_token(model: dict, vocab: dict[int, bytes], source: _Source) -> dic
     return {"unk_token": unk_id, "fuse_unk": fuse_unk}
 
 
-def _check_normalizer(normalizer: Any, source: _Source) -> None:
-    empty_sequence = isinstance(normalizer, dict) and normalizer.get("type") == "Sequence" and not normalizer.get(
-        "normalizers"
+def _normalizer_name(normalizer: Any, source: _Source) -> str | None:
+    """None for no normalizer, "nfc" for HF's NFC (alone or the one step of a Sequence)."""
+    steps = [normalizer]
+    if isinstance(normalizer, dict) and normalizer.get("type") == "Sequence":
+        steps = normalizer.get("normalizers") or []
+    if normalizer is None or not steps:
+        return None
+    if len(steps) == 1 and isinstance(steps[0], dict) and steps[0].get("type") == "NFC":
+        return "nfc"
+    raise source.refuse(
+        "normalizer", normalizer, "only tokenizers without a normalizer (null) or with NFC ({\"type\": \"NFC\"}) load"
     )
-    if normalizer is not None and not empty_sequence:
-        raise source.refuse("normalizer", normalizer, "only tokenizers without a normalizer (null) load")
 
 
 def _pretokenizer_steps(node: Any, field: str, source: _Source) -> list[tuple[str, Any]]:
@@ -244,7 +253,7 @@ def _pretokenizer_name(node: Any, source: _Source) -> str:
 # ------------------------------------------------------ tokens and merges
 
 
-def _added_tokens(entries: Any, model_vocab: dict, source: _Source) -> dict[str, int]:
+def _added_tokens(entries: Any, model_vocab: dict, normalizer: str | None, source: _Source) -> dict[str, int]:
     """Added tokens, content -> id, checked; see the module docstring for the rules.
 
     HF does not take an added token's id from the file: it adds the tokens
@@ -284,7 +293,13 @@ def _added_tokens(entries: Any, model_vocab: dict, source: _Source) -> dict[str,
                 f"{field}.id", token_id, f"HF gives {content!r} id {hf_id} when it loads this file (the file is inconsistent)"
             )
         added[content] = token_id
-        by_normalized[bool(entry.get("normalized", not entry.get("special", False)))].append(content)
+        normalized = bool(entry.get("normalized", not entry.get("special", False)))
+        if normalized and normalizer is not None:
+            raise source.refuse(
+                f"{field}.normalized", entry.get("normalized"),
+                f"({content!r}) with a normalizer, only false loads (HF would match it in the normalized text)",
+            )
+        by_normalized[normalized].append(content)
     for first in by_normalized[False]:
         for second in by_normalized[True]:
             if _can_overlap(first, second):

@@ -4,7 +4,7 @@ Version 1 holds a GPT-2-style tokenizer: vocab, merges and special tokens by
 text. Version 2 adds the pre-tokenizer preset, ``ignore_merges``, bos/eos and
 ``add_bos``, and special tokens with their exact ids; ``unk_id`` and
 ``fuse_unk`` appear only when set (what a byte missing from the vocabulary
-becomes). A tokenizer is written as
+becomes), and so does ``normalizer`` (``"nfc"``). A tokenizer is written as
 version 1 whenever version 1 describes it completely, so such files stay
 readable by code that only knows version 1; code that knows only version 1
 refuses a version 2 file instead of encoding it with the wrong pre-tokenizer.
@@ -34,6 +34,7 @@ def tokenizer_document(
     add_bos: bool,
     unk_id: int | None = None,
     fuse_unk: bool = False,
+    normalizer: str | None = None,
 ) -> dict[str, Any]:
     """The JSON document of a tokenizer: version 1 when that is enough, else version 2."""
     # Version 1 reloads special tokens by text, each taking the lowest id that
@@ -49,6 +50,7 @@ def tokenizer_document(
         and not add_bos
         and unk_id is None
         and not fuse_unk
+        and normalizer is None
         and all(lowest_ids[token.encode("utf-8")] == token_id for token, token_id in special_token_ids.items())
     )
     document: dict[str, Any] = {
@@ -71,6 +73,8 @@ def tokenizer_document(
         # Written only when set: older readers of version 2 then see nothing new.
         if unk_id is not None or fuse_unk:
             document |= {"unk_id": unk_id, "fuse_unk": fuse_unk}
+        if normalizer is not None:
+            document["normalizer"] = normalizer
     return document
 
 
@@ -102,6 +106,7 @@ def tokenizer_arguments(document: Any, source: str) -> tuple[tuple, dict[str, An
             "add_bos": document["add_bos"],
             "unk_token": document.get("unk_id"),
             "fuse_unk": document.get("fuse_unk", False),
+            "normalizer": document.get("normalizer"),
         }
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"{source} is a malformed version {version} tokenizer: {type(error).__name__}: {error}") from None

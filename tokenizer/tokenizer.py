@@ -32,6 +32,7 @@ version 1 file loads as before, with GPT-2's pre-tokenizer)::
       "pretokenizer": "llama3",                           # a preset name
       "ignore_merges": true,
       "bos_id": 128000, "eos_id": 128001, "add_bos": true # ids or null
+      "normalizer": "nfc"                                 # only when set (Qwen2)
 
 Tokenizers of the Llama family load from their own files:
 :meth:`Tokenizer.from_hf` (Hugging Face ``tokenizer.json``) and
@@ -41,6 +42,7 @@ Tokenizers of the Llama family load from their own files:
 from __future__ import annotations
 
 import json  # noqa: F401  (tests patch json.dump through this module)
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -54,7 +56,7 @@ from scratchlm.tokenizer.pretokenize import (  # noqa: F401  (GPT2_PRETOKENIZE_R
     split_on_special_tokens,
 )
 from scratchlm.tokenizer.pretokenizers import DEFAULT_PRETOKENIZER, PreTokenizer, get_pretokenizer
-from scratchlm.tokenizer.saved_format import SAVE_FORMAT, SAVE_FORMAT_VERSION  # noqa: F401  (for callers)
+from scratchlm.tokenizer.saved_format import SAVE_FORMAT, SAVE_FORMAT_VERSION, tokenizer_document  # noqa: F401
 from scratchlm.tokenizer.tokenizer_files import TokenizerFiles
 # Most text repeats its pre-tokens (" the", ",", " of" ...), so each distinct
 # pre-token is merged once and remembered. The cache is emptied when it holds
@@ -79,6 +81,8 @@ _BATCH_MAX_BYTES = MAX_PIECE_BYTES
 # encode_iterable gathers at least this many characters before looking for a
 # cut, so the per-call overhead of encode is paid per 64K characters, not per line.
 _STREAM_MIN_CHARS = 1 << 16
+# The normalizers a Tokenizer applies: None, or Unicode NFC.
+_NORMALIZERS = (None, "nfc")
 # The id of a byte the vocabulary lacks, in _byte_ids (never a real id).
 _MISSING_BYTE = -1
 # repr shows at most this many special tokens.
@@ -111,7 +115,7 @@ class Tokenizer(TokenizerFiles):
 
     * ``pretokenizer``: the name of a preset of
       :mod:`scratchlm.tokenizer.pretokenizers` (``"gpt2"``, ``"llama3"``,
-      ``"gpt2-digits"``); GPT-2's regex by default.
+      ``"gpt2-digits"``, ``"qwen2"``); GPT-2's regex by default.
     * ``ignore_merges``: a pre-token whose bytes are a token of the vocabulary
       becomes that one token without merging (Hugging Face's BPE option of
       that name; Llama 3 sets it, since its vocabulary holds tokens that its
@@ -123,6 +127,9 @@ class Tokenizer(TokenizerFiles):
     * ``unk_token`` (text or id, kept as ``unk_id``) and ``fuse_unk``: what a
       byte missing from the vocabulary becomes, as above (HF's BPE options of
       those names).
+    * ``normalizer``: ``"nfc"`` puts the text between special tokens in
+      Unicode NFC before pre-tokenizing (HF's ``NFC`` normalizer; Qwen2), so
+      ``"e\\u0301"`` encodes as ``"\\xe9"``; None (the default) leaves it as is.
 
     Reading and writing files (:meth:`save`, :meth:`load`, :meth:`from_hf`,
     :meth:`from_gguf`, ...) is in :class:`~scratchlm.tokenizer.tokenizer_files.TokenizerFiles`.
@@ -141,6 +148,7 @@ class Tokenizer(TokenizerFiles):
         add_bos: bool = False,
         unk_token: str | int | None = None,
         fuse_unk: bool = False,
+        normalizer: str | None = None,
     ):
         self.vocab: dict[int, bytes] = {}
         for token_id, token in vocab.items():
@@ -205,6 +213,9 @@ class Tokenizer(TokenizerFiles):
         if not isinstance(fuse_unk, bool):
             raise ValueError(f"fuse_unk must be a bool, got {fuse_unk!r}")
         self.fuse_unk = fuse_unk
+        if normalizer not in _NORMALIZERS:
+            raise ValueError(f"normalizer must be one of {_NORMALIZERS}, got {normalizer!r}")
+        self.normalizer: str | None = normalizer
 
         self._cache: dict[str, tuple[int, ...]] = {}
         self._batch_merger: BatchMerger | None = None  # built on first use (~20 ms for GPT-2)
@@ -361,7 +372,9 @@ class Tokenizer(TokenizerFiles):
                 if index % 2:  # odd positions hold the special tokens themselves
                     ids.append(self.special_token_ids[part])
                 elif part:
-                    self._encode_ordinary(part, ids)
+                    # Only the text between special tokens is normalized, as HF
+                    # does for added tokens with "normalized": false.
+                    self._encode_ordinary(unicodedata.normalize("NFC", part) if self.normalizer else part, ids)
         except UnicodeEncodeError as error:
             # Raised for one pre-token; say where in the whole text the unencodable character is.
             position = next(i for i, char in enumerate(text) if char == error.object[error.start])
@@ -383,6 +396,18 @@ class Tokenizer(TokenizerFiles):
         >>> with open("corpus.txt") as f:  # doctest: +SKIP
         ...     ids = list(tokenizer.encode_iterable(f))
         """
+        # With NFC the cut rules stay exact, since every cut they allow is
+        # also a place where NFC(whole) = NFC(first half) + NFC(second half):
+        # a cut falls before a whitespace character or right after CR or LF.
+        # Those are starters (combining class 0) that no canonical
+        # composition takes as first or second character, so nothing before
+        # the cut can reorder or compose with anything after it. NFC also
+        # keeps what the rules read: whitespace stays whitespace (U+2000 and
+        # U+2001 become U+2002 and U+2003), no other character decomposes to
+        # one, CR and LF are unchanged, and no non-digit becomes a digit (the
+        # gpt2-digits rule); so the rule holds at the same cut of the
+        # normalized text. tests/tokenizer/test_qwen2.py checks these
+        # facts over all code points, and the streaming with combining marks.
         pending: list[str] = []
         pending_chars = 0
         carried = ""
@@ -442,6 +467,32 @@ class Tokenizer(TokenizerFiles):
         """
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    # --------------------------------------------------- settings in the files
+    # TokenizerFiles writes the settings it knows; these add the normalizer.
+
+    def _constructor_arguments(self) -> tuple[tuple, dict]:
+        args, kwargs = super()._constructor_arguments()
+        return args, kwargs | {"normalizer": self.normalizer}
+
+    def _hf_settings(self) -> dict:
+        return super()._hf_settings() | {"normalizer": self.normalizer}
+
+    def to_document(self) -> dict:
+        """The JSON document :meth:`save` writes (format in the module docstring), as a dict."""
+        return tokenizer_document(
+            self.vocab,
+            self.merges,
+            self.special_token_ids,
+            pretokenizer=self.pretokenizer,
+            ignore_merges=self.ignore_merges,
+            bos_id=self.bos_id,
+            eos_id=self.eos_id,
+            add_bos=self.add_bos,
+            unk_id=self.unk_id,
+            fuse_unk=self.fuse_unk,
+            normalizer=self.normalizer,
+        )
+
     def __repr__(self) -> str:
         specials = repr(self.special_tokens)
         if len(self.special_tokens) > _REPR_MAX_SPECIAL_TOKENS:  # Llama 3 has 256
@@ -449,6 +500,7 @@ class Tokenizer(TokenizerFiles):
             specials = f"[{shown}, ...] ({len(self.special_tokens)} in all)"
         settings = "" if self.pretokenizer == DEFAULT_PRETOKENIZER else f", pretokenizer={self.pretokenizer!r}"
         settings += ", ignore_merges=True" if self.ignore_merges else ""
+        settings += f", normalizer={self.normalizer!r}" if self.normalizer else ""
         settings += f", missing_bytes={len(self.missing_bytes)}" if self.missing_bytes else ""
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "

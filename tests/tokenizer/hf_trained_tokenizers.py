@@ -100,7 +100,11 @@ def train_hf_folder(style: str, corpus: Path, folder: Path) -> Path:
     return folder
 
 
-def write_gguf_tokenizer(hf_folder: Path, path: Path, pre: str, **overrides) -> Path:
+def _token_content(token) -> str | None:
+    return token["content"] if isinstance(token, dict) else token
+
+
+def write_gguf_tokenizer(hf_folder: Path, path: Path, pre: str, arch: str = "llama", **overrides) -> Path:
     """The tokenizer of ``hf_folder`` as llama.cpp writes GGUF metadata, into a small .gguf file.
 
     ``overrides`` replace fields by key suffix (``model="llama"``), or drop
@@ -126,11 +130,11 @@ def write_gguf_tokenizer(hf_folder: Path, path: Path, pre: str, **overrides) -> 
         "tokens": [spelled[i] for i in range(count)],
         "token_type": [types[i] for i in range(count)],
         "merges": merges,
-        "bos_token_id": ids[config["bos_token"]],
-        "eos_token_id": ids[config["eos_token"]["content"]],
+        "bos_token_id": ids.get(_token_content(config.get("bos_token"))),
+        "eos_token_id": ids.get(_token_content(config.get("eos_token"))),
         "add_bos_token": True,
     } | overrides
-    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer = gguf.GGUFWriter(str(path), arch=arch)
     adders = {
         "model": writer.add_tokenizer_model,
         "pre": writer.add_tokenizer_pre,
