@@ -238,14 +238,15 @@ def launch_settings(element_size: int) -> LaunchSettings:
     """Fixed launch settings by element size: one shape always launches, and rounds, the same way.
 
     16-bit inputs take 64 x 128 (rows x vocab) tiles with d walked 32 at a
-    time, float32 64 x 64 tiles and 16-wide d steps, on 8 warps: the largest
-    that compile for sm_90 without spilling (figures in ``kernels/NOTES.md``).
+    time, float32 16 x 64 tiles and 16-wide d steps, on 8 warps: the largest
+    that compile without spilling on every generation from sm_80 to sm_120
+    (figures in ``kernels/NOTES.md``).
     """
     if INTERPRETING:
         return INTERPRETER_SETTINGS
     if element_size == 2:
         return LaunchSettings(64, 128, 32, 8, 3)
-    return LaunchSettings(64, 64, 16, 8, 3)
+    return LaunchSettings(16, 64, 16, 8, 3)
 
 
 def _fwd_fake(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float):

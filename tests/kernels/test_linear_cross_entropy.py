@@ -200,9 +200,9 @@ def test_launch_settings_rule(monkeypatch):
     if not CUDA:
         assert launch_settings(2) == launch_settings(4) == INTERPRETER_SETTINGS
     monkeypatch.setattr(lce_module, "INTERPRETING", False)
-    # The settings that compile for sm_90 without spills (test_gpu_compilation prints the registers).
+    # The settings that compile without spills from sm_80 to sm_120 (test_gpu_compilation checks them).
     assert launch_settings(2) == LaunchSettings(64, 128, 32, 8, 3)
-    assert launch_settings(4) == LaunchSettings(64, 64, 16, 8, 3)
+    assert launch_settings(4) == LaunchSettings(16, 64, 16, 8, 3)
 
 
 def _ones(*shape, **kwargs):
