@@ -4,7 +4,10 @@ Version 1 holds a GPT-2-style tokenizer: vocab, merges and special tokens by
 text. Version 2 adds the pre-tokenizer preset, ``ignore_merges``, bos/eos and
 ``add_bos``, and special tokens with their exact ids; ``unk_id`` and
 ``fuse_unk`` appear only when set (what a byte missing from the vocabulary
-becomes), and so does ``normalizer`` (``"nfc"``). A tokenizer is written as
+becomes), and so does ``normalizer`` (``"nfc"``). Version 3 is version 2
+plus the SentencePiece settings ``metaspace``, ``metaspace_split``,
+``byte_fallback`` and ``decoder``; it is written only for a tokenizer with
+``metaspace`` set, so every byte-level tokenizer is still written as version 1 or 2. A tokenizer is written as
 version 1 whenever version 1 describes it completely, so such files stay
 readable by code that only knows version 1; code that knows only version 1
 refuses a version 2 file instead of encoding it with the wrong pre-tokenizer.
@@ -18,8 +21,11 @@ from typing import Any
 from scratchlm.tokenizer.pretokenizers import DEFAULT_PRETOKENIZER
 
 SAVE_FORMAT = "scratchlm-bpe-tokenizer"
-SAVE_FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+SAVE_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
+# Version 3 = version 2 plus these keys, for SentencePiece-style BPE (the
+# Tokenizer keywords of the same names); written only when "metaspace" is set.
+SENTENCEPIECE_KEYS = ("metaspace", "metaspace_split", "byte_fallback", "decoder")
 
 
 def tokenizer_document(
@@ -35,8 +41,12 @@ def tokenizer_document(
     unk_id: int | None = None,
     fuse_unk: bool = False,
     normalizer: str | None = None,
+    metaspace: str | None = None,
+    metaspace_split: bool = False,
+    byte_fallback: bool = False,
+    decoder: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON document of a tokenizer: version 1 when that is enough, else version 2."""
+    """The JSON document of a tokenizer: version 1 when that is enough, else version 2, or 3 for SentencePiece."""
     # Version 1 reloads special tokens by text, each taking the lowest id that
     # holds its bytes; it is exact only when that is each one's id.
     lowest_ids: dict[bytes, int] = {}
@@ -51,11 +61,12 @@ def tokenizer_document(
         and unk_id is None
         and not fuse_unk
         and normalizer is None
+        and metaspace is None
         and all(lowest_ids[token.encode("utf-8")] == token_id for token, token_id in special_token_ids.items())
     )
     document: dict[str, Any] = {
         "format": SAVE_FORMAT,
-        "version": 1 if version_1_is_enough else SAVE_FORMAT_VERSION,
+        "version": 1 if version_1_is_enough else 2 if metaspace is None else 3,
         "vocab": {str(token_id): token.hex() for token_id, token in sorted(vocab.items())},
         "merges": [[left.hex(), right.hex()] for left, right in merges],
     }
@@ -75,6 +86,13 @@ def tokenizer_document(
             document |= {"unk_id": unk_id, "fuse_unk": fuse_unk}
         if normalizer is not None:
             document["normalizer"] = normalizer
+        if metaspace is not None:
+            document |= {
+                "metaspace": metaspace,
+                "metaspace_split": metaspace_split,
+                "byte_fallback": byte_fallback,
+                "decoder": decoder,
+            }
     return document
 
 
@@ -108,8 +126,10 @@ def tokenizer_arguments(document: Any, source: str) -> tuple[tuple, dict[str, An
             "fuse_unk": document.get("fuse_unk", False),
             "normalizer": document.get("normalizer"),
         }
+        if version == 3:
+            kwargs |= {key: document[key] for key in SENTENCEPIECE_KEYS}
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"{source} is a malformed version {version} tokenizer: {type(error).__name__}: {error}") from None
     if not isinstance(special_tokens, dict):
-        raise ValueError(f"{source}: version 2 \"special_tokens\" must be an object text -> id")
+        raise ValueError(f"{source}: version {version} \"special_tokens\" must be an object text -> id")
     return (vocab, merges, special_tokens), kwargs

@@ -57,6 +57,12 @@ from scratchlm.tokenizer.pretokenize import (  # noqa: F401  (GPT2_PRETOKENIZE_R
 )
 from scratchlm.tokenizer.pretokenizers import DEFAULT_PRETOKENIZER, PreTokenizer, get_pretokenizer
 from scratchlm.tokenizer.saved_format import SAVE_FORMAT, SAVE_FORMAT_VERSION, tokenizer_document  # noqa: F401
+from scratchlm.tokenizer.sentencepiece import (
+    METASPACE_SCHEMES,
+    SENTENCEPIECE_DECODERS,
+    SentencePieceBPE,
+    default_decoder,
+)
 from scratchlm.tokenizer.tokenizer_files import TokenizerFiles
 # Most text repeats its pre-tokens (" the", ",", " of" ...), so each distinct
 # pre-token is merged once and remembered. The cache is emptied when it holds
@@ -90,7 +96,7 @@ _REPR_MAX_SPECIAL_TOKENS = 8
 
 
 class Tokenizer(TokenizerFiles):
-    """Byte-level BPE tokenizer.
+    """Byte-level BPE tokenizer, or SentencePiece-style BPE with ``metaspace=...``.
 
     ``vocab`` maps id -> token bytes; ``merges`` lists merged pairs, earliest
     (highest priority) first. Ids need not be dense: ``vocab_size`` is one
@@ -131,6 +137,28 @@ class Tokenizer(TokenizerFiles):
       Unicode NFC before pre-tokenizing (HF's ``NFC`` normalizer; Qwen2), so
       ``"e\\u0301"`` encodes as ``"\\xe9"``; None (the default) leaves it as is.
 
+    SentencePiece-style BPE (Llama 2, TinyLlama, Mistral, Gemma; rules in
+    :mod:`scratchlm.tokenizer.sentencepiece`): the vocabulary holds each
+    token's text in UTF-8 as the file spells it (``"\u2581the"``, ``"<0x41>"``),
+    merges start from characters, and these keywords choose the steps:
+
+    * ``metaspace``: None (the default) for byte-level BPE; else how a space
+      becomes ``"\u2581"`` and when one is put first in each text between
+      special tokens: ``"prepend"`` (always: HF's Prepend normalizer, Llama 2
+      legacy files), ``"always"`` (unless the text starts with a space),
+      ``"first"`` (the same, only at the start of the whole text: Mistral),
+      ``"never"`` (Gemma).
+    * ``metaspace_split``: cut words before every ``"\u2581"`` (HF's Metaspace
+      ``split=true``); only with ``"always"``, ``"first"`` or ``"never"``.
+    * ``byte_fallback``: a character without a token becomes the ``<0xNN>``
+      tokens of its UTF-8 bytes (when all are in ``vocab``), else ``unk_token``.
+    * ``decoder``: ``"sentencepiece-strip"`` (``"\u2581"`` -> space, byte tokens
+      -> bytes, one leading space dropped: Llama 2, Mistral; the default
+      unless ``metaspace="never"``), ``"sentencepiece"`` (no strip: Gemma,
+      the default with ``"never"``) or ``"metaspace"`` (HF's Metaspace decoder).
+
+    ``pretokenizer`` and ``normalizer`` are not used with ``metaspace``.
+
     Reading and writing files (:meth:`save`, :meth:`load`, :meth:`from_hf`,
     :meth:`from_gguf`, ...) is in :class:`~scratchlm.tokenizer.tokenizer_files.TokenizerFiles`.
     """
@@ -149,6 +177,10 @@ class Tokenizer(TokenizerFiles):
         unk_token: str | int | None = None,
         fuse_unk: bool = False,
         normalizer: str | None = None,
+        metaspace: str | None = None,
+        metaspace_split: bool = False,
+        byte_fallback: bool = False,
+        decoder: str | None = None,
     ):
         self.vocab: dict[int, bytes] = {}
         for token_id, token in vocab.items():
@@ -216,9 +248,60 @@ class Tokenizer(TokenizerFiles):
         if normalizer not in _NORMALIZERS:
             raise ValueError(f"normalizer must be one of {_NORMALIZERS}, got {normalizer!r}")
         self.normalizer: str | None = normalizer
+        self._sentencepiece = self._sentencepiece_steps(metaspace, metaspace_split, byte_fallback, decoder)
 
         self._cache: dict[str, tuple[int, ...]] = {}
         self._batch_merger: BatchMerger | None = None  # built on first use (~20 ms for GPT-2)
+
+    def _sentencepiece_steps(
+        self, metaspace: str | None, split: bool, byte_fallback: bool, decoder: str | None
+    ) -> SentencePieceBPE | None:
+        """Check the SentencePiece settings; the steps that encode and decode with them, or None (byte-level)."""
+        for name, value in (("metaspace_split", split), ("byte_fallback", byte_fallback)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        if metaspace is None:
+            for name, value, unset in (("metaspace_split", split, False), ("byte_fallback", byte_fallback, False),
+                                       ("decoder", decoder, None)):
+                if value != unset:
+                    raise ValueError(f"{name}={value!r} needs metaspace (SentencePiece-style BPE); got metaspace=None")
+            return None
+        if metaspace not in METASPACE_SCHEMES:
+            raise ValueError(f"metaspace must be None or one of {METASPACE_SCHEMES}, got {metaspace!r}")
+        if split and metaspace == "prepend":
+            raise ValueError("metaspace_split=True needs metaspace 'always', 'first' or 'never', got 'prepend'")
+        if decoder is None:
+            decoder = default_decoder(metaspace)
+        if decoder not in SENTENCEPIECE_DECODERS:
+            raise ValueError(f"decoder must be None or one of {SENTENCEPIECE_DECODERS}, got {decoder!r}")
+        if self.pretokenizer != DEFAULT_PRETOKENIZER or self.normalizer is not None:
+            raise ValueError(
+                f"metaspace={metaspace!r} splits text itself; expected the default pretokenizer and normalizer=None, "
+                f"got pretokenizer={self.pretokenizer!r}, normalizer={self.normalizer!r}"
+            )
+        return SentencePieceBPE(
+            self.vocab, self._token_ids, self.merges, self._merge_ranks,
+            metaspace=metaspace, split=split, byte_fallback=byte_fallback, decoder=decoder,
+            unk_id=self.unk_id, fuse_unk=self.fuse_unk, ignore_merges=self.ignore_merges,
+        )
+
+    @property
+    def metaspace(self) -> str | None:
+        """How spaces become ``"\u2581"`` (SentencePiece-style BPE), or None for byte-level BPE."""
+        return None if self._sentencepiece is None else self._sentencepiece.metaspace
+
+    @property
+    def metaspace_split(self) -> bool:
+        return self._sentencepiece is not None and self._sentencepiece.split
+
+    @property
+    def byte_fallback(self) -> bool:
+        return self._sentencepiece is not None and self._sentencepiece.byte_fallback
+
+    @property
+    def decoder(self) -> str | None:
+        """The SentencePiece decoder's name; None for byte-level BPE."""
+        return None if self._sentencepiece is None else self._sentencepiece.decoder
 
     def _add_fixed_special_ids(self, special_tokens: Mapping[str, int]) -> dict[str, int]:
         """Check special tokens given as text -> id, adding to ``vocab`` the ids it lacks."""
@@ -365,13 +448,25 @@ class Tokenizer(TokenizerFiles):
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._encode(text)
+
+    def _encode(self, text: str, continuing: bool = False) -> list[int]:
+        """:meth:`encode`; ``continuing``: ``text`` goes on a segment cut by a stream (SentencePiece only)."""
         ids: list[int] = []
         parts = split_on_special_tokens(text, self._special_regex)
+        sentencepiece = self._sentencepiece
         try:
             for index, part in enumerate(parts):
                 if index % 2:  # odd positions hold the special tokens themselves
                     ids.append(self.special_token_ids[part])
-                elif part:
+                elif not part:
+                    continue
+                elif sentencepiece is not None:
+                    at_start = index == 0
+                    sentencepiece.encode_segment(
+                        part, ids, at_text_start=at_start and not continuing, continuing=at_start and continuing
+                    )
+                else:
                     # Only the text between special tokens is normalized, as HF
                     # does for added tokens with "normalized": false.
                     self._encode_ordinary(unicodedata.normalize("NFC", part) if self.normalizer else part, ids)
@@ -414,6 +509,8 @@ class Tokenizer(TokenizerFiles):
         # Cut candidates in the carried text were already tried, except the
         # last few, whose look-ahead was incomplete.
         recheck_chars = max((len(token) for token in self.special_tokens), default=0) + 2
+        # SentencePiece cuts fall inside a segment, whose rest gets no ▁ put first.
+        continuing = False
         for chunk in iterable:
             if not isinstance(chunk, str):
                 raise TypeError(f"encode_iterable expects strings, got {type(chunk).__name__}")
@@ -425,13 +522,16 @@ class Tokenizer(TokenizerFiles):
             search_from = max(0, len(carried) - recheck_chars)
             text = carried + "".join(pending)
             pending, pending_chars = [], 0
-            cut = last_safe_cut(text, self.special_tokens, search_from, self._pretokenizer)
+            if self._sentencepiece is None:
+                cut = last_safe_cut(text, self.special_tokens, search_from, self._pretokenizer)
+            else:
+                cut = self._sentencepiece.last_stream_cut(text, self.special_tokens, search_from)
             if cut == 0:
                 carried = text
                 continue
-            yield from self.encode(text[:cut])
-            carried = text[cut:]
-        yield from self.encode(carried + "".join(pending))
+            yield from self._encode(text[:cut], continuing)
+            carried, continuing = text[cut:], self._sentencepiece is not None
+        yield from self._encode(carried + "".join(pending), continuing)
 
     # ----------------------------------------------------------------- decode
 
@@ -441,20 +541,43 @@ class Tokenizer(TokenizerFiles):
         >>> Tokenizer({i: bytes([i]) for i in range(256)}, []).decode_bytes([104, 105])
         b'hi'
         """
+        ids = self._id_sequence(ids)
+        if self._sentencepiece is not None:
+            return self._sentencepiece.decode_bytes(self._checked_ids(ids), self.vocab)
         vocab = self.vocab
+        try:
+            return b"".join([vocab[token_id] for token_id in ids])
+        except (KeyError, TypeError):
+            raise self._bad_id_error(ids) from None
+
+    @staticmethod
+    def _id_sequence(ids: Iterable[int]) -> list[int] | tuple[int, ...]:
+        """``ids`` as a list or tuple (a tensor or array becomes a list of Python ints)."""
         if hasattr(ids, "tolist"):  # a torch tensor or numpy array: its elements as Python ints
             ids = ids.tolist()
             if not isinstance(ids, list):
                 raise ValueError(f"ids must be one-dimensional; got a single id {ids!r} (wrap it in a list)")
         elif not isinstance(ids, (list, tuple)):
             ids = list(ids)  # an iterator would be used up before an error could name the bad id
+        return ids
+
+    def _checked_ids(self, ids: list[int] | tuple[int, ...]) -> list[int] | tuple[int, ...]:
+        """``ids`` unchanged if all are ids of the vocabulary; else a ValueError names the first bad one."""
+        vocab = self.vocab
         try:
-            return b"".join([vocab[token_id] for token_id in ids])
-        except (KeyError, TypeError):
-            bad = next(i for i in ids if not (isinstance(i, (int, np.integer)) and i in vocab))
-            if isinstance(bad, (int, np.integer)) and not isinstance(bad, bool):
-                raise ValueError(f"token id {bad!r} is not in the vocabulary (ids are 0..{self.vocab_size - 1})") from None
-            raise ValueError(f"ids must be a flat sequence of ints; got {bad!r} ({type(bad).__name__})") from None
+            if all([token_id in vocab for token_id in ids]):
+                return ids
+        except TypeError:  # an unhashable element
+            pass
+        raise self._bad_id_error(ids)
+
+    def _bad_id_error(self, ids: list | tuple) -> ValueError:
+        """The error naming the first element of ``ids`` that is not an id of the vocabulary."""
+        vocab = self.vocab
+        bad = next(i for i in ids if not (isinstance(i, (int, np.integer)) and i in vocab))
+        if isinstance(bad, (int, np.integer)) and not isinstance(bad, bool):
+            return ValueError(f"token id {bad!r} is not in the vocabulary (ids are 0..{self.vocab_size - 1})")
+        return ValueError(f"ids must be a flat sequence of ints; got {bad!r} ({type(bad).__name__})")
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the tokens ``ids``; bytes that are not valid UTF-8 become U+FFFD.
@@ -465,17 +588,30 @@ class Tokenizer(TokenizerFiles):
         >>> Tokenizer({i: bytes([i]) for i in range(256)}, []).decode([104, 0xC3])
         'h\\ufffd'
         """
+        if self._sentencepiece is not None:
+            return self._sentencepiece.decode(self._checked_ids(self._id_sequence(ids)), self.vocab)
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     # --------------------------------------------------- settings in the files
-    # TokenizerFiles writes the settings it knows; these add the normalizer.
+    # TokenizerFiles writes the settings it knows; these add the normalizer
+    # and the SentencePiece settings (written only when set).
+
+    def _sentencepiece_settings(self) -> dict:
+        if self._sentencepiece is None:
+            return {}
+        return {
+            "metaspace": self.metaspace,
+            "metaspace_split": self.metaspace_split,
+            "byte_fallback": self.byte_fallback,
+            "decoder": self.decoder,
+        }
 
     def _constructor_arguments(self) -> tuple[tuple, dict]:
         args, kwargs = super()._constructor_arguments()
-        return args, kwargs | {"normalizer": self.normalizer}
+        return args, kwargs | {"normalizer": self.normalizer} | self._sentencepiece_settings()
 
     def _hf_settings(self) -> dict:
-        return super()._hf_settings() | {"normalizer": self.normalizer}
+        return super()._hf_settings() | {"normalizer": self.normalizer} | self._sentencepiece_settings()
 
     def to_document(self) -> dict:
         """The JSON document :meth:`save` writes (format in the module docstring), as a dict."""
@@ -491,6 +627,7 @@ class Tokenizer(TokenizerFiles):
             unk_id=self.unk_id,
             fuse_unk=self.fuse_unk,
             normalizer=self.normalizer,
+            **self._sentencepiece_settings(),
         )
 
     def __repr__(self) -> str:
@@ -499,9 +636,12 @@ class Tokenizer(TokenizerFiles):
             shown = ", ".join(map(repr, self.special_tokens[:_REPR_MAX_SPECIAL_TOKENS]))
             specials = f"[{shown}, ...] ({len(self.special_tokens)} in all)"
         settings = "" if self.pretokenizer == DEFAULT_PRETOKENIZER else f", pretokenizer={self.pretokenizer!r}"
+        for name, value in self._sentencepiece_settings().items():
+            settings += f", {name}={value!r}"
         settings += ", ignore_merges=True" if self.ignore_merges else ""
         settings += f", normalizer={self.normalizer!r}" if self.normalizer else ""
-        settings += f", missing_bytes={len(self.missing_bytes)}" if self.missing_bytes else ""
+        if self.missing_bytes and self._sentencepiece is None:
+            settings += f", missing_bytes={len(self.missing_bytes)}"
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
             f"special_tokens={specials}{settings})"
