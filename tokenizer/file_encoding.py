@@ -14,11 +14,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from scratchlm.tokenizer.pretokenize import read_text_range, safe_byte_ranges
+from scratchlm.tokenizer.sentencepiece import next_stream_cut_in_file
 from scratchlm.tokenizer.token_file import TokenFileWriter, token_dtype
 from scratchlm.tokenizer.tokenizer import Tokenizer
 
@@ -59,7 +61,10 @@ def encode_file(
         raise FileNotFoundError(f"input_path {str(input_path)!r} is not a file")
     input_path = str(input_path)
     dtype = token_dtype(tokenizer.vocab_size)
-    ranges = safe_byte_ranges(input_path, _RANGE_BYTES, tokenizer.special_tokens, tokenizer.pretokenizer)
+    if tokenizer.metaspace is None:
+        ranges = safe_byte_ranges(input_path, _RANGE_BYTES, tokenizer.special_tokens, tokenizer.pretokenizer)
+    else:
+        ranges = _sentencepiece_ranges(tokenizer, input_path)
 
     with TokenFileWriter(Path(output_path), tokenizer.vocab_size) as writer:
         if num_processes == 1:
@@ -82,11 +87,34 @@ def encode_file(
         return writer.count
 
 
+def _sentencepiece_ranges(tokenizer: Tokenizer, path: str) -> Iterator[tuple[int, int]]:
+    """Byte ranges of about ``_RANGE_BYTES`` cut where a SentencePiece-style tokenizer allows (one range if nowhere).
+
+    The cuts are those of ``encode_iterable`` (see
+    :meth:`scratchlm.tokenizer.sentencepiece.SentencePieceBPE.stream_cut_pattern`):
+    each range after the first goes on a segment, so it is encoded without a ▁ put first.
+    """
+    size = os.path.getsize(path)
+    pattern = tokenizer._sentencepiece.stream_cut_pattern_bytes()
+    special = [token.encode("utf-8") for token in tokenizer.special_tokens]
+    start = 0
+    with open(path, "rb") as file:
+        while start < size:
+            cut = None
+            if pattern is not None and start + _RANGE_BYTES < size:
+                cut = next_stream_cut_in_file(file, start + _RANGE_BYTES, special, pattern)
+            end = size if cut is None else cut
+            yield start, end
+            start = end
+
+
 def _encode_range(tokenizer: Tokenizer, path: str, start: int, end: int, dtype: np.dtype) -> np.ndarray:
     """Encode bytes ``[start, end)`` of ``path``; ids as a compact array."""
     text = read_text_range(path, start, end)
+    # A range after the first continues a segment cut there (this matters only to SentencePiece-style BPE).
+    ids = tokenizer._encode(text, continuing=start > 0)
     # A narrow array crosses the process boundary faster than a list of ints.
-    return np.asarray(tokenizer.encode(text), dtype=dtype)
+    return np.asarray(ids, dtype=dtype)
 
 
 def _init_worker(state: tuple) -> None:

@@ -13,6 +13,9 @@ pre-tokenizing, and the pre-tokenizer preset becomes HF's pipeline of steps:
 
     qwen2         Sequence[Split(Qwen2's regex, "Isolated"), ByteLevel(use_regex=False)]
 
+A SentencePiece-style tokenizer (``metaspace`` set) is written with its
+tokens as text, ``byte_fallback`` in the model, and the normalizer,
+pre-tokenizer and decoder of :mod:`scratchlm.tokenizer.hf_sentencepiece`.
 ``normalizer="nfc"`` becomes HF's ``{"type": "NFC"}`` normalizer (added tokens stay unnormalized).
 ``ignore_merges``, ``unk_token`` and ``fuse_unk`` are the BPE model's options of those names, and ``add_bos``
 becomes a TemplateProcessing post-processor that puts the bos token first, as
@@ -33,6 +36,7 @@ from pathlib import Path
 
 from scratchlm.atomic import atomic_write
 from scratchlm.tokenizer.gpt2_files import encode_gpt2_token
+from scratchlm.tokenizer.hf_sentencepiece import hf_word_boundary_sections
 from scratchlm.tokenizer.pretokenizers import (
     DEFAULT_PRETOKENIZER,
     DIGITS_PATTERN,
@@ -105,12 +109,36 @@ def hf_tokenizer_document(
     unk_id: int | None = None,
     fuse_unk: bool = False,
     normalizer: str | None = None,
+    metaspace: str | None = None,
+    metaspace_split: bool = False,
+    byte_fallback: bool = False,
+    decoder: str | None = None,
 ) -> dict:
-    """The ``tokenizer.json`` contents, as a dict ready for ``json.dump``."""
+    """The ``tokenizer.json`` contents, as a dict ready for ``json.dump``.
+
+    With ``metaspace`` (SentencePiece-style BPE) tokens are written as their
+    text, and the normalizer, pre-tokenizer and decoder are those of
+    :func:`scratchlm.tokenizer.hf_sentencepiece.hf_word_boundary_sections`.
+    """
+    if metaspace is None:
+        spell = encode_gpt2_token
+        sections = {
+            "normalizer": {"type": "NFC"} if normalizer == "nfc" else None,
+            "pre_tokenizer": hf_pre_tokenizer(pretokenizer),
+            "decoder": _BYTE_LEVEL,
+        }
+    else:
+        def spell(token: bytes) -> str:
+            try:
+                return token.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"token {token!r} is not UTF-8 text; a SentencePiece-style vocabulary is text") from None
+
+        sections = hf_word_boundary_sections(metaspace, metaspace_split, decoder)
     model_vocab: dict[str, int] = {}
     for token_id, token in sorted(vocab.items()):
         # A token held twice keeps its lower id, as in Tokenizer.
-        model_vocab.setdefault(encode_gpt2_token(token), token_id)
+        model_vocab.setdefault(spell(token), token_id)
     added_tokens = [
         {
             "id": token_id,
@@ -128,24 +156,27 @@ def hf_tokenizer_document(
         "truncation": None,
         "padding": None,
         "added_tokens": added_tokens,
-        "normalizer": {"type": "NFC"} if normalizer == "nfc" else None,
-        "pre_tokenizer": hf_pre_tokenizer(pretokenizer),
+        "normalizer": sections["normalizer"],
+        "pre_tokenizer": sections["pre_tokenizer"],
         "post_processor": _bos_template(vocab, bos_id) if add_bos and bos_id is not None else None,
-        "decoder": _BYTE_LEVEL,
+        "decoder": sections["decoder"],
         "model": {
             "type": "BPE",
             "dropout": None,
             # HF looks the unk token up in this model's vocab, by its spelling there.
-            "unk_token": None if unk_id is None else encode_gpt2_token(vocab[unk_id]),
+            "unk_token": None if unk_id is None else spell(vocab[unk_id]),
             "continuing_subword_prefix": None,
             "end_of_word_suffix": None,
             "fuse_unk": fuse_unk,
-            "byte_fallback": False,
+            "byte_fallback": byte_fallback,
             # False: a piece found whole in the vocab is still merged step by step.
             "ignore_merges": ignore_merges,
             "vocab": model_vocab,
-            # "left right" strings: GPT-2's table never yields a space, and every HF version reads this form.
-            "merges": [f"{encode_gpt2_token(left)} {encode_gpt2_token(right)}" for left, right in merges],
+            # "left right" strings: GPT-2's table never yields a space, and every HF version reads this form;
+            # SentencePiece-style tokens may hold a space, so they are written as pairs.
+            "merges": [f"{spell(left)} {spell(right)}" for left, right in merges]
+            if metaspace is None
+            else [[spell(left), spell(right)] for left, right in merges],
         },
     }
 
@@ -211,6 +242,7 @@ def save_hf_folder(
     unk_id: int | None = None,
     fuse_unk: bool = False,
     normalizer: str | None = None,
+    **sentencepiece_settings,
 ) -> Path:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory`` (created if needed).
 
@@ -231,6 +263,7 @@ def save_hf_folder(
         unk_id=unk_id,
         fuse_unk=fuse_unk,
         normalizer=normalizer,
+        **sentencepiece_settings,
     )
     with atomic_write(directory / TOKENIZER_CONFIG_FILE, "w", encoding="utf-8") as file:
         json.dump(config, file, ensure_ascii=False, indent=1)

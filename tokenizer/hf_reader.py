@@ -52,9 +52,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
+from scratchlm.tokenizer.hf_sentencepiece import is_sentencepiece_file, read_word_boundaries
 from scratchlm.tokenizer.json_input import read_json
 from scratchlm.tokenizer.pretokenizers import (
     DIGITS_PATTERN,
@@ -98,23 +99,37 @@ def read_hf_tokenizer(path: str | os.PathLike) -> tuple[dict[int, bytes], list, 
     model = document.get("model")
     if not isinstance(model, dict):
         raise source.refuse("model", model, "expected an object")
-    ignore_merges = _check_model(model, source)
-    normalizer = _normalizer_name(document.get("normalizer"), source)
-    pretokenizer = _pretokenizer_name(document.get("pre_tokenizer"), source)
-    decoder = document.get("decoder")
-    if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
-        raise source.refuse("decoder", decoder, "expected a ByteLevel decoder (a byte-level BPE tokenizer)")
+    sentencepiece = is_sentencepiece_file(document)
+    ignore_merges = _check_model(model, source, sentencepiece)
+    if sentencepiece:
+        # Tokens are plain text; spaces become ▁ (see hf_sentencepiece).
+        settings = read_word_boundaries(document, source.refuse)
+        normalizer = settings.pop("normalizer")
+        settings["byte_fallback"] = model.get("byte_fallback", False)
+        spelling = _plain_text
+    else:
+        normalizer = _normalizer_name(document.get("normalizer"), source)
+        settings = {"pretokenizer": _pretokenizer_name(document.get("pre_tokenizer"), source), "normalizer": normalizer}
+        decoder = document.get("decoder")
+        if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
+            raise source.refuse("decoder", decoder, "expected a ByteLevel decoder (a byte-level BPE tokenizer)")
+        spelling = decode_gpt2_token
 
     if not isinstance(model.get("vocab"), dict):
         raise source.refuse("model.vocab", model.get("vocab"), "expected an object token -> id")
     added = _added_tokens(document.get("added_tokens", []), model["vocab"], normalizer, source)
-    vocab = _vocab(model["vocab"], added, source)
-    merges = _merges(model.get("merges"), source)
+    vocab = _vocab(model["vocab"], added, source, spelling)
+    merges = _merges(model.get("merges"), source, spelling)
     template_bos = _post_processor_bos(document.get("post_processor"), "post_processor", source)
-    settings = _bos_eos(config, config_path, template_bos, added, vocab)
-    settings |= {"pretokenizer": pretokenizer, "ignore_merges": ignore_merges, "normalizer": normalizer}
-    settings |= _unknown_token(model, vocab, source)
+    settings |= _bos_eos(config, config_path, template_bos, added, vocab, sentencepiece)
+    settings["ignore_merges"] = ignore_merges
+    settings |= _unknown_token(model, vocab, source, sentencepiece)
     return vocab, merges, added, settings
+
+
+def _plain_text(token: str) -> bytes:
+    """A SentencePiece-style token's bytes: its text in UTF-8, as spelled."""
+    return token.encode("utf-8")
 
 
 def _locate(path: Path) -> tuple[Path, Path | None]:
@@ -143,15 +158,17 @@ def _read_json_object(path: Path) -> dict:
 # ------------------------------------------------------------------- model
 
 
-def _check_model(model: dict, source: _Source) -> bool:
-    """Refuse anything but plain byte-level BPE; return ``ignore_merges``."""
+def _check_model(model: dict, source: _Source, sentencepiece: bool) -> bool:
+    """Refuse anything but plain byte-level BPE (or SentencePiece-style BPE); return ``ignore_merges``."""
     model_type = model.get("type", "BPE" if "merges" in model and "vocab" in model else None)
     if model_type != "BPE":
         raise source.refuse(
             "model.type", model_type,
             "only byte-level BPE (\"BPE\") loads; Unigram (SentencePiece), WordPiece and WordLevel do not",
         )
-    if model.get("byte_fallback"):
+    if not isinstance(model.get("byte_fallback", False), bool):
+        raise source.refuse("model.byte_fallback", model["byte_fallback"], "expected true or false")
+    if model.get("byte_fallback") and not sentencepiece:
         raise source.refuse(
             "model.byte_fallback", model["byte_fallback"],
             "byte fallback (<0x..> tokens) is SentencePiece-style BPE, not byte-level",
@@ -167,8 +184,8 @@ def _check_model(model: dict, source: _Source) -> bool:
     return ignore_merges
 
 
-def _unknown_token(model: dict, vocab: dict[int, bytes], source: _Source) -> dict[str, Any]:
-    """``unk_token`` (an id) and ``fuse_unk``: what HF's BPE makes of a byte missing from the vocabulary."""
+def _unknown_token(model: dict, vocab: dict[int, bytes], source: _Source, sentencepiece: bool) -> dict[str, Any]:
+    """``unk_token`` (an id) and ``fuse_unk``: what HF's BPE makes of a byte (a character) missing from the vocabulary."""
     text, fuse_unk = model.get("unk_token"), model.get("fuse_unk", False)
     if not isinstance(fuse_unk, bool):
         raise source.refuse("model.fuse_unk", fuse_unk, "expected true or false")
@@ -177,7 +194,15 @@ def _unknown_token(model: dict, vocab: dict[int, bytes], source: _Source) -> dic
     if not isinstance(text, str) or not text:
         raise source.refuse("model.unk_token", text, "expected a token of model.vocab, or null")
     unk_id = model["vocab"].get(text)
-    if unk_id is None:
+    if unk_id is None and sentencepiece:
+        present = set(model["vocab"])
+        if not (model.get("byte_fallback") and all(f"<0x{byte:02X}>" in present for byte in range(256))):
+            raise source.refuse(
+                "model.unk_token", text,
+                "it is not in model.vocab, and without all 256 <0xNN> byte tokens HF fails on a character "
+                "missing from the vocabulary",
+            )
+    elif unk_id is None:
         present = set(vocab.values())
         missing = [byte for byte in range(256) if bytes([byte]) not in present]
         if missing:
@@ -294,7 +319,10 @@ def _added_tokens(entries: Any, model_vocab: dict, normalizer: str | None, sourc
             )
         added[content] = token_id
         normalized = bool(entry.get("normalized", not entry.get("special", False)))
-        if normalized and normalizer is not None:
+        # Gemma's normalizer only writes spaces as ▁, one character for one:
+        # a token without either is found at the same places before and after it.
+        unchanged = normalizer == "replace" and " " not in content and "\u2581" not in content
+        if normalized and normalizer is not None and not unchanged:
             raise source.refuse(
                 f"{field}.normalized", entry.get("normalized"),
                 f"({content!r}) with a normalizer, only false loads (HF would match it in the normalized text)",
@@ -318,8 +346,10 @@ def _can_overlap(a: str, b: str) -> bool:
     return any(a.endswith(b[:k]) for k in range(1, len(b))) or any(b.endswith(a[:k]) for k in range(1, len(a)))
 
 
-def _vocab(model_vocab: dict, added: dict[str, int], source: _Source) -> dict[int, bytes]:
-    """id -> bytes for the model's vocabulary and the added tokens."""
+def _vocab(
+    model_vocab: dict, added: dict[str, int], source: _Source, spelling: Callable[[str], bytes]
+) -> dict[int, bytes]:
+    """id -> bytes for the model's vocabulary (spelled as ``spelling`` reads) and the added tokens."""
     added_at = {token_id: content for content, token_id in added.items()}
     vocab: dict[int, bytes] = {}
     for spelled, token_id in model_vocab.items():
@@ -328,7 +358,7 @@ def _vocab(model_vocab: dict, added: dict[str, int], source: _Source) -> dict[in
         if token_id in vocab:
             raise source.refuse(f"model.vocab[{spelled!r}]", token_id, "that id is given to two tokens")
         try:
-            vocab[token_id] = decode_gpt2_token(spelled)
+            vocab[token_id] = spelling(spelled)
         except ValueError:
             # An added token listed in the vocabulary too is written as plain text.
             if added_at.get(token_id) != spelled:
@@ -346,7 +376,7 @@ def _vocab(model_vocab: dict, added: dict[str, int], source: _Source) -> dict[in
     return vocab
 
 
-def _merges(entries: Any, source: _Source) -> list[tuple[bytes, bytes]]:
+def _merges(entries: Any, source: _Source, spelling: Callable[[str], bytes]) -> list[tuple[bytes, bytes]]:
     """Merges by rank; a pair listed twice keeps only its last position, as HF's merge table does."""
     if not isinstance(entries, list):
         raise source.refuse("model.merges", entries, "expected a list")
@@ -356,7 +386,7 @@ def _merges(entries: Any, source: _Source) -> list[tuple[bytes, bytes]]:
         if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and all(isinstance(p, str) and p for p in parts)):
             raise source.refuse(f"model.merges[{index}]", entry, "expected \"left right\" or [\"left\", \"right\"]")
         try:
-            pairs.append((decode_gpt2_token(parts[0]), decode_gpt2_token(parts[1])))
+            pairs.append((spelling(parts[0]), spelling(parts[1])))
         except ValueError as error:
             raise source.refuse(f"model.merges[{index}]", entry, str(error)) from None
     last = {pair: index for index, pair in enumerate(pairs)}
@@ -415,11 +445,18 @@ def _config_token(config: dict, name: str, config_source: _Source) -> str | None
 
 
 def _bos_eos(
-    config: dict, config_path: Path | None, template_bos: int | bool, added: dict[str, int], vocab: dict[int, bytes]
+    config: dict,
+    config_path: Path | None,
+    template_bos: int | bool,
+    added: dict[str, int],
+    vocab: dict[int, bytes],
+    sentencepiece: bool,
 ) -> dict[str, Any]:
     """``bos_token``, ``eos_token`` and ``add_bos`` from the config and the post-processor's template."""
     config_source = _Source(config_path or Path(TOKENIZER_CONFIG_FILE))
-    for flag in ("add_eos_token", "add_prefix_space"):
+    # A SentencePiece-style tokenizer.json already says whether a ▁ is put
+    # first; the config's add_prefix_space (and legacy) only told the converter that made it.
+    for flag in ("add_eos_token",) if sentencepiece else ("add_eos_token", "add_prefix_space"):
         if config.get(flag):
             raise config_source.refuse(flag, config[flag], "only false is supported (encode adds nothing)")
     lowest_ids: dict[bytes, int] = {}

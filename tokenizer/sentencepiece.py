@@ -68,6 +68,8 @@ _PIECES = re.compile(f"{METASPACE}*[^{METASPACE}]+|{METASPACE}+")
 _SPLIT_WORDS = re.compile(f"{METASPACE}[^{METASPACE}]*|[^{METASPACE}]+")
 # A token holding ▁ right after another character joins across a piece cut.
 _JOINS_ACROSS_CUT = re.compile(f"[^{METASPACE}]{METASPACE}")
+# Files are scanned for stream cuts in windows of this many bytes.
+_SCAN_WINDOW_BYTES = 1 << 16
 # Pieces cached (bounded like the byte-level cache).
 _CACHE_MAX_ENTRIES = 1 << 17
 
@@ -213,10 +215,17 @@ class SentencePieceBPE:
         up whole segments, which a cut would change: no cut then. Special
         tokens are checked by the caller.
         """
+        return self._stream_cut_regex(" ", f"(?<=[^ {METASPACE}]) ")
+
+    def stream_cut_pattern_bytes(self) -> re.Pattern | None:
+        """:meth:`stream_cut_pattern` on UTF-8 bytes (the character before a cut is not a space or ▁)."""
+        return self._stream_cut_regex(b" ", b"(?<! )(?<!" + re.escape(METASPACE.encode()) + b") ")
+
+    def _stream_cut_regex(self, at_any_space, after_other_character) -> re.Pattern | None:
         if self.split:
-            return re.compile(" ")
+            return re.compile(at_any_space)
         if self.cuts_before_spaces and not self.ignore_merges:
-            return re.compile(f"(?<=[^ {METASPACE}]) ")
+            return re.compile(after_other_character)
         return None
 
     def last_stream_cut(self, text: str, special_tokens: Sequence[str], search_from: int = 0) -> int:
@@ -289,7 +298,30 @@ class SentencePieceBPE:
         return data
 
 
-def _occurs_over(text: str, token: str, start: int, end: int) -> bool:
+def next_stream_cut_in_file(file, position: int, special_tokens: Sequence[bytes], pattern: re.Pattern) -> int | None:
+    """The first cut of ``pattern`` (from :meth:`SentencePieceBPE.stream_cut_pattern_bytes`) at or after byte
+    ``position`` of a binary file, with no special token over the space or the byte before it; or None.
+    """
+    longest = max((len(token) for token in special_tokens), default=0)
+    behind = max(longest, len(METASPACE.encode()))  # what the look-behind and a special token ending there read
+    window_start = max(position, 1)
+    while True:
+        read_start = max(0, window_start - behind)
+        file.seek(read_start)
+        want = (window_start - read_start) + _SCAN_WINDOW_BYTES + max(longest, 1)
+        window = file.read(want)
+        at_end = len(window) < want
+        search_end = len(window) if at_end else len(window) - max(longest, 1)
+        for match in pattern.finditer(window, window_start - read_start, search_end):
+            cut = match.start()
+            if not any(_occurs_over(window, token, cut - 1, cut + 1) for token in special_tokens):
+                return read_start + cut
+        if at_end:
+            return None
+        window_start = read_start + search_end
+
+
+def _occurs_over(text, token, start: int, end: int) -> bool:
     """Whether an occurrence of ``token`` in ``text`` shares a character with ``[start, end)``."""
     return text.find(token, max(0, start - len(token) + 1), end + len(token) - 1) != -1
 
