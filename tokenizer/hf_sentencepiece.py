@@ -45,11 +45,15 @@ Refuse = Callable[[str, Any, str], ValueError]
 
 
 def is_sentencepiece_file(document: dict) -> bool:
-    """Whether a tokenizer.json is SentencePiece-style: its decoder is not byte-level, or its model falls back to bytes."""
+    """Whether a tokenizer.json is SentencePiece-style: neither its decoder nor a pre-tokenizer step is ByteLevel.
+
+    (A byte-level file is read, and refused when it must be, by the byte-level rules.)
+    """
     decoder = document.get("decoder")
-    model = document.get("model")
-    byte_fallback = isinstance(model, dict) and model.get("byte_fallback") is True
-    return byte_fallback or not (isinstance(decoder, dict) and decoder.get("type") == "ByteLevel")
+    if isinstance(decoder, dict) and decoder.get("type") == "ByteLevel":
+        return False
+    steps = _steps(document.get("pre_tokenizer"), "Sequence", "pretokenizers")
+    return not any(isinstance(step, dict) and step.get("type") == "ByteLevel" for step in steps)
 
 
 def _steps(node: Any, kind: str, key: str) -> list:
