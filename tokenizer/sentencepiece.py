@@ -53,6 +53,7 @@ import re
 from collections.abc import Sequence
 
 from scratchlm.tokenizer.apply_merges import LONG_PIECE_BYTES, merge_by_rank, merge_by_rank_heap
+from scratchlm.tokenizer.pretokenizers import DEFAULT_PRETOKENIZER
 
 METASPACE = "\u2581"
 METASPACE_SCHEMES = ("prepend", "always", "first", "never")
@@ -83,9 +84,38 @@ def byte_token(byte: int) -> str:
     return f"<0x{byte:02X}>"
 
 
-def default_decoder(metaspace: str) -> str:
-    """The decoder a scheme's files use: strip the ``▁`` it may prepend, unless it never prepends."""
-    return "sentencepiece" if metaspace == "never" else "sentencepiece-strip"
+def check_sentencepiece_settings(
+    metaspace: str | None, split: bool, byte_fallback: bool, decoder: str | None, *, pretokenizer: str,
+    normalizer: str | None,
+) -> str | None:
+    """Check the ``Tokenizer`` keywords of SentencePiece-style BPE; return the decoder (None for byte-level).
+
+    Without ``decoder``, the one a scheme's files use: strip the ``▁`` it may
+    prepend, unless it never prepends.
+    """
+    for name, value in (("metaspace_split", split), ("byte_fallback", byte_fallback)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool, got {value!r}")
+    if metaspace is None:
+        for name, value, unset in (("metaspace_split", split, False), ("byte_fallback", byte_fallback, False),
+                                   ("decoder", decoder, None)):
+            if value != unset:
+                raise ValueError(f"{name}={value!r} needs metaspace (SentencePiece-style BPE); got metaspace=None")
+        return None
+    if metaspace not in METASPACE_SCHEMES:
+        raise ValueError(f"metaspace must be None or one of {METASPACE_SCHEMES}, got {metaspace!r}")
+    if split and metaspace == "prepend":
+        raise ValueError("metaspace_split=True needs metaspace 'always', 'first' or 'never', got 'prepend'")
+    if decoder is None:
+        decoder = "sentencepiece" if metaspace == "never" else "sentencepiece-strip"
+    if decoder not in SENTENCEPIECE_DECODERS:
+        raise ValueError(f"decoder must be None or one of {SENTENCEPIECE_DECODERS}, got {decoder!r}")
+    if pretokenizer != DEFAULT_PRETOKENIZER or normalizer is not None:
+        raise ValueError(
+            f"metaspace={metaspace!r} splits text itself; expected the default pretokenizer and normalizer=None, "
+            f"got pretokenizer={pretokenizer!r}, normalizer={normalizer!r}"
+        )
+    return decoder
 
 
 def to_metaspace(segment: str, metaspace: str, *, at_text_start: bool, continuing: bool = False) -> str:

@@ -34,6 +34,13 @@ version 1 file loads as before, with GPT-2's pre-tokenizer)::
       "bos_id": 128000, "eos_id": 128001, "add_bos": true # ids or null
       "normalizer": "nfc"                                 # only when set (Qwen2)
 
+Version 3 is version 2 plus the SentencePiece settings, written only for a
+tokenizer with ``metaspace`` set (see :mod:`scratchlm.tokenizer.saved_format`)::
+
+      "version": 3,
+      "metaspace": "prepend", "metaspace_split": false,
+      "byte_fallback": true, "decoder": "sentencepiece-strip"
+
 Tokenizers of the Llama family load from their own files:
 :meth:`Tokenizer.from_hf` (Hugging Face ``tokenizer.json``) and
 :meth:`Tokenizer.from_gguf` (llama.cpp's GGUF metadata).
@@ -57,12 +64,7 @@ from scratchlm.tokenizer.pretokenize import (  # noqa: F401  (GPT2_PRETOKENIZE_R
 )
 from scratchlm.tokenizer.pretokenizers import DEFAULT_PRETOKENIZER, PreTokenizer, get_pretokenizer
 from scratchlm.tokenizer.saved_format import SAVE_FORMAT, SAVE_FORMAT_VERSION, tokenizer_document  # noqa: F401
-from scratchlm.tokenizer.sentencepiece import (
-    METASPACE_SCHEMES,
-    SENTENCEPIECE_DECODERS,
-    SentencePieceBPE,
-    default_decoder,
-)
+from scratchlm.tokenizer.sentencepiece import SentencePieceBPE, check_sentencepiece_settings
 from scratchlm.tokenizer.tokenizer_files import TokenizerFiles
 # Most text repeats its pre-tokens (" the", ",", " of" ...), so each distinct
 # pre-token is merged once and remembered. The cache is emptied when it holds
@@ -248,60 +250,23 @@ class Tokenizer(TokenizerFiles):
         if normalizer not in _NORMALIZERS:
             raise ValueError(f"normalizer must be one of {_NORMALIZERS}, got {normalizer!r}")
         self.normalizer: str | None = normalizer
-        self._sentencepiece = self._sentencepiece_steps(metaspace, metaspace_split, byte_fallback, decoder)
+        self.decoder: str | None = check_sentencepiece_settings(
+            metaspace, metaspace_split, byte_fallback, decoder, pretokenizer=self.pretokenizer, normalizer=normalizer
+        )
+        self.metaspace: str | None = metaspace
+        self.metaspace_split: bool = metaspace_split
+        self.byte_fallback: bool = byte_fallback
+        # The SentencePiece steps (None: byte-level BPE).
+        self._sentencepiece: SentencePieceBPE | None = None
+        if metaspace is not None:
+            self._sentencepiece = SentencePieceBPE(
+                self.vocab, self._token_ids, self.merges, self._merge_ranks,
+                metaspace=metaspace, split=metaspace_split, byte_fallback=byte_fallback, decoder=self.decoder,
+                unk_id=self.unk_id, fuse_unk=fuse_unk, ignore_merges=ignore_merges,
+            )
 
         self._cache: dict[str, tuple[int, ...]] = {}
         self._batch_merger: BatchMerger | None = None  # built on first use (~20 ms for GPT-2)
-
-    def _sentencepiece_steps(
-        self, metaspace: str | None, split: bool, byte_fallback: bool, decoder: str | None
-    ) -> SentencePieceBPE | None:
-        """Check the SentencePiece settings; the steps that encode and decode with them, or None (byte-level)."""
-        for name, value in (("metaspace_split", split), ("byte_fallback", byte_fallback)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be a bool, got {value!r}")
-        if metaspace is None:
-            for name, value, unset in (("metaspace_split", split, False), ("byte_fallback", byte_fallback, False),
-                                       ("decoder", decoder, None)):
-                if value != unset:
-                    raise ValueError(f"{name}={value!r} needs metaspace (SentencePiece-style BPE); got metaspace=None")
-            return None
-        if metaspace not in METASPACE_SCHEMES:
-            raise ValueError(f"metaspace must be None or one of {METASPACE_SCHEMES}, got {metaspace!r}")
-        if split and metaspace == "prepend":
-            raise ValueError("metaspace_split=True needs metaspace 'always', 'first' or 'never', got 'prepend'")
-        if decoder is None:
-            decoder = default_decoder(metaspace)
-        if decoder not in SENTENCEPIECE_DECODERS:
-            raise ValueError(f"decoder must be None or one of {SENTENCEPIECE_DECODERS}, got {decoder!r}")
-        if self.pretokenizer != DEFAULT_PRETOKENIZER or self.normalizer is not None:
-            raise ValueError(
-                f"metaspace={metaspace!r} splits text itself; expected the default pretokenizer and normalizer=None, "
-                f"got pretokenizer={self.pretokenizer!r}, normalizer={self.normalizer!r}"
-            )
-        return SentencePieceBPE(
-            self.vocab, self._token_ids, self.merges, self._merge_ranks,
-            metaspace=metaspace, split=split, byte_fallback=byte_fallback, decoder=decoder,
-            unk_id=self.unk_id, fuse_unk=self.fuse_unk, ignore_merges=self.ignore_merges,
-        )
-
-    @property
-    def metaspace(self) -> str | None:
-        """How spaces become ``"\u2581"`` (SentencePiece-style BPE), or None for byte-level BPE."""
-        return None if self._sentencepiece is None else self._sentencepiece.metaspace
-
-    @property
-    def metaspace_split(self) -> bool:
-        return self._sentencepiece is not None and self._sentencepiece.split
-
-    @property
-    def byte_fallback(self) -> bool:
-        return self._sentencepiece is not None and self._sentencepiece.byte_fallback
-
-    @property
-    def decoder(self) -> str | None:
-        """The SentencePiece decoder's name; None for byte-level BPE."""
-        return None if self._sentencepiece is None else self._sentencepiece.decoder
 
     def _add_fixed_special_ids(self, special_tokens: Mapping[str, int]) -> dict[str, int]:
         """Check special tokens given as text -> id, adding to ``vocab`` the ids it lacks."""
@@ -592,51 +557,13 @@ class Tokenizer(TokenizerFiles):
             return self._sentencepiece.decode(self._checked_ids(self._id_sequence(ids)), self.vocab)
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    # --------------------------------------------------- settings in the files
-    # TokenizerFiles writes the settings it knows; these add the normalizer
-    # and the SentencePiece settings (written only when set).
-
-    def _sentencepiece_settings(self) -> dict:
-        if self._sentencepiece is None:
-            return {}
-        return {
-            "metaspace": self.metaspace,
-            "metaspace_split": self.metaspace_split,
-            "byte_fallback": self.byte_fallback,
-            "decoder": self.decoder,
-        }
-
-    def _constructor_arguments(self) -> tuple[tuple, dict]:
-        args, kwargs = super()._constructor_arguments()
-        return args, kwargs | {"normalizer": self.normalizer} | self._sentencepiece_settings()
-
-    def _hf_settings(self) -> dict:
-        return super()._hf_settings() | {"normalizer": self.normalizer} | self._sentencepiece_settings()
-
-    def to_document(self) -> dict:
-        """The JSON document :meth:`save` writes (format in the module docstring), as a dict."""
-        return tokenizer_document(
-            self.vocab,
-            self.merges,
-            self.special_token_ids,
-            pretokenizer=self.pretokenizer,
-            ignore_merges=self.ignore_merges,
-            bos_id=self.bos_id,
-            eos_id=self.eos_id,
-            add_bos=self.add_bos,
-            unk_id=self.unk_id,
-            fuse_unk=self.fuse_unk,
-            normalizer=self.normalizer,
-            **self._sentencepiece_settings(),
-        )
-
     def __repr__(self) -> str:
         specials = repr(self.special_tokens)
         if len(self.special_tokens) > _REPR_MAX_SPECIAL_TOKENS:  # Llama 3 has 256
             shown = ", ".join(map(repr, self.special_tokens[:_REPR_MAX_SPECIAL_TOKENS]))
             specials = f"[{shown}, ...] ({len(self.special_tokens)} in all)"
         settings = "" if self.pretokenizer == DEFAULT_PRETOKENIZER else f", pretokenizer={self.pretokenizer!r}"
-        for name, value in self._sentencepiece_settings().items():
+        for name, value in self._sentencepiece_settings().items():  # in TokenizerFiles
             settings += f", {name}={value!r}"
         settings += ", ignore_merges=True" if self.ignore_merges else ""
         settings += f", normalizer={self.normalizer!r}" if self.normalizer else ""

@@ -45,11 +45,23 @@ class TokenizerFiles:
             "add_bos": self.add_bos,
             "unk_token": self.unk_id,
             "fuse_unk": self.fuse_unk,
+            "normalizer": self.normalizer,
         }
-        return args, kwargs
+        return args, kwargs | self._sentencepiece_settings()
+
+    def _sentencepiece_settings(self) -> dict[str, Any]:
+        """The SentencePiece keywords, when set (none for byte-level BPE, so its files stay as they were)."""
+        if self.metaspace is None:
+            return {}
+        return {
+            "metaspace": self.metaspace,
+            "metaspace_split": self.metaspace_split,
+            "byte_fallback": self.byte_fallback,
+            "decoder": self.decoder,
+        }
 
     def to_document(self) -> dict[str, Any]:
-        """The JSON document :meth:`save` writes (format in the module docstring), as a dict."""
+        """The JSON document :meth:`save` writes (format in :mod:`scratchlm.tokenizer.saved_format`), as a dict."""
         return tokenizer_document(
             self.vocab,
             self.merges,
@@ -61,6 +73,8 @@ class TokenizerFiles:
             add_bos=self.add_bos,
             unk_id=self.unk_id,
             fuse_unk=self.fuse_unk,
+            normalizer=self.normalizer,
+            **self._sentencepiece_settings(),
         )
 
     @classmethod
@@ -92,8 +106,9 @@ class TokenizerFiles:
     def from_hf(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load a Hugging Face ``tokenizer.json`` (a file, or the folder holding it).
 
-        Byte-level BPE only, with a pre-tokenizer that is one of the presets;
-        bos/eos come from ``tokenizer_config.json`` beside it and from the
+        Byte-level BPE with a pre-tokenizer that is one of the presets, or
+        SentencePiece-style BPE (Llama 2, TinyLlama, Mistral, Gemma: ``metaspace``
+        and ``byte_fallback`` set from the file); bos/eos come from ``tokenizer_config.json`` beside it and from the
         post-processor, ``unk_token`` and ``fuse_unk`` from the BPE model. A
         vocabulary may lack single bytes, as real ones do. Anything this class cannot reproduce exactly is
         refused with a ValueError naming the field and value; the rules are
@@ -190,4 +205,5 @@ class TokenizerFiles:
             "add_bos": self.add_bos,
             "unk_id": self.unk_id,
             "fuse_unk": self.fuse_unk,
-        }
+            "normalizer": self.normalizer,
+        } | self._sentencepiece_settings()
