@@ -6,32 +6,40 @@ import torch
 from torch import Tensor, nn
 
 from scratchlm.model.backends import KernelsSpec, get_op, resolve_kernels
-from scratchlm.model.layers import Linear, RotaryPositionEmbedding
+from scratchlm.model.layers import Linear, RMSNorm, RotaryPositionEmbedding
 
 
 class LayerKVCache:
-    """Keys and values (after RoPE) of every token one attention layer has seen.
+    """Keys and values (after RoPE) of the tokens one attention layer has seen.
 
     Tensors grow by concatenation along the sequence dim: simple, and cheap
-    next to the forward pass at the sizes this project generates.
+    next to the forward pass at the sizes this project generates. A sliding
+    window layer (``window`` W) keeps only the last W - 1 keys between
+    steps: the next query sees itself and those, never anything older.
+    ``length`` counts every token seen, kept or not (it numbers positions).
     """
 
-    def __init__(self) -> None:
-        self.keys: Tensor | None = None  # (..., kv_heads, cached_seq, d_head)
+    def __init__(self, window: int | None = None) -> None:
+        self.keys: Tensor | None = None  # (..., kv_heads, kept, d_head)
         self.values: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        self.window = window
+        self.length = 0  # tokens seen so far
 
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Add this step's keys and values; return all of them so far."""
+        """Add this step's keys and values; return the kept ones followed by these (the step's keys to attend)."""
         if self.keys is None or self.values is None:
-            self.keys, self.values = keys, values
+            all_keys, all_values = keys, values
         else:
-            self.keys = torch.cat((self.keys, keys), dim=-2)
-            self.values = torch.cat((self.values, values), dim=-2)
-        return self.keys, self.values
+            all_keys = torch.cat((self.keys, keys), dim=-2)
+            all_values = torch.cat((self.values, values), dim=-2)
+        self.length += keys.shape[-2]
+        if self.window is None:
+            self.keys, self.values = all_keys, all_values
+        else:
+            keep = self.window - 1
+            self.keys = all_keys[..., all_keys.shape[-2] - min(keep, all_keys.shape[-2]) :, :]
+            self.values = all_values[..., all_values.shape[-2] - min(keep, all_values.shape[-2]) :, :]
+        return all_keys, all_values
 
 
 class KVCache:
@@ -41,8 +49,9 @@ class KVCache:
     continue from ``length``, and attention also sees the cached keys.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self.layers = [LayerKVCache() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, windows: list[int | None] | None = None) -> None:
+        windows = [None] * num_layers if windows is None else windows
+        self.layers = [LayerKVCache(window) for window in windows]
 
     @property
     def length(self) -> int:
@@ -64,6 +73,14 @@ class MultiHeadSelfAttention(nn.Module):
     their own, smaller head count and never copies them per query head; the
     KV cache stores them at that size, which is what makes GQA cheap to decode.
     ``num_kv_heads`` = 1 is multi-query attention.
+
+    Family options (all off by default, giving the Llama layer): ``head_dim``
+    other than d_model / num_heads (q_proj then maps d_model -> num_heads *
+    head_dim and output_proj back); ``qkv_bias``, biases on q_proj, k_proj
+    and v_proj (Qwen2); ``qk_norm``, an RMSNorm ``q_norm`` / ``k_norm`` of
+    size head_dim over each head's q and k before RoPE (Qwen3); ``scale``
+    for q.k (None: head_dim ** -0.5); ``window`` W, a sliding window (query
+    i sees keys i-W+1..i; Mistral, Qwen2's upper layers).
     """
 
     def __init__(
@@ -79,9 +96,15 @@ class MultiHeadSelfAttention(nn.Module):
         num_kv_heads: int | None = None,
         rope_scaling: dict | None = None,
         rope: RotaryPositionEmbedding | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
+        scale: float | None = None,
+        window: int | None = None,
     ) -> None:
         super().__init__()
-        if d_model % num_heads != 0:
+        if head_dim is None and d_model % num_heads != 0:
             raise ValueError(f"d_model={d_model} with num_heads={num_heads}: expected d_model divisible by num_heads")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
@@ -91,15 +114,29 @@ class MultiHeadSelfAttention(nn.Module):
         if theta is not None and max_seq_len is None:
             raise ValueError("max_seq_len=None with theta set: expected max_seq_len, the size of the RoPE tables")
         backends = resolve_kernels(kernels, device)
+        if window is not None and backends["attention"] == "triton":
+            raise ValueError(
+                f"sliding_window={window}: the Triton attention kernel has no sliding window yet; "
+                f"expected kernels with attention='reference' or 'torch' for this model"
+            )
         self.d_model = d_model
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
-        self.d_head = d_model // num_heads
-        kv_dim = num_kv_heads * self.d_head
-        self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
-        self.k_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
-        self.v_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
-        self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.d_head = d_model // num_heads if head_dim is None else head_dim
+        self.scale = scale
+        self.window = window
+        q_dim, kv_dim = num_heads * self.d_head, num_kv_heads * self.d_head
+        self.q_proj = Linear(d_model, q_dim, device=device, dtype=dtype, bias=qkv_bias)
+        self.k_proj = Linear(d_model, kv_dim, device=device, dtype=dtype, bias=qkv_bias)
+        self.v_proj = Linear(d_model, kv_dim, device=device, dtype=dtype, bias=qkv_bias)
+        self.output_proj = Linear(q_dim, d_model, device=device, dtype=dtype)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if qk_norm:
+            self.q_norm = RMSNorm(self.d_head, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
+            self.k_norm = RMSNorm(self.d_head, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
+        # Only the options a model uses go to the op: the Triton kernel takes no window=.
+        self._attention_options = {key: value for key, value in (("scale", scale), ("window", window)) if value is not None}
         # A model passes one ``rope`` to all its layers: the tables depend only on
         # the config, and at Llama 3.1's 131072 positions (once used) they are 32 MB each.
         self.rope: RotaryPositionEmbedding | None = rope
@@ -138,6 +175,8 @@ class MultiHeadSelfAttention(nn.Module):
         q = self._split_heads(self.q_proj(x))  # (..., heads, seq, d_head)
         k = self._split_heads(self.k_proj(x))  # (..., kv_heads, seq, d_head)
         v = self._split_heads(self.v_proj(x))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # per head, over d_head, before RoPE
 
         if self.rope is not None:
             if token_positions is None:
@@ -154,11 +193,13 @@ class MultiHeadSelfAttention(nn.Module):
             k = rotate(k, head_positions)
 
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (..., kv_heads, cached + seq, d_head)
+            k, v = kv_cache.append(k, v)  # (..., kv_heads, kept + seq, d_head)
 
         if document_ids is None:
-            out = self._attention(q, k, v)  # (..., heads, seq, d_head)
+            out = self._attention(q, k, v, **self._attention_options)  # (..., heads, seq, d_head)
         else:
-            out = self._attention(q, k, v, document_ids=document_ids)
-        out = out.transpose(-3, -2).flatten(-2)  # (..., seq, d_model)
+            # A sliding window's cache keeps only its last keys: the ids of the dropped ones go too.
+            document_ids = document_ids[..., document_ids.shape[-1] - k.shape[-2] :]
+            out = self._attention(q, k, v, document_ids=document_ids, **self._attention_options)
+        out = out.transpose(-3, -2).flatten(-2)  # (..., seq, heads * d_head)
         return self.output_proj(out)

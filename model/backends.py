@@ -5,9 +5,11 @@ Five ops are swappable, each with one signature shared by every backend:
     rmsnorm(x, weight, eps) -> y          x (..., d), weight (d,)
     swiglu(a, b) -> silu(a) * b           same shapes
     rope(x, cos, sin) -> x rotated        x (..., seq, d), cos/sin (..., seq, d/2)
-    attention(q, k, v, document_ids=None) -> out
+    attention(q, k, v, document_ids=None, *, scale=None, window=None) -> out
                                           causal; q (..., heads, q_seq, d), k/v (..., kv_heads, k_seq, d);
-                                          document_ids (..., k_seq) keeps attention inside each document
+                                          document_ids (..., k_seq) keeps attention inside each document;
+                                          scale None is d ** -0.5; window W: a query sees its last W keys
+                                          (not in the Triton kernel yet: a model refuses it at construction)
     linear_cross_entropy(hidden, weight, targets, ignore_index=-100) -> mean loss
                                           lm_head plus cross-entropy; hidden (..., d), weight (vocab, d),
                                           targets (...); float32 math whatever the input dtype
@@ -136,7 +138,15 @@ def _torch_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (pairs * cos + swapped * sin).flatten(-2).to(x.dtype)
 
 
-def _torch_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+def _torch_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    document_ids: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+) -> Tensor:
     """Causal attention through PyTorch's fused kernels.
 
     Without ``document_ids``: ``F.scaled_dot_product_attention`` with
@@ -147,23 +157,26 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | Non
     >= 16); elsewhere (the CPU, other head sizes, no FlexAttention) SDPA with
     the explicit boolean causal-and-same-document mask, which PyTorch runs
     through its math or memory-efficient kernel over the whole (q_seq, k_seq)
-    square.
+    square. A sliding ``window`` is always an explicit boolean mask for SDPA.
     """
     heads, kv_heads = functional.group_heads(q, k)
     # enable_gqa: SDPA's own grouped-query support, the same h // group mapping.
-    gqa = {"enable_gqa": True} if heads != kv_heads else {}
+    extra = {"enable_gqa": True} if heads != kv_heads else {}
+    if scale is not None:
+        extra["scale"] = scale
     if document_ids is not None:
-        if q.device.type == "cuda" and _flex_suits(q) and _flex_attention() is not None:
+        plain = window is None and scale is None  # the FlexAttention path has neither
+        if plain and q.device.type == "cuda" and _flex_suits(q) and _flex_attention() is not None:
             return _flex_document_attention(q, k, v, document_ids)
-        mask = functional.causal_document_mask(q, k, document_ids)  # (..., 1, q_seq, k_seq)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
-    if q.shape[-2] == k.shape[-2]:
+        mask = functional.causal_document_mask(q, k, document_ids, window=window)  # (..., 1, q_seq, k_seq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **extra)
+    if q.shape[-2] == k.shape[-2] and window is None:
         # is_causal lets PyTorch pick a flash/memory-efficient kernel that skips masked blocks.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
     # With a KV cache the queries are the last positions; is_causal would align
     # them with the first keys instead, so pass the (bottom-right) mask explicitly.
-    mask = functional.causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+    mask = functional.causal_mask(q.shape[-2], k.shape[-2], device=q.device, window=window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **extra)
 
 
 def _flex_suits(q: Tensor) -> bool:

@@ -24,7 +24,7 @@ class ModelConfig:
     context_length: int  # longest sequence the model accepts; the RoPE tables grow up to it as positions are used
     d_model: int  # width of the residual stream
     num_layers: int  # number of TransformerBlocks
-    num_heads: int  # attention heads per block; d_model is split evenly between them
+    num_heads: int  # attention heads per block; d_model is split evenly between them unless head_dim says otherwise
     d_ff: int  # hidden width of the SwiGLU feed-forward network
     rope_theta: float = 10000.0  # RoPE base: pair i turns by pos * theta^(-2i/d_head)
     # Llama-family fields; their defaults give the original scratchlm model.
@@ -32,21 +32,32 @@ class ModelConfig:
     tie_embeddings: bool = False  # lm_head reuses the token embedding matrix (one Parameter)
     norm_eps: float = 1e-5  # the epsilon of every RMSNorm
     rope_scaling: dict | None = None  # Llama 3.1's {"rope_type": "llama3", ...}; see ROPE_SCALING_KEYS
+    # Qwen2/2.5, Qwen3 and Mistral fields; their defaults give the Llama model above.
+    head_dim: int | None = None  # width of one head; None means d_model // num_heads (Qwen3: 128 at any d_model)
+    qkv_bias: bool = False  # q_proj, k_proj and v_proj add a bias (Qwen2/2.5); output_proj never does
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE, weights of size head_dim (Qwen3)
+    attention_scale: float | None = None  # multiplies q.k in attention; None means head_dim ** -0.5
+    sliding_window: int | None = None  # W: a sliding layer's query i sees keys i-W+1..i; None: every layer is full
+    sliding_window_layers: tuple[int, ...] | None = None  # the layers that slide; None: all, when sliding_window is set
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name}={value!r}: expected a positive int")
-        if self.d_model % self.num_heads != 0:
+        if self.head_dim is None:
+            if self.d_model % self.num_heads != 0:
+                raise ValueError(
+                    f"ModelConfig.d_model={self.d_model} with num_heads={self.num_heads}: "
+                    f"expected d_model to be a multiple of num_heads (or an explicit head_dim)"
+                )
+            # Frozen: set through object.__setattr__, so equal models compare equal however given.
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim!r}: expected a positive int or None")
+        if self.head_dim % 2 != 0:
             raise ValueError(
-                f"ModelConfig.d_model={self.d_model} with num_heads={self.num_heads}: "
-                f"expected d_model to be a multiple of num_heads"
-            )
-        if (self.d_model // self.num_heads) % 2 != 0:
-            raise ValueError(
-                f"ModelConfig.d_model // num_heads = {self.d_model // self.num_heads}: "
-                f"expected an even head dimension, since RoPE rotates pairs of features"
+                f"ModelConfig.head_dim={self.head_dim}: expected an even head dimension, since RoPE rotates pairs of features"
             )
         if not _is_number(self.rope_theta) or self.rope_theta <= 0:
             raise ValueError(f"ModelConfig.rope_theta={self.rope_theta!r}: expected a positive number")
@@ -66,10 +77,40 @@ class ModelConfig:
         if not _is_number(self.norm_eps) or not 0 < self.norm_eps < 1:
             raise ValueError(f"ModelConfig.norm_eps={self.norm_eps!r}: expected a number in (0, 1)")
         object.__setattr__(self, "rope_scaling", normalize_rope_scaling(self.rope_scaling))
+        for name in ("qkv_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected True or False")
+        scale = self.attention_scale
+        if scale is not None and (not _is_number(scale) or scale <= 0):
+            raise ValueError(f"ModelConfig.attention_scale={scale!r}: expected a positive number or None (head_dim ** -0.5)")
+        self._check_sliding_window()
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+    def _check_sliding_window(self) -> None:
+        window, layers = self.sliding_window, self.sliding_window_layers
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+            raise ValueError(f"ModelConfig.sliding_window={window!r}: expected a positive int or None (full attention)")
+        if layers is None:
+            return
+        if window is None:
+            raise ValueError(
+                f"ModelConfig.sliding_window_layers={layers!r} with sliding_window=None: expected a window for them"
+            )
+        if not isinstance(layers, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in layers
+        ):
+            raise ValueError(
+                f"ModelConfig.sliding_window_layers={layers!r}: expected layer indices in [0, {self.num_layers})"
+            )
+        # A sorted tuple: JSON gives back a list, and equal configs must compare equal.
+        object.__setattr__(self, "sliding_window_layers", tuple(sorted(set(layers))))
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer``, or None where it attends to every earlier token."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
+            return self.sliding_window
+        return None
 
     @property
     def kv_dim(self) -> int:
@@ -83,7 +124,11 @@ class ModelConfig:
         existed, and checkpoints written either way read back the same.
         """
         values = dataclasses.asdict(self)
+        if values["sliding_window_layers"] is not None:
+            values["sliding_window_layers"] = list(values["sliding_window_layers"])
         defaults = {**_LLAMA_FIELD_DEFAULTS, "num_kv_heads": self.num_heads}
+        if self.d_model % self.num_heads == 0:
+            defaults["head_dim"] = self.d_model // self.num_heads
         return {key: value for key, value in values.items() if key not in defaults or value != defaults[key]}
 
     @classmethod
@@ -108,8 +153,12 @@ class ModelConfig:
         return cls.from_dict(values)
 
 
-# The fields added for pretrained Llama-family models, at the values that mean "as before".
-_LLAMA_FIELD_DEFAULTS = {"num_kv_heads": None, "tie_embeddings": False, "norm_eps": 1e-5, "rope_scaling": None}
+# The fields added for pretrained models (Llama, Qwen, Mistral), at the values that mean "as before".
+_LLAMA_FIELD_DEFAULTS = {
+    "num_kv_heads": None, "tie_embeddings": False, "norm_eps": 1e-5, "rope_scaling": None, "head_dim": None,
+    "qkv_bias": False, "qk_norm": False, "attention_scale": None, "sliding_window": None,
+    "sliding_window_layers": None,
+}  # fmt: skip
 
 
 def _is_number(value: object) -> bool:

@@ -44,14 +44,20 @@ def silu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
-def scaled_dot_product_attention(Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None) -> Tensor:
-    """softmax(Q K^T / sqrt(d_k)) V, with ``mask`` True where a query may attend a key.
+def scaled_dot_product_attention(
+    Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None, *, scale: float | None = None
+) -> Tensor:
+    """softmax(Q K^T * scale) V, with ``mask`` True where a query may attend a key.
 
     Shapes: Q (..., queries, d_k), K (..., keys, d_k), V (..., keys, d_v),
     mask broadcastable to (..., queries, keys); returns (..., queries, d_v).
+    ``scale`` None is 1 / sqrt(d_k).
     """
     d_k = Q.shape[-1]
-    scores = Q @ K.transpose(-2, -1) / math.sqrt(d_k)  # (..., queries, keys)
+    if scale is None:
+        scores = Q @ K.transpose(-2, -1) / math.sqrt(d_k)  # (..., queries, keys)
+    else:
+        scores = (Q @ K.transpose(-2, -1)) * scale
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"mask has dtype {mask.dtype}; expected torch.bool (True = may attend)")
@@ -61,18 +67,35 @@ def scaled_dot_product_attention(Q: Tensor, K: Tensor, V: Tensor, mask: Tensor |
     return weights @ V
 
 
-def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> Tensor:
+def causal_mask(
+    num_queries: int, num_keys: int, device: torch.device | None = None, *, window: int | None = None
+) -> Tensor:
     """Boolean (num_queries, num_keys) mask, True where a query may attend a key.
 
     The queries are the *last* ``num_queries`` positions of the key sequence
     (they equal it, except when earlier keys come from a KV cache), so query i
-    sees keys 0 .. num_keys - num_queries + i.
+    sees keys 0 .. num_keys - num_queries + i. With a sliding ``window`` W it
+    sees only the last W of those (itself and W - 1 before it).
+
+    >>> causal_mask(3, 3, window=2).int().tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
     """
     ones = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device)
-    return torch.tril(ones, diagonal=num_keys - num_queries)
+    mask = torch.tril(ones, diagonal=num_keys - num_queries)
+    if window is not None:
+        mask &= ~torch.tril(ones, diagonal=num_keys - num_queries - window)
+    return mask
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    document_ids: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+) -> Tensor:
     """Causal attention through ``scaled_dot_product_attention``; (..., seq, d) in and out.
 
     The "attention" op's reference; its Triton kernel is
@@ -86,25 +109,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = Non
     ``document_ids`` (..., k_seq), the dims before the heads, one integer per
     key position: attention also stays inside a document (see
     ``causal_document_mask``), which is what training on packed rows needs.
+
+    ``scale`` multiplies q.k (None: d ** -0.5); ``window`` W, when given,
+    lets each query see only itself and the W - 1 keys before it (a sliding
+    window layer, as in Mistral and Qwen2).
     """
     if document_ids is None:
-        mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+        mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device, window=window)
     else:
-        mask = causal_document_mask(q, k, document_ids)  # (..., 1, q_seq, k_seq): one mask for all heads
+        mask = causal_document_mask(q, k, document_ids, window=window)  # (..., 1, q_seq, k_seq): one for all heads
     heads, kv_heads = group_heads(q, k)
     if heads == kv_heads:
-        return scaled_dot_product_attention(q, k, v, mask)
+        return scaled_dot_product_attention(q, k, v, mask, scale=scale)
     grouped_q = q.unflatten(-3, (kv_heads, heads // kv_heads))  # (..., kv_heads, group, q_seq, d)
     if document_ids is not None:
         mask = mask.unsqueeze(-3)  # (..., 1, 1, q_seq, k_seq): broadcast over kv_heads and group
-    out = scaled_dot_product_attention(grouped_q, k.unsqueeze(-3), v.unsqueeze(-3), mask)
+    out = scaled_dot_product_attention(grouped_q, k.unsqueeze(-3), v.unsqueeze(-3), mask, scale=scale)
     return out.flatten(-4, -3)  # (..., heads, q_seq, d)
 
 
 causal_attention = attention  # the op's former name, kept for code that uses it
 
 
-def causal_document_mask(q: Tensor, k: Tensor, document_ids: Tensor) -> Tensor:
+def causal_document_mask(q: Tensor, k: Tensor, document_ids: Tensor, *, window: int | None = None) -> Tensor:
     """Boolean mask, True where a query may attend a key: causal and in the same document.
 
     q (..., heads, q_seq, d), k (..., kv_heads, k_seq, d) and ``document_ids``
@@ -119,7 +146,7 @@ def causal_document_mask(q: Tensor, k: Tensor, document_ids: Tensor) -> Tensor:
     q_len, k_len = q.shape[-2], k.shape[-2]
     lead = q.shape[:-3] if q.dim() >= 3 else torch.Size()
     same_document = document_mask(rows, q_len).reshape(*lead, q_len, k_len)
-    mask = causal_mask(q_len, k_len, device=q.device) & same_document
+    mask = causal_mask(q_len, k_len, device=q.device, window=window) & same_document
     return mask.unsqueeze(-3) if q.dim() >= 3 else mask
 
 

@@ -1,7 +1,7 @@
-"""Reading a llama.cpp GGUF file of architecture "llama".
+"""Reading a llama.cpp GGUF file of architecture "llama" (Llama, Mistral), "qwen2" or "qwen3".
 
 A GGUF file is a header of typed key/value metadata (hyper-parameters under
-``llama.*``, the tokenizer under ``tokenizer.ggml.*``), a table of tensors
+``{architecture}.*``, the tokenizer under ``tokenizer.ggml.*``), a table of tensors
 (name, ggml type, shape, offset) and the tensor data. ``gguf.GGUFReader``
 memory-maps the file and parses the header only; each tensor is then read,
 dequantised (``gguf.quants.dequantize``) and copied into the model on its
@@ -11,9 +11,14 @@ Layout facts (checked by tests against transformers' own GGUF loader):
 - A shape in the tensor table is ggml's ``ne``, fastest-varying dimension
   first: a (out, in) weight is stored as ne = [in, out], and its numpy view
   has shape reversed(ne) = (out, in), which is already PyTorch's.
-- llama.cpp's converter reorders Hugging Face's q/k rows back into Meta's
-  adjacent-pair order (its ``LlamaModel.permute``), which is scratchlm's
-  order, so q and k load as they are.
+- For "llama", llama.cpp's converter reorders Hugging Face's q/k rows back
+  into Meta's adjacent-pair order (its ``LlamaModel.permute``), which is
+  scratchlm's order, so q and k load as they are. For "qwen2" and "qwen3"
+  it keeps HF's rotate_half order (llama.cpp's NeoX RoPE), so q/k rows,
+  biases and q/k norm weights are reordered as for an HF folder.
+- Qwen2's q/k/v biases are attn_q.bias / attn_k.bias / attn_v.bias; Qwen3's
+  norms attn_q_norm / attn_k_norm; Qwen3's head dimension (128 at any
+  width) is ``qwen3.attention.key_length``.
 - Tensor names: token_embd, blk.{i}.attn_norm / attn_q / attn_k / attn_v /
   attn_output / ffn_norm / ffn_gate / ffn_up / ffn_down, output_norm,
   output (absent when tied to token_embd), rope_freqs (Llama 3.1 scaling,
@@ -42,7 +47,15 @@ import torch
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.gguf_rope import llama3_scaling_from_factors
 from scratchlm.model.transformer import TransformerLM
-from scratchlm.model.weight_loading import PretrainedFormatError, WeightFiller, allocate, check_plan
+from scratchlm.model.families import Family, FamilyError, family_name, gguf_family
+from scratchlm.model.weight_loading import (
+    PretrainedFormatError,
+    WeightFiller,
+    allocate,
+    check_plan,
+    half_split_to_adjacent_rows,
+    rotary_row_heads,
+)
 
 GGUF_MAGIC = b"GGUF"
 ROPE_FREQS = "rope_freqs.weight"
@@ -57,6 +70,12 @@ GGUF_LAYER_NAMES = {
     "ffn_gate.weight": "ffn.w1.weight",
     "ffn_up.weight": "ffn.w3.weight",
     "ffn_down.weight": "ffn.w2.weight",
+    # Held only by the families that have them (qwen2: biases; qwen3: q/k norms).
+    "attn_q.bias": "attn.q_proj.bias",
+    "attn_k.bias": "attn.k_proj.bias",
+    "attn_v.bias": "attn.v_proj.bias",
+    "attn_q_norm.weight": "attn.q_norm.weight",
+    "attn_k_norm.weight": "attn.k_norm.weight",
 }
 GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "token_embeddings.weight",
@@ -159,42 +178,67 @@ def _logical_shape(tensor: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(tensor.shape.tolist()))
 
 
+def _family(meta: _Metadata, source: str) -> Family:
+    try:
+        return gguf_family(meta.get("general.architecture"), source)
+    except FamilyError as e:
+        raise PretrainedFormatError(str(e)) from e
+
+
 def _config(meta: _Metadata, tensors: dict[str, Any], source: str) -> ModelConfig:
-    architecture = meta.get("general.architecture")
-    if architecture != "llama":
-        raise PretrainedFormatError(f"{source} has general.architecture={architecture!r}; expected 'llama'")
+    family = _family(meta, source)
+    arch = family.gguf_architecture  # the prefix of every hyper-parameter key
     splits = meta.number("split.count", required=False, default=1)
     if splits != 1:
         raise PretrainedFormatError(f"{source} has split.count={splits}; expected one file (merge it with gguf-split)")
-    experts = meta.number("llama.expert_count", required=False, default=0)
+    experts = meta.number(f"{arch}.expert_count", required=False, default=0)
     if experts:
-        raise PretrainedFormatError(f"{source} has llama.expert_count={experts}; expected 0 (a dense Llama)")
-    scaling_type = meta.get("llama.rope.scaling.type")
+        raise PretrainedFormatError(f"{source} has {arch}.expert_count={experts}; expected 0 (a dense model)")
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
     if scaling_type not in (None, "none"):
-        raise PretrainedFormatError(f"{source} has llama.rope.scaling.type={scaling_type!r}; expected none")
+        raise PretrainedFormatError(f"{source} has {arch}.rope.scaling.type={scaling_type!r}; expected none")
+    window = meta.get(f"{arch}.attention.sliding_window")
+    if window is not None:
+        # llama.cpp's converter writes none for these architectures (its llama/qwen2/qwen3 attend fully).
+        raise PretrainedFormatError(
+            f"{source} has {arch}.attention.sliding_window={window!r}; expected none for architecture {arch!r}"
+        )
     if "token_embd.weight" not in tensors:
         raise PretrainedFormatError(f"{source} lacks tensor 'token_embd.weight'")
 
-    d_model = meta.number("llama.embedding_length")
-    heads = meta.number("llama.attention.head_count")
+    d_model = meta.number(f"{arch}.embedding_length")
+    heads = meta.number(f"{arch}.attention.head_count")
     vocab = _logical_shape(tensors["token_embd.weight"])[0]
-    declared_vocab = meta.number("llama.vocab_size", required=False, default=vocab)
+    declared_vocab = meta.number(f"{arch}.vocab_size", required=False, default=vocab)
     if declared_vocab != vocab:
-        raise PretrainedFormatError(f"{source} has llama.vocab_size={declared_vocab} but token_embd has {vocab} rows")
-    if heads <= 0 or d_model % heads != 0:
-        raise PretrainedFormatError(f"{source} has llama.attention.head_count={heads} for embedding_length={d_model}")
-    head_dim = d_model // heads
-    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+        raise PretrainedFormatError(f"{source} has {arch}.vocab_size={declared_vocab} but token_embd has {vocab} rows")
+    if heads <= 0:
+        raise PretrainedFormatError(f"{source} has {arch}.attention.head_count={heads}; expected a positive int")
+    # key_length states the head dimension when it is not embedding_length / head_count (Qwen3).
+    default_head_dim = d_model // heads if d_model % heads == 0 else None
+    head_dim = meta.number(f"{arch}.attention.key_length", required=False, default=default_head_dim)
+    if head_dim is None:
+        raise PretrainedFormatError(
+            f"{source} has {arch}.attention.head_count={heads} for embedding_length={d_model} and no key_length"
+        )
+    if family.name == "llama" and head_dim != default_head_dim:
+        # scratchlm reads llama files written before key_length could differ; keep them to one meaning.
+        raise PretrainedFormatError(
+            f"{source} has llama.attention.key_length={head_dim}; expected the head dimension "
+            f"embedding_length / head_count = {default_head_dim}"
+        )
+    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.value_length"):
         value = meta.number(key, required=False, default=head_dim)
         if value != head_dim:
             raise PretrainedFormatError(
-                f"{source} has {key}={value}; expected the head dimension embedding_length / head_count = {head_dim}"
+                f"{source} has {key}={value}; expected the head dimension {head_dim} (key_length, or "
+                f"embedding_length / head_count)"
             )
-    theta = meta.number("llama.rope.freq_base", required=False, default=10000.0, integer=False)
+    theta = meta.number(f"{arch}.rope.freq_base", required=False, default=10000.0, integer=False)
     rope_scaling = None
     if ROPE_FREQS in tensors:
         factors = _tensor_values(tensors[ROPE_FREQS]).numpy()
-        original = meta.number("llama.rope.scaling.original_context_length", required=False)
+        original = meta.number(f"{arch}.rope.scaling.original_context_length", required=False)
         try:
             rope_scaling = llama3_scaling_from_factors(factors, theta, head_dim, original, source)
         except ValueError as e:
@@ -202,16 +246,19 @@ def _config(meta: _Metadata, tensors: dict[str, Any], source: str) -> ModelConfi
     try:
         return ModelConfig(
             vocab_size=vocab,
-            context_length=meta.number("llama.context_length"),
+            context_length=meta.number(f"{arch}.context_length"),
             d_model=d_model,
-            num_layers=meta.number("llama.block_count"),
+            num_layers=meta.number(f"{arch}.block_count"),
             num_heads=heads,
-            d_ff=meta.number("llama.feed_forward_length"),
+            d_ff=meta.number(f"{arch}.feed_forward_length"),
             rope_theta=float(theta),
-            num_kv_heads=meta.number("llama.attention.head_count_kv", required=False, default=heads),
+            num_kv_heads=meta.number(f"{arch}.attention.head_count_kv", required=False, default=heads),
             tie_embeddings="output.weight" not in tensors,
-            norm_eps=float(meta.number("llama.attention.layer_norm_rms_epsilon", integer=False)),
+            norm_eps=float(meta.number(f"{arch}.attention.layer_norm_rms_epsilon", integer=False)),
             rope_scaling=rope_scaling,
+            head_dim=head_dim,
+            qkv_bias=family.qkv_bias,
+            qk_norm=family.qk_norm,
         )
     except ValueError as e:
         raise PretrainedFormatError(f"{source}: {e}") from e
@@ -295,7 +342,9 @@ def read_gguf_file(
     source = repr(str(path))
     reader = _open(path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
-    config = _config(_Metadata(reader, source), tensors, source)
+    meta = _Metadata(reader, source)
+    config = _config(meta, tensors, source)
+    rows_in_hf_order = _family(meta, source).gguf_rows_in_hf_order
 
     plan: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, tensor in tensors.items():
@@ -303,7 +352,7 @@ def read_gguf_file(
             continue
         ours = gguf_to_scratchlm_name(name)
         if ours is None:
-            raise PretrainedFormatError(f"{source} has tensor {name!r}, which a llama model does not have")
+            raise PretrainedFormatError(f"{source} has tensor {name!r}, which a {family_name(config)} model does not have")
         if not _can_dequantize(int(tensor.tensor_type)):
             raise PretrainedFormatError(
                 f"{source} stores {name!r} as ggml type {GGMLQuantizationType(tensor.tensor_type).name}, "
@@ -319,7 +368,11 @@ def read_gguf_file(
     model = allocate(config, kernels, device, dtype or _default_dtype(tensors))
     filler = WeightFiller(model, source)
     for ours, (name, _) in plan.items():
-        filler.fill(ours, _tensor_values(tensors[name]))
+        values = _tensor_values(tensors[name])
+        heads = rotary_row_heads(ours, config) if rows_in_hf_order else None
+        if heads is not None:
+            values = half_split_to_adjacent_rows(values, heads)
+        filler.fill(ours, values)
         _release_pages(reader, tensors[name])
     filler.finish()
     return model, tokenizer

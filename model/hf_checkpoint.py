@@ -1,6 +1,6 @@
-"""Reading a Hugging Face Llama folder: config.json plus safetensors weights.
+"""Reading a Hugging Face folder (Llama, Qwen2/2.5, Qwen3, Mistral): config.json plus safetensors weights.
 
-    folder/config.json                      LlamaForCausalLM hyper-parameters
+    folder/config.json                      hyper-parameters; model_type picks the family (model/families.py)
     folder/model.safetensors                the weights, or shards listed in
     folder/model.safetensors.index.json     {"weight_map": {tensor name: shard file}}
     folder/tokenizer.json                   optional; read by scratchlm.tokenizer
@@ -37,7 +37,9 @@ from scratchlm.model.weight_loading import (
     allocate,
     check_plan,
     half_split_to_adjacent_rows,
+    rotary_row_heads,
 )
+from scratchlm.model.families import FamilyError, family_name, hf_family
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,6 +57,12 @@ HF_LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn.w1.weight",
     "mlp.up_proj.weight": "ffn.w3.weight",
     "mlp.down_proj.weight": "ffn.w2.weight",
+    # Held only by the models whose config asks for them (qkv_bias: Qwen2; qk_norm: Qwen3).
+    "self_attn.q_proj.bias": "attn.q_proj.bias",
+    "self_attn.k_proj.bias": "attn.k_proj.bias",
+    "self_attn.v_proj.bias": "attn.v_proj.bias",
+    "self_attn.q_norm.weight": "attn.q_norm.weight",
+    "self_attn.k_norm.weight": "attn.k_norm.weight",
 }
 HF_GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embeddings.weight",
@@ -150,23 +158,23 @@ def _rope_from_hf(values: dict, source: str) -> tuple[float, dict | None]:
 
 
 def config_from_hf(values: Any, source: str) -> ModelConfig:
-    """A ModelConfig from config.json contents, or a refusal naming the field and value."""
+    """A ModelConfig from config.json contents (Llama, Qwen2/2.5, Qwen3, Mistral), or a refusal naming the field and value."""
     if not isinstance(values, dict):
         raise PretrainedFormatError(f"{source} holds {type(values).__name__}; expected a JSON object")
-    model_type = values.get("model_type")
-    if model_type != "llama":
-        raise _refuse(source, "model_type", model_type, "expected 'llama'")
+    try:
+        family = hf_family(values.get("model_type"), source)
+    except FamilyError as e:
+        raise PretrainedFormatError(str(e)) from e
     architectures = values.get("architectures")
-    if architectures is not None and architectures != ["LlamaForCausalLM"]:
-        raise _refuse(source, "architectures", architectures, "expected ['LlamaForCausalLM']")
+    if architectures is not None and architectures != [family.hf_architecture]:
+        raise _refuse(source, "architectures", architectures, f"expected [{family.hf_architecture!r}]")
+    # Qwen3's attention_bias also biases o_proj, which scratchlm's output_proj lacks; Llama's too.
     for field in ("attention_bias", "mlp_bias"):
         if values.get(field):
-            raise _refuse(source, field, values[field], "expected false (scratchlm's linear layers have no bias)")
+            raise _refuse(source, field, values[field], "expected false (scratchlm has no o_proj or MLP bias)")
     hidden_act = values.get("hidden_act", "silu")
     if hidden_act != "silu":
         raise _refuse(source, "hidden_act", hidden_act, "expected 'silu' (SwiGLU)")
-    if values.get("sliding_window") is not None:
-        raise _refuse(source, "sliding_window", values["sliding_window"], "expected null (full causal attention)")
     if values.get("quantization_config") is not None:
         quantization = values["quantization_config"]
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
@@ -175,23 +183,19 @@ def config_from_hf(values: Any, source: str) -> ModelConfig:
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [field for field in required if field not in values]
     if missing:
-        raise PretrainedFormatError(f"{source} lacks {missing}; a Llama config needs all of {list(required)}")
-    hidden, heads = values["hidden_size"], values["num_attention_heads"]
+        raise PretrainedFormatError(f"{source} lacks {missing}; a {family.name} config needs all of {list(required)}")
+    hidden, heads, layers = values["hidden_size"], values["num_attention_heads"], values["num_hidden_layers"]
     head_dim = values.get("head_dim")
-    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
-        if hidden % heads != 0:
-            raise _refuse(source, "hidden_size", hidden, f"expected a multiple of num_attention_heads={heads}")
-        if head_dim is not None and head_dim != hidden // heads:
-            raise _refuse(
-                source, "head_dim", head_dim, f"expected hidden_size / num_attention_heads = {hidden // heads}"
-            )
+    if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads != 0:
+        raise _refuse(source, "hidden_size", hidden, f"expected a multiple of num_attention_heads={heads} (or a head_dim)")
     theta, rope_scaling = _rope_from_hf(values, source)
     try:
+        window, window_layers = family.read_window(values, layers if isinstance(layers, int) else 0, source)
         return ModelConfig(
             vocab_size=values["vocab_size"],
             context_length=values.get("max_position_embeddings", _HF_DEFAULTS["max_position_embeddings"]),
             d_model=hidden,
-            num_layers=values["num_hidden_layers"],
+            num_layers=layers,
             num_heads=heads,
             d_ff=values["intermediate_size"],
             rope_theta=theta,
@@ -199,9 +203,14 @@ def config_from_hf(values: Any, source: str) -> ModelConfig:
             tie_embeddings=values.get("tie_word_embeddings", False),
             norm_eps=values.get("rms_norm_eps", _HF_DEFAULTS["rms_norm_eps"]),
             rope_scaling=rope_scaling,
+            head_dim=head_dim,
+            qkv_bias=family.qkv_bias,
+            qk_norm=family.qk_norm,
+            sliding_window=window,
+            sliding_window_layers=window_layers,
         )
-    except ValueError as e:
-        raise PretrainedFormatError(f"{source}: {e}") from e
+    except ValueError as e:  # FamilyError included
+        raise PretrainedFormatError(f"{source}: {e}" if not str(e).startswith(source) else str(e)) from e
 
 
 # ------------------------------------------------------------------ safetensors headers
@@ -269,7 +278,7 @@ def _plan(
             ours = hf_to_scratchlm_name(hf_name)
             if ours is None:
                 raise PretrainedFormatError(
-                    f"{str(path)!r} has tensor {hf_name!r}, which a LlamaForCausalLM does not have"
+                    f"{str(path)!r} has tensor {hf_name!r}, which a {family_name(config)} model does not have"
                 )
             if ours == "lm_head.weight" and config.tie_embeddings:
                 tied_copy = (path, hf_name)  # tied: transformers ignores a stored copy too
@@ -345,10 +354,9 @@ def load_hf_folder(
                 tensor = file.get_tensor(hf_name)
         except SafetensorError as e:
             raise PretrainedFormatError(f"{str(path)!r}: tensor {hf_name!r} could not be read ({e})") from e
-        if ours.endswith("attn.q_proj.weight"):
-            tensor = half_split_to_adjacent_rows(tensor, config.num_heads)
-        elif ours.endswith("attn.k_proj.weight"):
-            tensor = half_split_to_adjacent_rows(tensor, config.num_kv_heads)
+        heads = rotary_row_heads(ours, config)
+        if heads is not None:
+            tensor = half_split_to_adjacent_rows(tensor, heads)
         filler.fill(ours, tensor)
         del tensor
     filler.finish()

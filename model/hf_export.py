@@ -1,6 +1,10 @@
-"""``export_hf``: write a TransformerLM as a Hugging Face LlamaForCausalLM folder.
+"""``export_hf``: write a TransformerLM as a Hugging Face folder of its family.
 
-    out_dir/config.json              LlamaForCausalLM hyper-parameters
+The family is the one whose format states the model's config (see
+``families.family_of``): Qwen3 with q/k norms, Qwen2 with q/k/v biases,
+Mistral with a window on every layer, Llama otherwise.
+
+    out_dir/config.json              hyper-parameters (model_type llama, qwen2, qwen3 or mistral)
     out_dir/generation_config.json   bos/eos ids
     out_dir/model.safetensors        weights, q/k rows in HF's rotate_half order
     out_dir/tokenizer.json           } Tokenizer.save_hf_folder, when a tokenizer is given:
@@ -24,7 +28,8 @@ import torch
 from scratchlm.model.hf_checkpoint import CONFIG_FILE, WEIGHTS_FILE, scratchlm_to_hf_name
 from scratchlm.model.safetensors_writer import SafetensorsStreamWriter
 from scratchlm.model.transformer import TransformerLM
-from scratchlm.model.weight_loading import adjacent_to_half_split_rows, expected_shapes
+from scratchlm.model.families import FamilyError, family_of
+from scratchlm.model.weight_loading import adjacent_to_half_split_rows, expected_shapes, rotary_row_heads
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Everything an export writes: the only names a folder may hold for --overwrite to replace it.
@@ -46,10 +51,15 @@ def hf_config(model: TransformerLM, bos_id: int | None, eos_id: int | None) -> d
     dtype = model.token_embeddings.weight.dtype
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"model weights are {dtype}; expected one of {list(_DTYPE_NAMES)} to export")
+    try:
+        family = family_of(cfg)
+        window_fields = family.write_window(cfg)
+    except FamilyError as e:
+        raise ValueError(f"export_hf: {e}") from e
     scaling = dict(cfg.rope_scaling) if cfg.rope_scaling is not None else None
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.hf_architecture],
+        "model_type": family.name,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff,
@@ -75,6 +85,7 @@ def hf_config(model: TransformerLM, bos_id: int | None, eos_id: int | None) -> d
         "pad_token_id": None,
         "torch_dtype": _DTYPE_NAMES[dtype],
         "dtype": _DTYPE_NAMES[dtype],
+        **window_fields,
     }
 
 
@@ -96,10 +107,9 @@ def _write_weights(model: TransformerLM, path: Path) -> None:
         writer = SafetensorsStreamWriter(file, entries, {"format": "pt"})
         for name in names:
             tensor = state[name].detach()
-            if name.endswith("attn.q_proj.weight"):
-                tensor = adjacent_to_half_split_rows(tensor, cfg.num_heads)
-            elif name.endswith("attn.k_proj.weight"):
-                tensor = adjacent_to_half_split_rows(tensor, cfg.num_kv_heads)
+            heads = rotary_row_heads(name, cfg)
+            if heads is not None:
+                tensor = adjacent_to_half_split_rows(tensor, heads)
             writer.write(scratchlm_to_hf_name(name), tensor)
         writer.close()
         file.flush()
@@ -135,7 +145,7 @@ def check_out_dir(out_dir: Path, overwrite: bool, *, name: str = "out_dir", writ
 
 
 def export_hf(model: TransformerLM, tokenizer: Any, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``model`` (and ``tokenizer``, unless None) as a Hugging Face Llama folder; returns its path.
+    """Write ``model`` (and ``tokenizer``, unless None) as a Hugging Face folder of its family; returns its path.
 
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` gives the
     same logits, and ``AutoTokenizer.from_pretrained(out_dir)`` the same ids.

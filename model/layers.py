@@ -15,11 +15,12 @@ from scratchlm.model.backends import get_op
 
 
 class Linear(nn.Module):
-    """y = x W^T without bias; W is (out_features, in_features).
+    """y = x W^T (+ b with ``bias=True``); W is (out_features, in_features).
 
     Init: truncated normal, std sqrt(2 / (in + out)) (Glorot's variance for
     a layer seen from both directions), cut at +-3 std so no weight starts
-    as an outlier.
+    as an outlier; a bias starts at zero. Without ``bias`` (the default, and
+    every Llama layer) there is no ``bias`` parameter at all.
     """
 
     def __init__(
@@ -28,6 +29,8 @@ class Linear(nn.Module):
         out_features: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -35,12 +38,15 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         std = math.sqrt(2.0 / (in_features + out_features))
         nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ self.weight.T  # (..., in) @ (in, out) -> (..., out)
+        y = x @ self.weight.T  # (..., in) @ (in, out) -> (..., out)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        bias = "" if self.bias is None else ", bias=True"
+        return f"in_features={self.in_features}, out_features={self.out_features}{bias}"
 
 
 class Embedding(nn.Module):

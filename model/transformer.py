@@ -40,13 +40,19 @@ class TransformerBlock(nn.Module):
         norm_eps: float = 1e-5,
         rope_scaling: dict | None = None,
         rope: RotaryPositionEmbedding | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        attention_scale: float | None = None,
+        window: int | None = None,
     ) -> None:
         super().__init__()
         backends = resolve_kernels(kernels, device)
         self.ln1 = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
         self.attn = MultiHeadSelfAttention(
             d_model, num_heads, max_seq_len, theta, device=device, dtype=dtype, kernels=backends,
-            num_kv_heads=num_kv_heads, rope_scaling=rope_scaling, rope=rope,
+            num_kv_heads=num_kv_heads, rope_scaling=rope_scaling, rope=rope, head_dim=head_dim,
+            qkv_bias=qkv_bias, qk_norm=qk_norm, norm_eps=norm_eps, scale=attention_scale, window=window,
         )  # fmt: skip
         self.ln2 = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
         self.ffn = SwiGLU(d_model, d_ff, device=device, dtype=dtype, backend=backends["swiglu"])
@@ -76,8 +82,11 @@ class TransformerLM(nn.Module):
     "loss" reads linear_cross_entropy's entry).
 
     The Llama-family fields of the config (``num_kv_heads``,
-    ``tie_embeddings``, ``norm_eps``, ``rope_scaling``) are what pretrained
-    checkpoints need (see ``scratchlm.model.load_pretrained``). With
+    ``tie_embeddings``, ``norm_eps``, ``rope_scaling``) and the Qwen/Mistral
+    ones (``head_dim``, ``qkv_bias``, ``qk_norm``, ``attention_scale``,
+    ``sliding_window``, ``sliding_window_layers``; each read by the
+    attention only) are what pretrained checkpoints need (see
+    ``scratchlm.model.load_pretrained``). With
     ``tie_embeddings`` lm_head's weight is the token embedding's Parameter
     itself: the state dict lists it under both names, and an optimizer sees
     it once.
@@ -131,14 +140,29 @@ class TransformerLM(nn.Module):
                 norm_eps=cfg.norm_eps,
                 rope_scaling=cfg.rope_scaling,
                 rope=rope,
+                head_dim=cfg.head_dim,
+                qkv_bias=cfg.qkv_bias,
+                qk_norm=cfg.qk_norm,
+                attention_scale=cfg.attention_scale,
+                window=window,
             )
-            for _ in range(cfg.num_layers)
+            for window in self.layer_windows()
         )
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype, backend=self.backends["rmsnorm"])
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
         # Lazy: a Triton loss kernel is imported when a loss is first asked for, not to build a model for generation.
         self._loss = get_op("linear_cross_entropy", self.backends["linear_cross_entropy"], device, lazy=True)
         self.tie_weights()
+
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding window, None where attention is full.
+
+        A window of at least context_length never binds (no sequence is longer),
+        so it is None here: such a model is a full-attention model on every backend.
+        """
+        cfg = self.config
+        windows = [cfg.layer_window(layer) for layer in range(cfg.num_layers)]
+        return [w if w is not None and w < cfg.context_length else None for w in windows]
 
     def tie_weights(self) -> None:
         """Make lm_head use the token embedding's Parameter when the config ties them (else nothing)."""
@@ -311,7 +335,7 @@ class TransformerLM(nn.Module):
 
     def new_kv_cache(self) -> KVCache:
         """An empty KV cache with one slot per layer, for incremental decoding."""
-        return KVCache(len(self.layers))
+        return KVCache(len(self.layers), [layer.attn.window for layer in self.layers])
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied matrix once); ``non_embedding`` leaves out the token embedding table.
@@ -336,7 +360,8 @@ class TransformerLM(nn.Module):
         It is the numerator of MFU.
         """
         cfg = self.config
-        return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.num_layers * cfg.d_model * cfg.context_length
+        attention_width = cfg.num_heads * cfg.head_dim  # d_model, unless head_dim is set apart
+        return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.num_layers * attention_width * cfg.context_length
 
     def extra_repr(self) -> str:
         return f"backends={self.backends}"

@@ -56,6 +56,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "ffn.w3.weight": (f, d),
             p + "ffn.w2.weight": (d, f),
         }
+        if config.qkv_bias:
+            shapes |= {p + "attn.q_proj.bias": (q_rows,), p + "attn.k_proj.bias": (kv_rows,), p + "attn.v_proj.bias": (kv_rows,)}
+        if config.qk_norm:
+            shapes |= {p + "attn.q_norm.weight": (hd,), p + "attn.k_norm.weight": (hd,)}
     shapes["ln_final.weight"] = (d,)
     if not config.tie_embeddings:
         shapes["lm_head.weight"] = (v, d)
@@ -84,7 +88,7 @@ def check_plan(plan: dict[str, tuple[str, tuple[int, ...]]], config: ModelConfig
 def _check_layer_count(plan: dict[str, tuple[str, tuple[int, ...]]], config: ModelConfig, source: str) -> None:
     """Refuse a config stating more layers than the file has tensors for, before listing its weights.
 
-    ``expected_shapes`` builds nine entries per stated layer: a config.json
+    ``expected_shapes`` builds nine (or more) entries per stated layer: a config.json
     saying num_hidden_layers = 10**12 must be refused from the file's own
     tensor count, not by building that list first.
     """
@@ -99,18 +103,32 @@ def _check_layer_count(plan: dict[str, tuple[str, tuple[int, ...]]], config: Mod
 def half_split_to_adjacent_rows(weight: Tensor, num_heads: int) -> Tensor:
     """q/k rows in HF's rotate_half order -> adjacent-pair order (a view when possible).
 
-    Per head, output row 2i + c takes input row c*(d/2) + i.
+    Per head, output row 2i + c takes input row c*(d/2) + i. A 1-D tensor
+    (a q/k bias, or Qwen3's q_norm/k_norm weight with ``num_heads`` 1) is
+    reordered the same way, as a column.
     """
-    rows, cols = weight.shape
+    rows, trailing = weight.shape[0], weight.shape[1:]
     head_dim = rows // num_heads
-    return weight.reshape(num_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+    return weight.reshape(num_heads, 2, head_dim // 2, *trailing).transpose(1, 2).reshape(weight.shape)
 
 
 def adjacent_to_half_split_rows(weight: Tensor, num_heads: int) -> Tensor:
     """The inverse of :func:`half_split_to_adjacent_rows`: per head, row c*(d/2) + i takes row 2i + c."""
-    rows, cols = weight.shape
+    rows, trailing = weight.shape[0], weight.shape[1:]
     head_dim = rows // num_heads
-    return weight.reshape(num_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return weight.reshape(num_heads, head_dim // 2, 2, *trailing).transpose(1, 2).reshape(weight.shape)
+
+
+def rotary_row_heads(name: str, config: ModelConfig) -> int | None:
+    """How many heads' rows the weight ``name`` stacks along its first dim if RoPE's pair order touches
+    them (q/k projections and biases, q/k norms: one head), else None (nothing to reorder)."""
+    if name.endswith(("attn.q_proj.weight", "attn.q_proj.bias")):
+        return config.num_heads
+    if name.endswith(("attn.k_proj.weight", "attn.k_proj.bias")):
+        return config.num_kv_heads
+    if name.endswith(("attn.q_norm.weight", "attn.k_norm.weight")):
+        return 1
+    return None
 
 
 class WeightFiller:

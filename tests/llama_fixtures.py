@@ -73,17 +73,38 @@ LLAMA3_SCALING = {
 
 def hf_llama(seed: int = 0, rope_theta: float = 10000.0, rope_scaling: dict | None = None, **overrides):
     """A seeded, randomly initialised transformers LlamaForCausalLM (float32, eval, eager attention)."""
+    return hf_model("llama", seed, rope_theta, rope_scaling, **overrides)
+
+
+# model_type -> (config class, model class) names in transformers.
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+
+
+def hf_model(model_type: str, seed: int = 0, rope_theta: float = 10000.0, rope_scaling: dict | None = None,
+             **overrides):  # fmt: skip
+    """A seeded, randomly initialised transformers model of ``model_type`` (float32, eval, eager attention).
+
+    TINY_LLAMA's shape, with ``overrides`` (Qwen2's use_sliding_window, Qwen3's head_dim, ...).
+    """
     values = {**TINY_LLAMA, **overrides}
     values["rope_parameters"] = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
     transformers = _transformers()
-    config = transformers.LlamaConfig(**values)
+    config_class, model_class = (getattr(transformers, name) for name in HF_CLASSES[model_type])
+    config = config_class(**values)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model = model_class._from_config(config, attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
-        # Norm weights start at 1, which would hide a missing or misplaced multiply.
         for name, param in model.named_parameters():
+            # Norm weights start at 1 and biases at 0, which would hide a missing or misplaced one.
             if name.endswith("norm.weight"):
                 param.copy_(1 + 0.5 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.5 * torch.randn_like(param))
     return model.eval()
 
 
@@ -149,7 +170,15 @@ _GGUF_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
+
+# HF model_type -> the GGUF architecture llama.cpp's converter writes (Mistral goes out as "llama").
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def gguf_name(hf_name: str) -> str:
@@ -187,9 +216,14 @@ def add_tokenizer_metadata(writer, tokenizer: Tokenizer) -> None:
 
 def write_gguf(model, path: Path, qtype: str = "F32", *, tokenizer: Tokenizer | None = TOKENIZER,
                extra_metadata=None, skip=(), extra_tensors=None) -> Path:  # fmt: skip
-    """``model`` (a transformers LlamaForCausalLM) as a llama.cpp GGUF file.
+    """``model`` (a transformers Llama, Mistral, Qwen2 or Qwen3 model) as a llama.cpp GGUF file.
 
-    ``qtype`` is the ggml type of every matrix ("F32", "F16", "BF16", "Q8_0",
+    As convert_hf_to_gguf.py writes them: Llama and Mistral as architecture
+    "llama" with q/k rows permuted to Meta's pairs (LlamaModel), no sliding
+    window key, rope.dimension_count; Qwen2 and Qwen3 as "qwen2"/"qwen3"
+    (Qwen2Model, Qwen3Model) with rows in HF order, biases and q/k norms under
+    their own names, and key_length/value_length when config.json states
+    head_dim (TextModel). ``qtype`` is the ggml type of every matrix ("F32", "F16", "BF16", "Q8_0",
     "Q4_0", ...); 1-D norms stay F32 as llama.cpp keeps them. ``skip`` leaves
     tensors out; ``extra_tensors`` {name: float32 array or (raw bytes, ggml type)} are added;
     ``extra_metadata`` {key: value} overrides or adds llama.* keys.
@@ -197,10 +231,11 @@ def write_gguf(model, path: Path, qtype: str = "F32", *, tokenizer: Tokenizer | 
     import gguf
 
     config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
+    architecture = GGUF_ARCHITECTURES[config.model_type]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = config.rope_parameters
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name("tiny-llama")
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_name(f"tiny-{config.model_type}")  # transformers' GGUF reader takes "mistral" in the name as Mistral
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -209,7 +244,11 @@ def write_gguf(model, path: Path, qtype: str = "F32", *, tokenizer: Tokenizer | 
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(head_dim)
+    if architecture == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if config.model_type in ("qwen3", "mistral"):  # their configs state head_dim
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for key, value in (extra_metadata or {}).items():
@@ -232,9 +271,9 @@ def write_gguf(model, path: Path, qtype: str = "F32", *, tokenizer: Tokenizer | 
         if name in skip:
             continue
         data = tensor.detach().float().numpy()
-        if name.endswith("attn_q.weight"):
+        if architecture == "llama" and name.endswith("attn_q.weight"):
             data = llama_cpp_permute(data, config.num_attention_heads)
-        elif name.endswith("attn_k.weight"):
+        elif architecture == "llama" and name.endswith("attn_k.weight"):
             data = llama_cpp_permute(data, config.num_key_value_heads)
         if data.ndim == 1 or ggml_type == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))

@@ -205,7 +205,7 @@ def no_weights_read(monkeypatch):
 @pytest.mark.parametrize(
     "metadata, message",
     [
-        ({"general.architecture": "qwen2"}, "general.architecture='qwen2'"),
+        ({"general.architecture": "gemma"}, "general.architecture='gemma'"),
         ({"llama.rope.dimension_count": 8}, "llama.rope.dimension_count=8"),
         ({"llama.attention.key_length": 32}, "llama.attention.key_length=32"),
         ({"llama.expert_count": 8}, "llama.expert_count=8"),
@@ -218,7 +218,7 @@ def test_unsupported_metadata_is_refused(gqa_model, tmp_path, no_weights_read, m
     if "general.architecture" in metadata:
         # GGUFWriter writes the architecture itself; a second key would be a duplicate.
         path = write_gguf(gqa_model, tmp_path / "bad.gguf", "F32")
-        data = path.read_bytes().replace(b"llama", b"qwen2", 1)
+        data = path.read_bytes().replace(b"llama", b"gemma", 1)
         path.write_bytes(data)
     else:
         path = write_gguf(gqa_model, tmp_path / "bad.gguf", "F32", extra_metadata=metadata)

@@ -180,13 +180,14 @@ def edit_config(folder, **changes):
 @pytest.mark.parametrize(
     "changes, field, value",
     [
-        (dict(model_type="mistral"), "model_type", "'mistral'"),
+        (dict(model_type="qwen3_moe"), "model_type", "'qwen3_moe'"),
+        (dict(model_type="gemma2"), "model_type", "'gemma2'"),
+        (dict(model_type="falcon"), "model_type", "'falcon'"),
         (dict(architectures=["MistralForCausalLM"]), "architectures", "['MistralForCausalLM']"),
         (dict(attention_bias=True), "attention_bias", "True"),
         (dict(mlp_bias=True), "mlp_bias", "True"),
         (dict(sliding_window=4096), "sliding_window", "4096"),
         (dict(hidden_act="gelu"), "hidden_act", "'gelu'"),
-        (dict(head_dim=32), "head_dim", "32"),
         (
             dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
             "rope_scaling.rope_type",

@@ -1,0 +1,215 @@
+"""Model families as data: what each differs from Llama in, read in one place.
+
+The Hugging Face reader, the GGUF reader and ``export_hf`` look a family up
+here and apply it; the model itself stays one ``TransformerLM`` whose
+``ModelConfig`` fields say what a family needs (see ``model/config.py``).
+
+    family   HF model_type  GGUF architecture       ModelConfig fields it sets
+    llama    llama          llama                   (none beyond the Llama ones)
+    qwen2    qwen2          qwen2                   qkv_bias; sliding windows on the upper layers
+    qwen3    qwen3          qwen3                   qk_norm, head_dim; windows as Qwen2
+    mistral  mistral        llama (as llama.cpp)    sliding_window on every layer, head_dim
+
+Weight names are shared (a bias or q/k norm tensor has one name in every
+family that has it); a family only decides which of them a model holds,
+through the fields above.
+
+Row order of q and k. HF stores each head's q/k rows in rotate_half order;
+scratchlm in adjacent pairs (see ``weight_loading``). llama.cpp's converter
+permutes them back to adjacent pairs for architecture "llama" only; for
+"qwen2" and "qwen3" it keeps HF's order (llama.cpp turns those with its
+NeoX-style RoPE), so their GGUF rows are reordered like HF ones on load.
+
+Sliding windows. Qwen2 and Qwen3 (transformers' Qwen2Config): the window W is
+``sliding_window`` when ``use_sliding_window`` is true, else there is none;
+the sliding layers are those marked "sliding_attention" in ``layer_types``
+when the config lists them, else every layer i >= ``max_window_layers``
+(the lower layers stay full). Mistral: ``sliding_window`` (null: none)
+applies to every layer; transformers ignores a Mistral ``layer_types``, and
+so does this reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from scratchlm.model.config import ModelConfig
+
+
+class FamilyError(ValueError):
+    """A config a family cannot express or read; the readers turn it into PretrainedFormatError."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the HF model_type
+    hf_architecture: str  # config.json "architectures"
+    gguf_architecture: str  # GGUF general.architecture as llama.cpp writes it
+    gguf_rows_in_hf_order: bool  # llama.cpp keeps q/k rows in HF's rotate_half order (NeoX RoPE)
+    qkv_bias: bool  # q/k/v projections always carry biases
+    qk_norm: bool  # q_norm / k_norm over the head dim
+    # (config.json values, num_layers, source) -> (sliding_window, sliding_window_layers)
+    read_window: Callable[[dict, int, str], tuple[int | None, tuple[int, ...] | None]]
+    # ModelConfig -> the config.json fields that state its windows
+    write_window: Callable[[ModelConfig], dict[str, Any]]
+
+
+def _refuse(source: str, field: str, value: Any, expected: str) -> FamilyError:
+    return FamilyError(f"{source} has {field}={value!r}; {expected}")
+
+
+# ------------------------------------------------------------------ sliding windows, per family
+
+
+def _llama_window(values: dict, num_layers: int, source: str) -> tuple[int | None, tuple[int, ...] | None]:
+    if values.get("sliding_window") is not None:
+        raise _refuse(source, "sliding_window", values["sliding_window"], "expected null (Llama attends fully)")
+    return None, None
+
+
+def _llama_window_fields(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.sliding_window is not None:
+        raise FamilyError(f"ModelConfig.sliding_window={cfg.sliding_window}: a Llama config has no sliding window")
+    return {}
+
+
+def _mistral_window(values: dict, num_layers: int, source: str) -> tuple[int | None, tuple[int, ...] | None]:
+    return values.get("sliding_window"), None
+
+
+def _mistral_window_fields(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.sliding_window_layers is not None and len(cfg.sliding_window_layers) != cfg.num_layers:
+        raise FamilyError(
+            f"ModelConfig.sliding_window_layers={cfg.sliding_window_layers}: Mistral slides on every layer or none"
+        )
+    return {"sliding_window": cfg.sliding_window}
+
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _qwen_window(values: dict, num_layers: int, source: str) -> tuple[int | None, tuple[int, ...] | None]:
+    use = values.get("use_sliding_window", False)
+    if not isinstance(use, bool):
+        raise _refuse(source, "use_sliding_window", use, "expected true or false")
+    window = values.get("sliding_window") if use else None
+    if window is None:
+        return None, None
+    layer_types = values.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or len(layer_types) != num_layers or not set(layer_types) <= set(_LAYER_TYPES):
+            raise _refuse(
+                source, "layer_types", layer_types, f"expected {num_layers} entries, each one of {list(_LAYER_TYPES)}"
+            )
+        layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    else:
+        first = values.get("max_window_layers", 28)  # Qwen2Config's and Qwen3Config's default
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise _refuse(source, "max_window_layers", first, "expected an int >= 0")
+        layers = tuple(range(first, num_layers))
+    return (window, layers) if layers else (None, None)
+
+
+def _qwen_window_fields(cfg: ModelConfig) -> dict[str, Any]:
+    windows = [cfg.layer_window(layer) for layer in range(cfg.num_layers)]
+    sliding = [w is not None for w in windows]
+    # max_window_layers states the usual shape (full below, sliding above); layer_types states any.
+    first = sliding.index(True) if any(sliding) else cfg.num_layers
+    return {
+        "use_sliding_window": any(sliding),
+        "sliding_window": cfg.sliding_window,
+        "max_window_layers": first,
+        "layer_types": [_LAYER_TYPES[s] for s in sliding],
+    }
+
+
+# ------------------------------------------------------------------ the table
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", "LlamaForCausalLM", "llama", False, False, False, _llama_window, _llama_window_fields),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", True, True, False, _qwen_window, _qwen_window_fields),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", "qwen3", True, False, True, _qwen_window, _qwen_window_fields),
+    "mistral": Family(
+        "mistral", "MistralForCausalLM", "llama", False, False, False, _mistral_window, _mistral_window_fields
+    ),
+}
+
+# model_types refused by name, with why: known families scratchlm does not (yet) build.
+REFUSED_MODEL_TYPES = {
+    "qwen2_moe": "a mixture-of-experts model (experts are not supported)",
+    "qwen3_moe": "a mixture-of-experts model (experts are not supported)",
+    "mixtral": "a mixture-of-experts model (experts are not supported)",
+    "gemma": "not supported yet (GeGLU, embedding scaling, norm offset)",
+    "gemma2": "not supported yet (logit softcapping, extra norms, GeGLU)",
+    "gemma3": "not supported yet (extra norms, GeGLU, local/global RoPE)",
+    "gemma3_text": "not supported yet (extra norms, GeGLU, local/global RoPE)",
+}
+
+# GGUF general.architecture -> family (Mistral is written as "llama", so it reads as Llama).
+GGUF_FAMILIES = {"llama": FAMILIES["llama"], "qwen2": FAMILIES["qwen2"], "qwen3": FAMILIES["qwen3"]}
+REFUSED_GGUF_ARCHITECTURES = {
+    "qwen2moe": REFUSED_MODEL_TYPES["qwen2_moe"],
+    "qwen3moe": REFUSED_MODEL_TYPES["qwen3_moe"],
+    "gemma": REFUSED_MODEL_TYPES["gemma"],
+    "gemma2": REFUSED_MODEL_TYPES["gemma2"],
+    "gemma3": REFUSED_MODEL_TYPES["gemma3"],
+}
+
+
+def hf_family(model_type: Any, source: str) -> Family:
+    """The family of a config.json's model_type, or a refusal naming it."""
+    if isinstance(model_type, str) and model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if isinstance(model_type, str) and model_type in REFUSED_MODEL_TYPES:
+        raise _refuse(source, "model_type", model_type, f"that is {REFUSED_MODEL_TYPES[model_type]}")
+    raise _refuse(source, "model_type", model_type, f"expected one of {sorted(FAMILIES)}")
+
+
+def gguf_family(architecture: Any, source: str) -> Family:
+    """The family of a GGUF general.architecture, or a refusal naming it."""
+    if isinstance(architecture, str) and architecture in GGUF_FAMILIES:
+        return GGUF_FAMILIES[architecture]
+    if isinstance(architecture, str) and architecture in REFUSED_GGUF_ARCHITECTURES:
+        reason = REFUSED_GGUF_ARCHITECTURES[architecture]
+        raise _refuse(source, "general.architecture", architecture, f"that is {reason}")
+    raise _refuse(source, "general.architecture", architecture, f"expected one of {sorted(GGUF_FAMILIES)}")
+
+
+def family_of(cfg: ModelConfig) -> Family:
+    """The family whose HF format states ``cfg``: the one ``export_hf`` writes, or a FamilyError saying why none does.
+
+    q/k norms mean Qwen3, q/k/v biases Qwen2, a window on every layer
+    Mistral, nothing of these Llama.
+    """
+    if cfg.attention_scale is not None:
+        raise FamilyError(
+            f"ModelConfig.attention_scale={cfg.attention_scale}: Llama, Qwen and Mistral configs have no such field "
+            f"(their scale is head_dim ** -0.5); this model has no Hugging Face format yet"
+        )
+    if cfg.qk_norm:
+        if cfg.qkv_bias:
+            raise FamilyError(
+                "ModelConfig has qk_norm and qkv_bias: Qwen3's attention_bias also puts a bias on o_proj, "
+                "which scratchlm's output_proj lacks; no family states this model"
+            )
+        return FAMILIES["qwen3"]
+    if cfg.qkv_bias:
+        return FAMILIES["qwen2"]
+    if cfg.sliding_window is not None:
+        if cfg.sliding_window_layers is not None and len(cfg.sliding_window_layers) != cfg.num_layers:
+            raise FamilyError(
+                f"ModelConfig.sliding_window_layers={cfg.sliding_window_layers} without qkv_bias or qk_norm: "
+                f"Mistral slides on every layer, and Qwen2/Qwen3 (which pick layers) have biases or q/k norms"
+            )
+        return FAMILIES["mistral"]
+    return FAMILIES["llama"]
+
+
+def family_name(cfg: ModelConfig) -> str:
+    """The family ``cfg`` reads as, for messages ("qwen2"), or "scratchlm" when no family states it."""
+    try:
+        return family_of(cfg).name
+    except FamilyError:
+        return "scratchlm"
