@@ -5,12 +5,23 @@ before any work with a ValueError naming the file, the field and its value.
 The files are only parsed as JSON: nothing in them is ever executed (a
 config's ``auto_map`` of custom code is ignored, and so is ``chat_template``).
 
-What loads:
+What loads: byte-level BPE, described below, and SentencePiece-style BPE
+(Llama 2, TinyLlama, Mistral, Gemma), a file whose decoder and
+pre-tokenizer have no ByteLevel step. For the latter the vocabulary and
+merges are plain text, ``byte_fallback`` is kept, the normalizer,
+pre-tokenizer and decoder must be one of the forms of
+:mod:`scratchlm.tokenizer.hf_sentencepiece`, an ``unk_token`` missing from
+``model.vocab`` is refused unless all 256 ``<0xNN>`` tokens are there (HF
+fails on any character it would need it for), an added token with
+``normalized`` true is refused with the Prepend normalizer and, with Gemma's
+Replace, when it holds a space or ``▁`` (HF matches those in the normalized
+text), and ``add_prefix_space`` in tokenizer_config.json is ignored (the
+tokenizer.json already says it). The rest is as for byte-level BPE:
 
 * ``model``: byte-level BPE (``"type": "BPE"``, or no type with vocab and
   merges, which HF also reads as BPE). Unigram, WordPiece and WordLevel are
   refused, and so are the BPE options that make it something else:
-  ``byte_fallback`` (SentencePiece-style ``<0x..>`` tokens),
+  ``byte_fallback`` (with a ByteLevel decoder),
   ``continuing_subword_prefix`` and ``end_of_word_suffix`` (word-piece-style
   markers) and a non-zero ``dropout`` (random merges). ``ignore_merges``,
   ``unk_token`` and ``fuse_unk`` are kept. The vocabulary must be spelled

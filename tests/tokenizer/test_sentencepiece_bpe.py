@@ -187,6 +187,35 @@ def test_encode_iterable_and_encode_file_equal_encode(folders, tmp_path_factory,
     assert read_token_file(path.with_suffix(".npy")).tolist() == ours.encode(text)
 
 
+@pytest.fixture(scope="module")
+def with_added_tokens(trained, tmp_path_factory) -> dict[str, tuple]:
+    """(HF, ours) per form, with two non-special added tokens (normalized, as HF makes them by default).
+
+    The Prepend form refuses normalized added tokens, so it has none.
+    """
+    root = tmp_path_factory.mktemp("added")
+    pairs = {}
+    for form in FORMS:
+        hf = build_hf(*trained, form)
+        if form != "llama2-legacy":
+            hf.add_tokens(["hello", "<t>"])
+        pairs[form] = (hf, Tokenizer.from_hf(write_folder(hf, root / form)))
+    return pairs
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.lists(
+        st.sampled_from(list("ab e\u2581\n\t😀中xyz.7") + [BOS, EOS, "hello", "<t>", "  ", "the", "\u2581\u2581"]),
+        max_size=14,
+    ).map("".join),
+    form=st.sampled_from(sorted(FORMS)),
+)
+def test_random_text_has_hf_ids_and_text(with_added_tokens, text, form):
+    hf, ours = with_added_tokens[form]
+    _check_same_as_hf(hf, ours, [text])
+
+
 _LOADED: dict = {}
 
 
