@@ -314,18 +314,19 @@ class SentencePieceBPE:
             text = text[1:]
         return text
 
-    def decode_bytes(self, ids: list[int], vocab: dict[int, bytes]) -> bytes:
-        """The decoded bytes, byte tokens raw (so a character split over several calls joins up)."""
-        if self.decoder == "metaspace":
-            return self.decode(ids, vocab).encode("utf-8")
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """Each token's output as bytes (byte tokens raw), concatenated, with nothing stripped.
+
+        So ``decode_bytes(a + b) == decode_bytes(a) + decode_bytes(b)``, which
+        streaming one token at a time needs; :meth:`decode` differs only at
+        the start (the decoder's strip, the Metaspace decoder's first token)
+        and in how invalid UTF-8 is replaced.
+        """
         outputs = self._outputs
-        data = b"".join(
+        return b"".join(
             bytes([output]) if isinstance(output, int) else output.encode("utf-8")
             for output in (outputs[token_id] for token_id in ids)
         )
-        if self.decoder == "sentencepiece-strip" and data.startswith(b" "):
-            data = data[1:]
-        return data
 
 
 def next_stream_cut_in_file(file, position: int, special_tokens: Sequence[bytes], pattern: re.Pattern) -> int | None:

@@ -503,12 +503,16 @@ class Tokenizer(TokenizerFiles):
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes of the tokens ``ids``, concatenated.
 
+        With SentencePiece-style BPE, each token's decoded bytes (``▁`` as a
+        space, a byte token as its byte), with no leading space stripped:
+        :meth:`decode` strips it where the file's decoder does.
+
         >>> Tokenizer({i: bytes([i]) for i in range(256)}, []).decode_bytes([104, 105])
         b'hi'
         """
         ids = self._id_sequence(ids)
         if self._sentencepiece is not None:
-            return self._sentencepiece.decode_bytes(self._checked_ids(ids), self.vocab)
+            return self._sentencepiece.decode_bytes(self._checked_ids(ids))
         vocab = self.vocab
         try:
             return b"".join([vocab[token_id] for token_id in ids])
