@@ -91,20 +91,27 @@ def build_hf(
     byte_fallback: bool = True,
     drop_tokens: tuple[str, ...] = (),
     extra_merges: tuple[tuple[str, str], ...] = (),
+    extra_tokens: tuple[str, ...] = (),
+    ignore_merges: bool = False,
 ):
-    """HF's tokenizer of one form. ``drop_tokens`` are left out of the vocabulary (ids stay dense)."""
+    """HF's tokenizer of one form. ``drop_tokens`` are left out of the vocabulary (ids stay dense);
+    ``extra_tokens`` are added to it without merges that build them."""
     from tokenizers import AddedToken, Tokenizer, models, processors
 
     kept = [token for token in sorted(vocab, key=vocab.get) if token not in drop_tokens]
     for left, right in extra_merges:
-        for token in (left, right, left + right):
+        for token in (left, right, left + right, *extra_tokens):
             if token not in kept:
                 kept.append(token)
+    kept += [token for token in extra_tokens if token not in kept]
     dense = {token: index for index, token in enumerate(kept)}
     # Extra merges come first, so that they fire.
     all_merges = list(extra_merges) + [tuple(m) for m in merges if all(p in dense for p in (*m, "".join(m)))]
     hf = Tokenizer(
-        models.BPE(vocab=dense, merges=all_merges, unk_token=unk, fuse_unk=fuse_unk, byte_fallback=byte_fallback)
+        models.BPE(
+            vocab=dense, merges=all_merges, unk_token=unk, fuse_unk=fuse_unk, byte_fallback=byte_fallback,
+            ignore_merges=ignore_merges,
+        )
     )
     _set_form(hf, form)
     hf.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (UNK, BOS, EOS)])

@@ -145,6 +145,38 @@ def test_a_vocabulary_that_joins_across_spaces_merges_whole_segments(trained, tm
     assert list(ours.encode_iterable([text[i : i + 7] for i in range(0, len(text), 7)])) == ours.encode(text)
 
 
+@pytest.mark.parametrize("form", ["llama2-legacy", "metaspace-first", "metaspace-always-split-msdecoder", "gemma"])
+def test_ignore_merges_looks_up_hf_words_whole(form, trained, tmp_path):
+    """Without split HF's word is the whole segment; with it, the text up to the next ▁."""
+    words = ("\u2581the\u2581cat", "\u2581xyzzy", "xyzzy", "\u2581qj")
+    hf = build_hf(*trained, form, ignore_merges=True, extra_tokens=words)
+    ours = Tokenizer.from_hf(write_folder(hf, tmp_path / "tok"))
+    assert ours.ignore_merges
+    texts = ["the cat", " the cat", "xyzzy", "a xyzzy b", " xyzzy", "qj", " qj qj", "the cat sat"] + EDGE_TEXTS
+    _check_same_as_hf(hf, ours, texts + _corpus_slices()[:1])
+    assert any(len(hf.encode(text, add_special_tokens=False).ids) == 1 for text in texts)
+    text = "the cat xyzzy qj " * 40
+    chunks = [text[i : i + 5] for i in range(0, len(text), 5)]
+    assert list(ours.encode_iterable(chunks)) == ours.encode(text)
+
+
+@pytest.mark.parametrize("metaspace", ["prepend", "always", "first", "never"])
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("decoder", ["sentencepiece", "sentencepiece-strip", "metaspace"])
+def test_every_constructor_setting_exports_to_hf(metaspace, split, decoder, folders, tmp_path):
+    loaded = Tokenizer.from_hf(folders["metaspace-first"])
+    settings = {"metaspace": metaspace, "metaspace_split": split, "decoder": decoder, "byte_fallback": True}
+    if split and metaspace == "prepend":  # HF's Prepend form never splits
+        with pytest.raises(ValueError, match="metaspace_split=True needs"):
+            Tokenizer(loaded.vocab, loaded.merges, loaded.special_token_ids, **settings)
+        return
+    ours = Tokenizer(loaded.vocab, loaded.merges, loaded.special_token_ids, unk_token=UNK, fuse_unk=True, **settings)
+    hf = tokenizers.Tokenizer.from_file(str(ours.save_hf(tmp_path / "tokenizer.json")))
+    _check_same_as_hf(hf, ours, _texts())
+    back = Tokenizer.from_hf(tmp_path / "tokenizer.json")
+    assert (back.metaspace, back.metaspace_split, back.decoder) == (metaspace, split, decoder)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_save_load_and_save_hf_round_trip(form, folders, tmp_path):
     ours = Tokenizer.from_hf(folders[form])
