@@ -235,7 +235,7 @@ def write_gguf(model, path: Path, qtype: str = "F32", *, tokenizer: Tokenizer | 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = config.rope_parameters
     writer = gguf.GGUFWriter(path, architecture)
-    writer.add_name(f"tiny-{config.model_type}")  # transformers' GGUF reader takes "mistral" in the name as Mistral
+    writer.add_name(f"tiny-{config.model_type}")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
