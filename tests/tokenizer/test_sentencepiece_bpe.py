@@ -8,8 +8,6 @@ for id on slices of the shared corpora and on edge strings.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -289,16 +287,14 @@ def test_long_text_streams_and_files_in_parallel_equal_encode(form, folders, tmp
 
 
 def test_cli_tokenize_reads_a_sentencepiece_folder(folders, tmp_path):
+    from scratchlm.cli import main
+
     text = "".join(_corpus_slices())[:3000]
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
     for index, source in enumerate((folders["gemma"], folders["llama2-legacy"] / "tokenizer.json")):
         output = tmp_path / f"out{index}.npy"
-        result = subprocess.run(
-            [sys.executable, "-m", "scratchlm", "tokenize", "--tokenizer", str(source), "--input",
-             str(tmp_path / "in.txt"), "--output", str(output)],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert result.returncode == 0, result.stderr
+        argv = ["tokenize", "--tokenizer", str(source), "--input", str(tmp_path / "in.txt"), "--output", str(output)]
+        assert main(argv) == 0
         assert np.load(output).tolist() == Tokenizer.from_hf(source).encode(text)
 
 
