@@ -177,6 +177,11 @@ class TokenizerFiles:
         >>> tokenizer.save_gpt2_files("encoder.json", "vocab.bpe")  # doctest: +SKIP
         >>> Tokenizer.from_files("encoder.json", "vocab.bpe", tokenizer.special_tokens)  # doctest: +SKIP
         """
+        if self.metaspace is not None:
+            raise ValueError(
+                f"GPT-2's files hold byte-level BPE; this tokenizer is SentencePiece-style (metaspace="
+                f"{self.metaspace!r}): use save or save_hf"
+            )
         save_gpt2_files(self.vocab, self.merges, vocab_filepath, merges_filepath)
 
     def save_hf(self, path: str | os.PathLike) -> Path:

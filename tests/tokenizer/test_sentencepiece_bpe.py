@@ -193,6 +193,17 @@ def test_save_load_and_save_hf_round_trip(form, folders, tmp_path):
         assert exported.decode(ids, skip_special_tokens=False) == ours.decode(ids)
 
 
+@pytest.mark.parametrize("form", ["llama2-legacy", "metaspace-first", "gemma"])
+def test_transformers_reads_an_exported_folder_to_the_same_ids(form, folders, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = Tokenizer.from_hf(folders[form])
+    theirs = transformers.AutoTokenizer.from_pretrained(str(ours.save_hf_folder(tmp_path / "folder")))
+    for text in EDGE_TEXTS + _corpus_slices():
+        ids = ours.encode(text)
+        assert theirs(text)["input_ids"] == [ours.bos_id] + ids
+        assert theirs.decode(ids) == ours.decode(ids)
+
+
 def test_constructor_builds_the_same_tokenizer_as_from_hf(folders):
     """The keyword API (what a GGUF reader uses) gives from_hf's tokenizer."""
     loaded = Tokenizer.from_hf(folders["llama2-legacy"])
@@ -205,6 +216,8 @@ def test_constructor_builds_the_same_tokenizer_as_from_hf(folders):
     for text in _texts():
         assert built.encode(text) == loaded.encode(text)
     assert "metaspace='prepend'" in repr(built)
+    with pytest.raises(ValueError, match="SentencePiece-style"):
+        built.save_gpt2_files("encoder.json", "vocab.bpe")
 
 
 @settings(max_examples=60, deadline=None)
