@@ -136,7 +136,8 @@ class MultiHeadSelfAttention(nn.Module):
             self.q_norm = RMSNorm(self.d_head, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
             self.k_norm = RMSNorm(self.d_head, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
         # Only the options a model uses go to the op: the Triton kernel takes no window=.
-        self._attention_options = {key: value for key, value in (("scale", scale), ("window", window)) if value is not None}
+        options = (("scale", scale), ("window", window))
+        self._attention_options = {key: value for key, value in options if value is not None}
         # A model passes one ``rope`` to all its layers: the tables depend only on
         # the config, and at Llama 3.1's 131072 positions (once used) they are 32 MB each.
         self.rope: RotaryPositionEmbedding | None = rope

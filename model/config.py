@@ -57,7 +57,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim!r}: expected a positive int or None")
         if self.head_dim % 2 != 0:
             raise ValueError(
-                f"ModelConfig.head_dim={self.head_dim}: expected an even head dimension, since RoPE rotates pairs of features"
+                f"ModelConfig.head_dim={self.head_dim}: expected an even head dimension, "
+                f"since RoPE rotates pairs of features"
             )
         if not _is_number(self.rope_theta) or self.rope_theta <= 0:
             raise ValueError(f"ModelConfig.rope_theta={self.rope_theta!r}: expected a positive number")
@@ -82,7 +83,9 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected True or False")
         scale = self.attention_scale
         if scale is not None and (not _is_number(scale) or scale <= 0):
-            raise ValueError(f"ModelConfig.attention_scale={scale!r}: expected a positive number or None (head_dim ** -0.5)")
+            raise ValueError(
+                f"ModelConfig.attention_scale={scale!r}: expected a positive number or None (head_dim ** -0.5)"
+            )
         self._check_sliding_window()
 
     def _check_sliding_window(self) -> None:

@@ -99,7 +99,8 @@ def _qwen_window(values: dict, num_layers: int, source: str) -> tuple[int | None
         return None, None
     layer_types = values.get("layer_types")
     if layer_types is not None:
-        if not isinstance(layer_types, list) or len(layer_types) != num_layers or not set(layer_types) <= set(_LAYER_TYPES):
+        known = isinstance(layer_types, list) and set(layer_types) <= set(_LAYER_TYPES)
+        if not known or len(layer_types) != num_layers:
             raise _refuse(
                 source, "layer_types", layer_types, f"expected {num_layers} entries, each one of {list(_LAYER_TYPES)}"
             )

@@ -352,7 +352,9 @@ def read_gguf_file(
             continue
         ours = gguf_to_scratchlm_name(name)
         if ours is None:
-            raise PretrainedFormatError(f"{source} has tensor {name!r}, which a {family_name(config)} model does not have")
+            raise PretrainedFormatError(
+                f"{source} has tensor {name!r}, which a {family_name(config)} model does not have"
+            )
         if not _can_dequantize(int(tensor.tensor_type)):
             raise PretrainedFormatError(
                 f"{source} stores {name!r} as ggml type {GGMLQuantizationType(tensor.tensor_type).name}, "

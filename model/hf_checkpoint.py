@@ -158,7 +158,7 @@ def _rope_from_hf(values: dict, source: str) -> tuple[float, dict | None]:
 
 
 def config_from_hf(values: Any, source: str) -> ModelConfig:
-    """A ModelConfig from config.json contents (Llama, Qwen2/2.5, Qwen3, Mistral), or a refusal naming the field and value."""
+    """A ModelConfig from config.json contents (Llama, Qwen2/2.5, Qwen3, Mistral), or a refusal naming field and value."""
     if not isinstance(values, dict):
         raise PretrainedFormatError(f"{source} holds {type(values).__name__}; expected a JSON object")
     try:
@@ -187,7 +187,8 @@ def config_from_hf(values: Any, source: str) -> ModelConfig:
     hidden, heads, layers = values["hidden_size"], values["num_attention_heads"], values["num_hidden_layers"]
     head_dim = values.get("head_dim")
     if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads != 0:
-        raise _refuse(source, "hidden_size", hidden, f"expected a multiple of num_attention_heads={heads} (or a head_dim)")
+        expected = f"expected a multiple of num_attention_heads={heads} (or a head_dim)"
+        raise _refuse(source, "hidden_size", hidden, expected)
     theta, rope_scaling = _rope_from_hf(values, source)
     try:
         window, window_layers = family.read_window(values, layers if isinstance(layers, int) else 0, source)
@@ -331,7 +332,7 @@ def _warn_if_tied_copy_differs(folder: Path, embedding: tuple[Path, str], lm_hea
 def load_hf_folder(
     folder: str | os.PathLike, kernels="auto", device=None, dtype: torch.dtype | None = None
 ) -> TransformerLM:
-    """The TransformerLM stored in a Hugging Face Llama folder (the tokenizer is read elsewhere).
+    """The TransformerLM stored in a Hugging Face folder of a known family (the tokenizer is read elsewhere).
 
     ``dtype`` None keeps the weights' dtype in the file (that of the token embedding).
     """

@@ -1,7 +1,8 @@
 """``load_pretrained``: one entry point for every kind of saved model.
 
     model, tokenizer = load_pretrained("Llama-3.2-1B/")            # Hugging Face folder
-    model, tokenizer = load_pretrained("llama-3.2-1b.Q4_0.gguf")   # llama.cpp GGUF file
+    model, tokenizer = load_pretrained("Qwen3-0.6B/")              # ... of any known family (model/families.py)
+    model, tokenizer = load_pretrained("llama-3.2-1b.Q4_0.gguf")   # llama.cpp GGUF file (llama, qwen2, qwen3)
     model, tokenizer = load_pretrained("runs/tinystories/")        # scratchlm run (newest checkpoint)
 
 What ``path`` is decides the reader: a folder with config.json is a Hugging

@@ -57,7 +57,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "ffn.w2.weight": (d, f),
         }
         if config.qkv_bias:
-            shapes |= {p + "attn.q_proj.bias": (q_rows,), p + "attn.k_proj.bias": (kv_rows,), p + "attn.v_proj.bias": (kv_rows,)}
+            shapes |= {
+                p + "attn.q_proj.bias": (q_rows,),
+                p + "attn.k_proj.bias": (kv_rows,),
+                p + "attn.v_proj.bias": (kv_rows,),
+            }
         if config.qk_norm:
             shapes |= {p + "attn.q_norm.weight": (hd,), p + "attn.k_norm.weight": (hd,)}
     shapes["ln_final.weight"] = (d,)
