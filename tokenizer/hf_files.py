@@ -132,7 +132,7 @@ def hf_tokenizer_document(
             try:
                 return token.decode("utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"token {token!r} is not UTF-8 text; a SentencePiece-style vocabulary is text") from None
+                raise ValueError(f"token {token!r} is not UTF-8; a SentencePiece-style vocabulary is text") from None
 
         sections = hf_word_boundary_sections(metaspace, metaspace_split, decoder)
     model_vocab: dict[str, int] = {}

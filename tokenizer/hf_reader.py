@@ -196,7 +196,7 @@ def _check_model(model: dict, source: _Source, sentencepiece: bool) -> bool:
 
 
 def _unknown_token(model: dict, vocab: dict[int, bytes], source: _Source, sentencepiece: bool) -> dict[str, Any]:
-    """``unk_token`` (an id) and ``fuse_unk``: what HF's BPE makes of a byte (a character) missing from the vocabulary."""
+    """``unk_token`` (an id) and ``fuse_unk``: what HF's BPE makes of a byte (or character) the vocabulary lacks."""
     text, fuse_unk = model.get("unk_token"), model.get("fuse_unk", False)
     if not isinstance(fuse_unk, bool):
         raise source.refuse("model.fuse_unk", fuse_unk, "expected true or false")

@@ -97,11 +97,13 @@ def read_word_boundaries(document: dict, refuse: Refuse) -> dict[str, Any]:
         if pre_tokenizer not in ([], [_GEMMA_SPLIT]):
             raise refuse(
                 "pre_tokenizer", document.get("pre_tokenizer"),
-                "with a Replace(\" \", \"▁\") normalizer expected null or Split(\" \", \"MergedWithPrevious\") (Gemma)",
+                "with a Replace(\" \", \"▁\") normalizer expected null or "
+                "Split(\" \", \"MergedWithPrevious\") (Gemma)",
             )
     elif not normalizer:
         normalizer_kind = None
-        if len(pre_tokenizer) != 1 or not isinstance(pre_tokenizer[0], dict) or pre_tokenizer[0].get("type") != "Metaspace":
+        single = pre_tokenizer[0] if len(pre_tokenizer) == 1 else None
+        if not isinstance(single, dict) or single.get("type") != "Metaspace":
             raise refuse(
                 "pre_tokenizer", document.get("pre_tokenizer"),
                 "a SentencePiece-style file needs a Metaspace pre-tokenizer, or a normalizer that writes spaces as ▁",
