@@ -214,26 +214,21 @@ def _config(meta: _Metadata, tensors: dict[str, Any], source: str) -> ModelConfi
         raise PretrainedFormatError(f"{source} has {arch}.vocab_size={declared_vocab} but token_embd has {vocab} rows")
     if heads <= 0:
         raise PretrainedFormatError(f"{source} has {arch}.attention.head_count={heads}; expected a positive int")
-    # key_length states the head dimension when it is not embedding_length / head_count (Qwen3).
-    default_head_dim = d_model // heads if d_model % heads == 0 else None
-    head_dim = meta.number(f"{arch}.attention.key_length", required=False, default=default_head_dim)
-    if head_dim is None:
+    # key_length states the head dimension when it is not embedding_length / head_count (Qwen3: 128).
+    key_length = meta.number(f"{arch}.attention.key_length", required=False)
+    if key_length is not None:
+        head_dim, stated_as = key_length, f"{arch}.attention.key_length={key_length}"
+    elif d_model % heads == 0:
+        head_dim, stated_as = d_model // heads, f"embedding_length / head_count = {d_model // heads}"
+    else:
         raise PretrainedFormatError(
             f"{source} has {arch}.attention.head_count={heads} for embedding_length={d_model} and no key_length"
-        )
-    if family.name == "llama" and head_dim != default_head_dim:
-        # scratchlm reads llama files written before key_length could differ; keep them to one meaning.
-        raise PretrainedFormatError(
-            f"{source} has llama.attention.key_length={head_dim}; expected the head dimension "
-            f"embedding_length / head_count = {default_head_dim}"
         )
     for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.value_length"):
         value = meta.number(key, required=False, default=head_dim)
         if value != head_dim:
-            raise PretrainedFormatError(
-                f"{source} has {key}={value}; expected the head dimension {head_dim} (key_length, or "
-                f"embedding_length / head_count)"
-            )
+            # RoPE on part of each head (rope.dimension_count < head dim) is not supported either.
+            raise PretrainedFormatError(f"{source} has {key}={value}; expected the head dimension, {stated_as}")
     theta = meta.number(f"{arch}.rope.freq_base", required=False, default=10000.0, integer=False)
     rope_scaling = None
     if ROPE_FREQS in tensors:

@@ -157,6 +157,26 @@ def test_document_ids_with_a_window_and_a_cache(folders):
     assert_close(whole[:, 13:], second_alone, atol=ATOL, rtol=RTOL, name="second document alone")
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_windowed_attention_op_against_a_loop(backend):
+    """q shorter than k (a KV cache), GQA, a scale: query i (at key position k_seq - q_seq + i) sees its last W keys."""
+    from scratchlm.model import get_op
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=gen)  # (batch, heads, q_seq, d)
+    k, v = torch.randn(2, 2, 11, 8, generator=gen), torch.randn(2, 2, 11, 8, generator=gen)  # 2 kv heads, 11 keys
+    window, scale = 3, 0.7
+    out = get_op("attention", backend)(q, k, v, scale=scale, window=window)
+    expected = torch.empty_like(q)
+    for head in range(4):
+        for i in range(5):
+            position = 11 - 5 + i
+            keys = slice(max(0, position - window + 1), position + 1)
+            scores = torch.einsum("bd,bkd->bk", q[:, head, i], k[:, head // 2, keys]) * scale
+            expected[:, head, i] = torch.einsum("bk,bkd->bd", torch.softmax(scores, dim=-1), v[:, head // 2, keys])
+    assert_close(out, expected, atol=1e-5, rtol=1e-5, name=f"{backend} windowed attention")
+
+
 # ------------------------------------------------------------------ GGUF
 
 
@@ -167,6 +187,8 @@ GGUF_VARIANTS = {
     # llama.cpp writes no window for Mistral (architecture "llama"): the file attends fully, so the
     # HF model it is compared with has a window no shorter than the sequence.
     "mistral": ("mistral", dict(num_key_value_heads=2, sliding_window=4096)),
+    # Mistral Nemo's shape: head_dim apart from hidden_size / heads, stated by key_length and rope.dimension_count.
+    "mistral-headdim32": ("mistral", dict(num_key_value_heads=2, head_dim=32, sliding_window=4096)),
 }
 
 
@@ -180,7 +202,7 @@ def test_gguf_as_llama_cpp_writes_it_matches_transformers_reading_it(variant, qt
     path = write_gguf(hf, tmp_path / f"{variant}.gguf", qtype)
     ours, tokenizer = load_pretrained(path, kernels="reference", device="cpu", dtype=torch.float32)
     assert tokenizer.encode(SAMPLE_TEXT) == TOKENIZER.encode(SAMPLE_TEXT)
-    assert ours.config.head_dim == (kwargs.get("head_dim") or 16)
+    assert ours.config.head_dim == kwargs.get("head_dim", 16)
     assert (ours.config.qkv_bias, ours.config.qk_norm) == (model_type == "qwen2", model_type == "qwen3")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
@@ -225,6 +247,19 @@ def test_export_gives_transformers_the_same_model_in_its_own_family(folders, var
     names = set(theirs.state_dict())
     assert ("model.layers.0.self_attn.q_proj.bias" in names) == (model_type == "qwen2")
     assert ("model.layers.0.self_attn.q_norm.weight" in names) == (model_type == "qwen3")
+
+
+def test_a_llama_with_its_own_head_dim_exports_as_llama(tmp_path):
+    config = ModelConfig(vocab_size=VOCAB_SIZE, context_length=64, d_model=64, num_layers=2, num_heads=4, d_ff=96,
+                         num_kv_heads=2, head_dim=32)  # fmt: skip
+    torch.manual_seed(0)
+    model = TransformerLM(config, kernels="reference", device="cpu").eval()
+    exported = export_hf(model, TOKENIZER, tmp_path / "export")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    assert theirs.config.model_type == "llama" and theirs.config.head_dim == 32
+    ids = token_ids()
+    assert_close(logits(model, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL, name="llama head_dim 32")
+    assert load_pretrained(exported, device="cpu")[0].config == config
 
 
 def test_export_refuses_what_no_family_states(tmp_path):
