@@ -5,9 +5,10 @@
 :func:`gguf_tokenizer_arguments` turns them into ``Tokenizer`` arguments,
 following what llama.cpp's loader (``src/llama-vocab.cpp``) does with them:
 
-* ``tokenizer.ggml.model`` must be ``"gpt2"``, llama.cpp's byte-level BPE.
-  ``"llama"`` (SentencePiece), ``"bert"`` (WordPiece), ``"t5"`` (Unigram)
-  and the rest are refused.
+* ``tokenizer.ggml.model`` is ``"gpt2"``, llama.cpp's byte-level BPE (the
+  rules below), or ``"llama"``, SentencePiece (Llama 2, Mistral, Gemma),
+  read by :mod:`scratchlm.tokenizer.gguf_spm`. ``"bert"`` (WordPiece),
+  ``"t5"`` (Unigram) and the rest are refused.
 * ``tokenizer.ggml.pre`` names the pre-tokenizer; :data:`GGUF_PRETOKENIZERS`
   maps llama.cpp's names to a preset, with the two flags llama.cpp sets with
   the name: ``ignore_merges`` (true for Llama 3's names, as HF's Llama 3 files
@@ -45,6 +46,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from scratchlm.tokenizer.gguf_spm import gguf_spm_arguments
 from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
 
 _PREFIX = "tokenizer.ggml."
@@ -75,7 +77,6 @@ GGUF_PRETOKENIZERS: dict[str, tuple[str, bool, bool]] = {
 }
 
 _OTHER_MODELS = {
-    "llama": "SentencePiece (Llama 1/2, Mistral)",
     "bert": "WordPiece",
     "t5": "Unigram (SentencePiece)",
 }
@@ -143,9 +144,14 @@ def gguf_tokenizer_arguments(
     ``source`` names them in errors. Rules in the module docstring.
     """
     model = _field(fields, "model", str, source)
+    if model == "llama":
+        return gguf_spm_arguments(fields, source)
     if model != "gpt2":
         kind = _OTHER_MODELS.get(model, "not a tokenizer this package reads")
-        raise _refuse(source, _PREFIX + "model", model, f"that is {kind}; only byte-level BPE (\"gpt2\") loads")
+        raise _refuse(
+            source, _PREFIX + "model", model,
+            f"that is {kind}; byte-level BPE (\"gpt2\") and SentencePiece (\"llama\") load",
+        )
     pre = _field(fields, "pre", str, source, required=False)
     if pre not in GGUF_PRETOKENIZERS:
         raise _refuse(
@@ -158,7 +164,9 @@ def gguf_tokenizer_arguments(
     if token_types is None:
         token_types = [TOKEN_TYPE_NORMAL] * len(tokens)
     if len(token_types) != len(tokens):
-        raise _refuse(source, _PREFIX + "token_type", f"{len(token_types)} types", f"expected {len(tokens)}, one per token")
+        raise _refuse(
+            source, _PREFIX + "token_type", f"{len(token_types)} types", f"expected {len(tokens)}, one per token"
+        )
     vocab, special_tokens = _vocab(tokens, token_types, source)
     merges = _merges(_field(fields, "merges", list, source), source)
 

@@ -301,7 +301,7 @@ def gguf_fields(gguf_files) -> dict:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"model": "llama"}, r"tokenizer\.ggml\.model is 'llama'; that is SentencePiece"),
+        ({"model": "llama"}, r"tokenizer\.ggml\.scores is missing; tokenizer\.ggml\.model 'llama' \(SentencePiece\)"),
         ({"model": "bert"}, r"tokenizer\.ggml\.model is 'bert'; that is WordPiece"),
         ({"model": "t5"}, r"tokenizer\.ggml\.model is 't5'; that is Unigram"),
         ({"model": "rwkv"}, r"tokenizer\.ggml\.model is 'rwkv'"),
