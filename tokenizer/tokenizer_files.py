@@ -135,6 +135,13 @@ class TokenizerFiles:
 
         >>> Tokenizer.from_gguf("Llama-3.2-1B-Q4_K_M.gguf").pretokenizer  # doctest: +SKIP
         'llama3'
+
+        SentencePiece files (``tokenizer.ggml.model`` ``"llama"``: Llama 2,
+        Mistral, Gemma) load in SentencePiece mode with llama.cpp's ids (see
+        :mod:`scratchlm.tokenizer.gguf_spm`):
+
+        >>> Tokenizer.from_gguf("llama-2-7b.Q4_K_M.gguf").metaspace  # doctest: +SKIP
+        'prepend'
         """
         return cls.from_gguf_fields(read_gguf_tokenizer_fields(path), source=f"GGUF file {str(path)!r}")
 

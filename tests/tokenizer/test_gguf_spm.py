@@ -463,3 +463,15 @@ def test_overlapping_special_tokens_match_leftmost_here_and_longest_first_in_lla
     assert tokenizer.encode("<a><b>")[0] == first
     assert second in reference(changed, "<a><b>")
     assert tokenizer.encode("x <a> y") == reference(changed, "x <a> y")
+
+
+PIECES = [" ", "  ", "\n", "\t", "▁", "the", " the", "def", "(", "):", "0", "42", "é", "ß", "中文", "🦙", "\u200d",
+          BOS, EOS, UNK, START, END, "<table>", "<", "s>", "x", "ab", "'s", "\r\n", "\x00", "\U0010fffd"]
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_ids_equal_llama_cpps_on_random_texts(fields, ours, style):
+    rng = random.Random(7)
+    for _ in range(400):
+        text = "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 25)))
+        assert ours[style].encode(text) == reference(fields[style], text), text
