@@ -46,14 +46,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from scratchlm.tokenizer.gguf_spm import gguf_spm_arguments
+from scratchlm.tokenizer.gguf_spm import (
+    KEPT_WHOLE_TYPES,
+    TOKEN_TYPE_BYTE,
+    TOKEN_TYPE_NORMAL,
+    TOKEN_TYPE_UNUSED,
+    gguf_spm_arguments,
+)
 from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
 
 _PREFIX = "tokenizer.ggml."
-TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL = 1, 2, 3
-TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNUSED, TOKEN_TYPE_BYTE = 4, 5, 6
 _ORDINARY_TYPES = (TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNUSED)
-_KEPT_WHOLE_TYPES = (TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
 
 # llama.cpp's tokenizer.ggml.pre names -> (preset, ignore_merges, add_bos when
 # the file does not say), for the names whose tokenization is exactly a
@@ -206,10 +209,10 @@ def _vocab(tokens: list, token_types: list, source: str) -> tuple[dict[int, byte
         if text in seen:
             raise _refuse(source, key, text, f"the same token is id {seen[text]} (llama.cpp refuses this too)")
         seen[text] = token_id
-        if token_type in _KEPT_WHOLE_TYPES and text:
+        if token_type in KEPT_WHOLE_TYPES and text:
             vocab[token_id] = text.encode("utf-8")
             special_tokens[text] = token_id
-        elif token_type in _ORDINARY_TYPES or (token_type in _KEPT_WHOLE_TYPES and not text):
+        elif token_type in _ORDINARY_TYPES or (token_type in KEPT_WHOLE_TYPES and not text):
             try:
                 vocab[token_id] = decode_gpt2_token(text)
             except ValueError:
