@@ -1,11 +1,16 @@
 """Tokenizer speed next to tiktoken and Hugging Face ``tokenizers``, in one run.
 
-Five measurements, each against the library that sets its target (the last has none), and one opt-in:
+Seven measurements, each against the library that sets its target (llama3 has none), and one opt-in:
 
 * encode: ``Tokenizer.encode`` with GPT-2's files on python-docs.txt, one
   process, vs tiktoken's ``encode_ordinary`` built offline from the same files
   (single thread). The ids must be identical. Our time includes filling the
-  pre-token cache from empty. Target: >= 0.5x tiktoken's MB/s.
+  pre-token cache from empty. The two alternate for ``--rounds`` rounds in
+  one process (ours, tiktoken, ours, ...), and the medians and ranges are
+  kept: on a shared machine one pair of runs says little, and the ratio of
+  neighbouring runs moves less than either rate. Rates are given by wall
+  clock and by CPU time (``time.process_time``), which other processes on
+  the machine disturb less. Target: >= 0.5x tiktoken's MB/s.
 * encode_file: ``encode_file`` over ``--processes`` workers on the corpus
   repeated ``--file-copies`` times, vs the same tiktoken single-thread rate.
   The file must equal the one written by one process. Target: >= 1.0x.
@@ -18,6 +23,20 @@ Five measurements, each against the library that sets its target (the last has n
   with Llama 3's regex on the same ranks (tiktoken always takes a piece found
   whole in the vocabulary as one token, which is ignore_merges). The ids must
   be identical. No target: it shows what the Llama 3 path costs.
+* qwen2: a Qwen2-style tokenizer (byte-level BPE, the "qwen2" pre-tokenizer,
+  NFC) of ``--qwen-vocab-size`` tokens, trained by HF's ``BpeTrainer`` on
+  both corpora, loaded with ``Tokenizer.from_hf``, vs HF ``tokenizers`` on
+  python-docs.txt, single thread, cold. HF runs twice per round, on the whole
+  text and with ``encode_batch`` over ~4 KB pieces cut where the qwen2 cut
+  rule allows (exact, so the ids are the same); the faster counts.
+  The ids must be identical. Target: >= 0.5x HF's MB/s.
+* sentencepiece: the same for a Llama 2-style SentencePiece BPE of
+  ``--sentencepiece-vocab-size`` tokens (``<unk>``, ``<s>``, ``</s>``, 256
+  byte-fallback tokens, then trained ones; Prepend + Replace normalizer), vs
+  HF on the whole text (a piece of text does not encode as its part of the
+  whole there: the normalizer prepends ``▁`` to each). Target: >= 0.5x.
+  Both go through :func:`measure_against_hf` (a Tokenizer, an HF tokenizer
+  and a text), the hook for any further kind.
 * large file (opt-in, ``--large-file-gb``): ``encode_file`` over
   ``--processes`` workers on a file of that many GB (the corpora repeated),
   for its memory: the issue asks that a 1 GB input need at most ~2 GB of RAM.
@@ -37,9 +56,11 @@ missed target.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +77,8 @@ from scratchlm.tokenizer import (
     train_bpe,
 )
 from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
+from scratchlm.tokenizer.pretokenize import last_safe_cut
+from scratchlm.tokenizer.pretokenizers import QWEN2_PRETOKENIZE_PATTERN
 
 from process_memory import TreeMemorySampler, children_peak_memory_mib, peak_memory_mib, reset_peak_memory
 
@@ -63,6 +86,7 @@ EOT = "<|endoftext|>"
 # The team's shared corpora live beside the repository checkout.
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 MIB = 1 << 20
+METASPACE = "\u2581"  # SentencePiece's word marker, "▁"
 
 
 def timed(function, *args, **kwargs):
@@ -88,22 +112,68 @@ def offline_tiktoken(vocab_path: Path, merges_path: Path, pattern: str = GPT2_PR
     )
 
 
-def measure_encode(tokenizer: Tokenizer, encoding, text: str, megabytes: float) -> dict:
-    tokenizer._cache.clear()  # measure from a cold cache, as a fresh process would start
-    ours, our_seconds, our_peak = timed(tokenizer.encode, text)
-    theirs, their_seconds, their_peak = timed(encoding.encode_ordinary, text)
+def clocked(function, *args):
+    """``(result, wall seconds, CPU seconds)`` of one call, after a garbage collection."""
+    gc.collect()
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = function(*args)
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def spread(values: list[float]) -> dict:
+    """Median and range of per-round values."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def alternate(ours, theirs, text: str, megabytes: float, rounds: int, before_ours=None) -> dict:
+    """Time ``ours(text)`` and ``theirs(text)`` in turn for ``rounds`` rounds; MB/s and ratios per clock.
+
+    ``before_ours`` runs untimed before each of our runs (emptying a cache).
+    The ids of the first round must be equal.
+    """
+    per_round: dict[str, list[float]] = {name: [] for name in (
+        "scratchlm_mb_per_s", "reference_mb_per_s", "ratio", "scratchlm_cpu_mb_per_s", "reference_cpu_mb_per_s",
+        "cpu_ratio")}
+    identical, tokens = True, 0
+    for round_index in range(rounds):
+        if before_ours is not None:
+            before_ours()
+        our_ids, wall, cpu = clocked(ours, text)
+        their_ids, their_wall, their_cpu = clocked(theirs, text)
+        if round_index == 0:
+            identical, tokens = our_ids == their_ids, len(our_ids)
+        del our_ids, their_ids
+        per_round["scratchlm_mb_per_s"].append(megabytes / wall)
+        per_round["reference_mb_per_s"].append(megabytes / their_wall)
+        per_round["ratio"].append(their_wall / wall)
+        per_round["scratchlm_cpu_mb_per_s"].append(megabytes / cpu)
+        per_round["reference_cpu_mb_per_s"].append(megabytes / their_cpu)
+        per_round["cpu_ratio"].append(their_cpu / cpu)
+    return {"megabytes": megabytes, "tokens": tokens, "identical": identical, "rounds": rounds,
+            "per_round": per_round, **{name: spread(values) for name, values in per_round.items()}}
+
+
+def measure_encode(tokenizer: Tokenizer, encoding, text: str, megabytes: float, rounds: int) -> dict:
+    # Cold each round: the cache emptied, as a fresh process would start.
+    timing = alternate(tokenizer.encode, encoding.encode_ordinary, text, megabytes, rounds, tokenizer._cache.clear)
+    tokenizer._cache.clear()
+    _, _, our_peak = timed(tokenizer.encode, text)
+    _, _, their_peak = timed(encoding.encode_ordinary, text)
     return {
         "megabytes": megabytes,
-        "tokens": len(ours),
-        "identical_to_tiktoken": ours == theirs,
-        "scratchlm_seconds": our_seconds,
-        "scratchlm_mb_per_s": megabytes / our_seconds,
+        "tokens": timing["tokens"],
+        "identical_to_tiktoken": timing["identical"],
+        "rounds": rounds,
+        # Medians over the rounds; spread (median, min, max) and per_round below hold the rest.
+        "scratchlm_mb_per_s": timing["scratchlm_mb_per_s"]["median"],
         "scratchlm_peak_mib": our_peak,
-        "tiktoken_seconds": their_seconds,
-        "tiktoken_mb_per_s": megabytes / their_seconds,
+        "tiktoken_mb_per_s": timing["reference_mb_per_s"]["median"],
         "tiktoken_peak_mib": their_peak,
-        "ratio": their_seconds / our_seconds,
+        "ratio": timing["ratio"]["median"],
+        "cpu_ratio": timing["cpu_ratio"]["median"],
         "target_ratio": 0.5,
+        "spread": {name: timing[name] for name in timing["per_round"]},
+        "per_round": timing["per_round"],
     }
 
 
@@ -212,6 +282,120 @@ def measure_llama3(gpt2: Tokenizer, encoding, text: str, megabytes: float) -> di
     }
 
 
+def measure_against_hf(tokenizer: Tokenizer, hf, text: str, rounds: int = 3, chunks: list[str] | None = None) -> dict:
+    """Cold ``tokenizer.encode(text)`` vs HF ``tokenizers`` on one thread, alternating; the ids must be equal.
+
+    HF encodes the whole text; given ``chunks`` (pieces that concatenate to
+    ``text``, cut where the pre-tokenizer's cut rule allows), it also runs
+    ``encode_batch`` on them and the faster of its two ways counts.
+    """
+    megabytes = len(text.encode("utf-8")) / 1e6
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by HF on every call: one thread from here
+
+    def hf_whole(text: str) -> list[int]:
+        return hf.encode(text, add_special_tokens=False).ids
+
+    def hf_chunks(_: str) -> list[int]:
+        return [i for encoding in hf.encode_batch(chunks, add_special_tokens=False) for i in encoding.ids]
+
+    try:
+        whole = alternate(tokenizer.encode, hf_whole, text, megabytes, rounds, tokenizer._cache.clear)
+        best, way = whole, "whole text"
+        if chunks is not None:
+            assert "".join(chunks) == text
+            batched = alternate(tokenizer.encode, hf_chunks, text, megabytes, rounds, tokenizer._cache.clear)
+            if batched["reference_cpu_mb_per_s"]["median"] > whole["reference_cpu_mb_per_s"]["median"]:
+                best, way = batched, f"encode_batch of {len(chunks)} pieces"
+    finally:
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    result = {
+        "megabytes": megabytes,
+        "tokens": best["tokens"],
+        "vocab_size": tokenizer.vocab_size,
+        "identical_to_hf": whole["identical"] and best["identical"],
+        "rounds": rounds,
+        "hf_way": way,
+        "scratchlm_mb_per_s": best["scratchlm_mb_per_s"]["median"],
+        "hf_mb_per_s": best["reference_mb_per_s"]["median"],
+        "ratio": best["ratio"]["median"],
+        "cpu_ratio": best["cpu_ratio"]["median"],
+        "target_ratio": 0.5,
+        "spread": {name: best[name] for name in best["per_round"]},
+        "hf_whole_text_mb_per_s": whole["reference_mb_per_s"]["median"],
+    }
+    return result
+
+
+def safe_chunks(text: str, size: int, pretokenizer: str) -> list[str]:
+    """``text`` in pieces of at most about ``size`` characters, each cut where ``pretokenizer``'s rule is exact."""
+    chunks, start = [], 0
+    while len(text) - start > size:
+        window = text[start : start + size]
+        cut = last_safe_cut(window, pretokenizer=pretokenizer)
+        if cut == 0:
+            break  # no exact cut in a whole window: the rest stays one piece
+        chunks.append(window[:cut])
+        start += cut
+    chunks.append(text[start:])
+    return chunks
+
+
+def qwen2_style_pair(corpora: list[Path], vocab_size: int, folder: Path) -> tuple[Tokenizer, object]:
+    """A Qwen2-style tokenizer trained by HF on ``corpora``: (ours from its tokenizer.json, HF's)."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train([str(path) for path in corpora], trainer)
+    hf.save(str(folder / "tokenizer.json"))
+    return Tokenizer.from_hf(folder), hf
+
+
+def sentencepiece_style_pair(corpora: list[Path], vocab_size: int, folder: Path) -> tuple[Tokenizer, object]:
+    """A Llama 2-style SentencePiece BPE of ``vocab_size`` tokens trained by HF: (ours, HF's).
+
+    The trainer learns merges over characters in words cut before ``▁`` (as
+    SentencePiece trains); the file is laid out as Llama 2's: ``<unk>``,
+    ``<s>``, ``</s>``, the 256 ``<0xNN>`` byte tokens, then the trained ones.
+    """
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import trainers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    fixed = len(specials) + 256
+    learner = HFTokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True)
+    # Rare characters (most CJK here) are left to the byte tokens, as in Llama 2.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - fixed, limit_alphabet=1000, show_progress=False)
+    learner.train([str(path) for path in corpora], trainer)
+    model = json.loads(learner.to_str())["model"]
+    vocab = {token: index for index, token in enumerate(specials)} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for token, _ in sorted(model["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend(METASPACE), normalizers.Replace(" ", METASPACE)])
+    hf.decoder = decoders.Sequence([
+        decoders.Replace(METASPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ])
+    hf.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in specials])
+    hf.save(str(folder / "tokenizer.json"))
+    return Tokenizer.from_hf(folder), hf
+
+
 def measure_large_file(tokenizer: Tokenizer, corpora: list[Path], gigabytes: float, processes: int,
                        work_dir: Path) -> dict:
     big = work_dir / "large_input.txt"
@@ -249,8 +433,10 @@ def print_table(results: dict) -> None:
     rows = [("step", "ours", "reference", "ratio", "target", "met", "check", "peak MiB")]
     encode = results["encode"]
     rows.append((
-        "encode (MB/s)", f"{encode['scratchlm_mb_per_s']:.2f}", f"{encode['tiktoken_mb_per_s']:.2f} tiktoken",
-        f"{encode['ratio']:.2f}x", ">= 0.5x", str(encode["ratio"] >= 0.5),
+        f"encode, median of {encode['rounds']} (MB/s)", f"{encode['scratchlm_mb_per_s']:.2f}",
+        f"{encode['tiktoken_mb_per_s']:.2f} tiktoken",
+        f"{encode['ratio']:.2f}x ({encode['spread']['ratio']['min']:.2f}-{encode['spread']['ratio']['max']:.2f}),"
+        f" CPU {encode['cpu_ratio']:.2f}x", ">= 0.5x", str(encode["ratio"] >= 0.5),
         f"ids equal: {encode['identical_to_tiktoken']}", f"{encode['scratchlm_peak_mib']:.0f}",
     ))
     if "encode_file" in results:
@@ -290,6 +476,14 @@ def print_table(results: dict) -> None:
         "llama3 preset (MB/s)", f"{llama3['scratchlm_mb_per_s']:.2f}", f"{llama3['tiktoken_mb_per_s']:.2f} tiktoken",
         f"{llama3['ratio']:.2f}x", "", "", f"ids equal: {llama3['identical_to_tiktoken']}", "",
     ))
+    for key, name in (("qwen2", "qwen2-style"), ("sentencepiece", "sentencepiece-style")):
+        if key in results:
+            kind = results[key]
+            rows.append((
+                f"{name} {kind['vocab_size'] // 1000}k (MB/s)", f"{kind['scratchlm_mb_per_s']:.2f}",
+                f"{kind['hf_mb_per_s']:.2f} HF 1 thread", f"{kind['ratio']:.2f}x", ">= 0.5x",
+                str(kind["ratio"] >= 0.5), f"ids equal: {kind['identical_to_hf']}", "",
+            ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
@@ -304,6 +498,16 @@ def main() -> None:
     parser.add_argument("--file-copies", type=int, default=4,
                         help="encode_file runs on python-docs.txt repeated this many times")
     parser.add_argument("--vocab-size", type=int, default=10_000, help="vocabulary size for the training comparison")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="alternating rounds (ours, tiktoken) for the GPT-2 encode comparison")
+    parser.add_argument("--hf-rounds", type=int, default=3,
+                        help="alternating rounds (ours, HF) for the qwen2- and sentencepiece-style comparisons")
+    parser.add_argument("--qwen-vocab-size", type=int, default=150_000,
+                        help="vocabulary size of the Qwen2-style tokenizer trained for the comparison with HF")
+    parser.add_argument("--sentencepiece-vocab-size", type=int, default=32_000,
+                        help="vocabulary size of the Llama 2-style SentencePiece tokenizer for the comparison with HF")
+    parser.add_argument("--skip-hf-kinds", action="store_true",
+                        help="leave out the qwen2- and sentencepiece-style comparisons with HF tokenizers")
     parser.add_argument("--skip-train", action="store_true", help="leave out the (slowest) training comparison")
     parser.add_argument("--skip-encode-file", action="store_true", help="leave out the encode_file comparison")
     parser.add_argument("--large-file-gb", type=float, default=0.0,
@@ -342,7 +546,7 @@ def main() -> None:
     encoding = offline_tiktoken(args.data_dir / "gpt2_vocab.json", args.data_dir / "gpt2_merges.txt")
 
     raw = corpus.read_bytes()
-    results["encode"] = measure_encode(tokenizer, encoding, raw.decode("utf-8"), len(raw) / 1e6)
+    results["encode"] = measure_encode(tokenizer, encoding, raw.decode("utf-8"), len(raw) / 1e6, args.rounds)
     raw = (args.data_dir / "multilingual.txt").read_bytes()
     results["multilingual"] = measure_multilingual(tokenizer, encoding, raw.decode("utf-8"), len(raw) / 1e6)
     raw = corpus.read_bytes()
@@ -363,6 +567,17 @@ def main() -> None:
                 tokenizer, [corpus, args.data_dir / "multilingual.txt"], args.large_file_gb, args.processes,
                 Path(work_dir),
             )
+    if not args.skip_hf_kinds:
+        corpora = [corpus, args.data_dir / "multilingual.txt"]
+        text = corpus.read_text(encoding="utf-8")
+        with tempfile.TemporaryDirectory() as folder:
+            ours, hf = qwen2_style_pair(corpora, args.qwen_vocab_size, Path(folder))
+            results["qwen2"] = measure_against_hf(ours, hf, text, args.hf_rounds, safe_chunks(text, 4096, "qwen2"))
+        del ours, hf
+        with tempfile.TemporaryDirectory() as folder:
+            ours, hf = sentencepiece_style_pair(corpora, args.sentencepiece_vocab_size, Path(folder))
+            results["sentencepiece"] = measure_against_hf(ours, hf, text, args.hf_rounds)
+        del ours, hf, text
     if not args.skip_train:
         results["train"] = measure_train(corpus, args.vocab_size, args.processes)
 
