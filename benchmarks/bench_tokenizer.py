@@ -567,6 +567,10 @@ def main() -> None:
                 tokenizer, [corpus, args.data_dir / "multilingual.txt"], args.large_file_gb, args.processes,
                 Path(work_dir),
             )
+    if not args.skip_train:
+        results["train"] = measure_train(corpus, args.vocab_size, args.processes)
+
+    # Last: what these leave resident would raise the peaks measured after them.
     if not args.skip_hf_kinds:
         corpora = [corpus, args.data_dir / "multilingual.txt"]
         text = corpus.read_text(encoding="utf-8")
@@ -578,8 +582,6 @@ def main() -> None:
             ours, hf = sentencepiece_style_pair(corpora, args.sentencepiece_vocab_size, Path(folder))
             results["sentencepiece"] = measure_against_hf(ours, hf, text, args.hf_rounds)
         del ours, hf, text
-    if not args.skip_train:
-        results["train"] = measure_train(corpus, args.vocab_size, args.processes)
 
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
