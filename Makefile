@@ -21,7 +21,7 @@ demo: $(READY)
 	$(BIN)/scratchlm demo
 
 test: $(READY)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -P -m pytest -q tests
 
 # On a machine with a CUDA GPU: the whole suite with the kernels compiled (no interpreter), so
 # every CUDA test runs (large shapes, tensors past 2^31 elements, training on the GPU); it fails
@@ -32,7 +32,7 @@ GPU_TESTS ?= tests
 .PHONY: test-gpu
 test-gpu: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),$(READY))
 	@$(GPU_PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA device here (make test runs the CPU suite)')"
-	env -u TRITON_INTERPRET $(GPU_PYTHON) -m pytest -q -p no:cacheprovider $(GPU_TESTS)
+	env -u TRITON_INTERPRET $(GPU_PYTHON) -P -m pytest -q -p no:cacheprovider $(GPU_TESTS)
 
 # Kernel microbenchmarks: benchmarks/bench_*.py (which `make test` never collects),
 # then benchmarks/report.py turns the JSON into kernels.md and kernels.png.
@@ -49,7 +49,7 @@ $(BENCH_READY): $(READY)
 	touch $@
 
 bench: $(BENCH_READY)
-	$(BIN)/python -m pytest benchmarks $(BENCH_PYTEST) \
+	$(BIN)/python -P -m pytest benchmarks $(BENCH_PYTEST) \
 		--benchmark-json=$(BENCH_RESULTS)/kernels.json --skips-json=$(BENCH_RESULTS)/skipped.json
 	$(BIN)/python benchmarks/report.py $(BENCH_FILES) --out-dir $(BENCH_RESULTS)
 	$(BIN)/python benchmarks/bench_tokenizer.py --out $(BENCH_RESULTS)/tokenizer.json
@@ -76,7 +76,7 @@ $(TRITON36_READY): setup.py
 	touch $@
 
 test-triton36: $(TRITON36_READY)
-	$(TRITON36_BIN)/python -m pytest -q tests/kernels
+	$(TRITON36_BIN)/python -P -m pytest -q tests/kernels
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

@@ -164,13 +164,13 @@ def test_finetune_checks_token_ids_against_the_pretrained_vocabulary(tmp_path, h
 
 
 def test_a_given_tokenizer_replaces_one_scratchlm_cannot_read(tmp_path, hf_model, capsys):
-    # A SentencePiece vocabulary (Llama 2 files): refused alone, fine with --tokenizer beside it.
-    gguf_file = write_gguf(hf_model, tmp_path / "spm.gguf", "F32", tokenizer=None,
-                           extra_metadata={"tokenizer.ggml.model": "llama"})  # fmt: skip
+    # A Unigram vocabulary (T5-style files): refused alone, fine with --tokenizer beside it.
+    gguf_file = write_gguf(hf_model, tmp_path / "unigram.gguf", "F32", tokenizer=None,
+                           extra_metadata={"tokenizer.ggml.model": "t5"})  # fmt: skip
     assert main(["generate", "--checkpoint", str(gguf_file), *GREEDY]) == 2
     assert "tokenizer.ggml.model" in capsys.readouterr().err
     TOKENIZER.save(tmp_path / "tok.json")
     assert _greedy_text(capsys, gguf_file, "--tokenizer", str(tmp_path / "tok.json")) == _expected_greedy(hf_model)
-    out = tmp_path / "spm.pt"
+    out = tmp_path / "unigram.pt"
     assert main(["convert", str(gguf_file), str(out), "--tokenizer", str(tmp_path / "tok.json")]) == 0
     assert read_checkpoint(out)["extra"]["tokenizer"] == TOKENIZER.to_document()

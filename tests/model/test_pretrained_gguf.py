@@ -132,9 +132,9 @@ def test_no_tokenizer_metadata_gives_none(gqa_model, tmp_path):
 
 
 def test_a_tokenizer_scratchlm_cannot_build_is_refused_before_the_weights(gqa_model, tmp_path, monkeypatch):
-    """A SentencePiece ("llama") vocabulary, as in Llama 2 files; tokenizer=False still gives the weights."""
-    path = tmp_path / "spm.gguf"
-    write_gguf(gqa_model, path, "F32", tokenizer=None, extra_metadata={"tokenizer.ggml.model": "llama"})
+    """A Unigram ("t5") vocabulary, which scratchlm does not read; tokenizer=False still gives the weights."""
+    path = tmp_path / "unigram.gguf"
+    write_gguf(gqa_model, path, "F32", tokenizer=None, extra_metadata={"tokenizer.ggml.model": "t5"})
     with monkeypatch.context() as patch:
         patch.setattr(gguf_checkpoint, "allocate", lambda *args: pytest.fail("weights were read"))
         with pytest.raises(ValueError, match="tokenizer.ggml.model"):

@@ -109,8 +109,8 @@ def test_files_written_before_version_2_still_load_as_gpt2(tmp_path):
 
 def test_malformed_and_unknown_documents_are_refused(tmp_path):
     good = Tokenizer(BYTES, [], pretokenizer="llama3").to_document()
-    with pytest.raises(ValueError, match=r"reads versions 1, 2"):
-        Tokenizer.from_document(good | {"version": 3})
+    with pytest.raises(ValueError, match=r"reads versions 1, 2, 3"):
+        Tokenizer.from_document(good | {"version": 4})
     broken = dict(good)
     del broken["pretokenizer"]
     with pytest.raises(ValueError, match=r"checkpoint x is a malformed version 2 tokenizer: KeyError: 'pretokenizer'"):
