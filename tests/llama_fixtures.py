@@ -8,6 +8,7 @@ kept in F32, and Llama 3.1 rope scaling stored as per-frequency factors.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -115,6 +116,14 @@ def save_hf_folder(model, folder: Path, *, tokenizer: Tokenizer | None = TOKENIZ
     if tokenizer is not None:
         tokenizer.save_hf_folder(folder)
     return folder
+
+
+def edit_config(folder: Path, **changes) -> None:
+    """Change fields of ``folder``'s config.json in place (a malformed or unusual checkpoint)."""
+    path = folder / "config.json"
+    values = json.loads(path.read_text())
+    values.update(changes)
+    path.write_text(json.dumps(values))
 
 
 def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:

@@ -15,7 +15,16 @@ import json
 import pytest
 import torch
 from helpers import assert_close
-from llama_fixtures import SAMPLE_TEXT, TOKENIZER, VOCAB_SIZE, hf_greedy, hf_model, save_hf_folder, write_gguf
+from llama_fixtures import (
+    SAMPLE_TEXT,
+    TOKENIZER,
+    VOCAB_SIZE,
+    edit_config,
+    hf_greedy,
+    hf_model,
+    save_hf_folder,
+    write_gguf,
+)
 
 from scratchlm.model import ModelConfig, PretrainedFormatError, TransformerLM, export_hf, generate_ids, load_pretrained
 from scratchlm.model.pretrained import read_pretrained_config
@@ -306,13 +315,6 @@ def test_new_fields_round_trip_and_leave_old_configs_unchanged():
 def test_bad_field_values_are_refused_by_name(fields, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(vocab_size=100, context_length=64, d_model=64, num_layers=3, num_heads=4, d_ff=96, **fields)
-
-
-def edit_config(folder, **changes):
-    path = folder / "config.json"
-    values = json.loads(path.read_text())
-    values.update(changes)
-    path.write_text(json.dumps(values))
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,16 @@ import shutil
 import pytest
 import torch
 from helpers import assert_close
-from llama_fixtures import LLAMA3_SCALING, SAMPLE_TEXT, TOKENIZER, VOCAB_SIZE, hf_greedy, hf_llama, save_hf_folder
+from llama_fixtures import (
+    LLAMA3_SCALING,
+    SAMPLE_TEXT,
+    TOKENIZER,
+    VOCAB_SIZE,
+    edit_config,
+    hf_greedy,
+    hf_llama,
+    save_hf_folder,
+)
 
 import scratchlm.model.hf_checkpoint as hf_checkpoint
 from scratchlm.model import PretrainedFormatError, generate_ids, load_pretrained
@@ -168,13 +177,6 @@ def no_weights_read(monkeypatch):
         raise AssertionError("the model was allocated before the refusal")
 
     monkeypatch.setattr(hf_checkpoint, "allocate", fail)
-
-
-def edit_config(folder, **changes):
-    path = folder / "config.json"
-    values = json.loads(path.read_text())
-    values.update(changes)
-    path.write_text(json.dumps(values))
 
 
 @pytest.mark.parametrize(

@@ -134,16 +134,30 @@ def write_gguf_tokenizer(hf_folder: Path, path: Path, pre: str, arch: str = "lla
         "eos_token_id": ids.get(_token_content(config.get("eos_token"))),
         "add_bos_token": True,
     } | overrides
+    return write_gguf_metadata(fields, path, arch)
+
+
+def write_gguf_metadata(fields: dict, path: Path, arch: str) -> Path:
+    """A small .gguf holding ``fields`` (``tokenizer.ggml.*`` keys by their last part; None: left out)
+    and one tensor, written with llama.cpp's gguf writer."""
+    import gguf
+    import numpy as np
+
     writer = gguf.GGUFWriter(str(path), arch=arch)
     adders = {
         "model": writer.add_tokenizer_model,
         "pre": writer.add_tokenizer_pre,
         "tokens": writer.add_token_list,
+        "scores": writer.add_token_scores,
         "token_type": writer.add_token_types,
         "merges": writer.add_token_merges,
         "bos_token_id": writer.add_bos_token_id,
         "eos_token_id": writer.add_eos_token_id,
+        "unknown_token_id": writer.add_unk_token_id,
+        "padding_token_id": writer.add_pad_token_id,
+        "add_space_prefix": writer.add_add_space_prefix,
         "add_bos_token": writer.add_add_bos_token,
+        "add_eos_token": writer.add_add_eos_token,
     }
     for name, value in fields.items():
         if value is not None:

@@ -19,6 +19,7 @@ from scratchlm.tokenizer import Tokenizer
 from scratchlm.tokenizer.apply_merges import merge_by_rank, merge_by_rank_heap
 from scratchlm.tokenizer.gguf_spm import gguf_spm_arguments, spm_merges, spm_score_ranks
 
+from hf_trained_tokenizers import write_gguf_metadata
 from llama_cpp_spm import llama_cpp_tokenize, merge_like_llama_cpp, merge_naively
 from sentencepiece_files import SYNTHETIC, train_vocab
 
@@ -84,32 +85,8 @@ def spm_fields(style: str) -> dict:
 
 def write_gguf(fields: dict, path: Path, arch: str) -> Path:
     """A small .gguf holding ``fields`` (full keys) and one tensor, written with llama.cpp's gguf writer."""
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), arch=arch)
-    adders = {
-        "model": writer.add_tokenizer_model,
-        "pre": writer.add_tokenizer_pre,
-        "tokens": writer.add_token_list,
-        "scores": writer.add_token_scores,
-        "token_type": writer.add_token_types,
-        "bos_token_id": writer.add_bos_token_id,
-        "eos_token_id": writer.add_eos_token_id,
-        "unknown_token_id": writer.add_unk_token_id,
-        "padding_token_id": writer.add_pad_token_id,
-        "add_space_prefix": writer.add_add_space_prefix,
-        "add_bos_token": writer.add_add_bos_token,
-        "add_eos_token": writer.add_add_eos_token,
-    }
-    for key, value in fields.items():
-        adders[key.removeprefix("tokenizer.ggml.")](value)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    short = {key.removeprefix("tokenizer.ggml."): value for key, value in fields.items()}
+    return write_gguf_metadata(short, path, arch)
 
 
 STYLES = {"llama2": "llama", "gemma": "gemma2"}  # style -> general.architecture (transformers reads gemma2, not gemma)
