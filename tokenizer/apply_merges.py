@@ -31,6 +31,13 @@ Ranks = dict[tuple[int, int], tuple[int, int]]
 LONG_PIECE_BYTES = 16
 
 
+def merge_ids(ids: list[int], ranks: Ranks) -> tuple[int, ...]:
+    """BPE on ``ids`` by the rule above: rescanning for short pieces, the heap for long ones."""
+    if len(ids) >= LONG_PIECE_BYTES:
+        return tuple(merge_by_rank_heap(ids, ranks))
+    return tuple(merge_by_rank(ids, ranks))
+
+
 def merge_by_rank(ids: list[int], ranks: Ranks) -> list[int]:
     """Merge by rescanning: find the lowest-ranked (then leftmost) pair, merge it, repeat."""
     ids = list(ids)

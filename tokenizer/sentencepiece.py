@@ -52,7 +52,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from scratchlm.tokenizer.apply_merges import LONG_PIECE_BYTES, merge_by_rank, merge_by_rank_heap
+from scratchlm.tokenizer.apply_merges import merge_ids
 from scratchlm.tokenizer.pretokenizers import DEFAULT_PRETOKENIZER
 
 METASPACE = "\u2581"
@@ -175,7 +175,8 @@ class SentencePieceBPE:
         )
         self._stream_cut = self.stream_cut_pattern()
         self._cache: dict[str, tuple[int, ...]] = {}
-        self._outputs = [self._output(vocab, token_id) for token_id in range(max(vocab) + 1)] if vocab else []
+        self._vocab = vocab
+        self._outputs = [self._output(token_id) for token_id in range(max(vocab) + 1)] if vocab else []
 
     # ------------------------------------------------------------- encode
 
@@ -230,9 +231,7 @@ class SentencePieceBPE:
                 unk_pending = True
         if unk_pending:
             symbols.append(self.unk_id)
-        if len(symbols) >= LONG_PIECE_BYTES:
-            return tuple(merge_by_rank_heap(symbols, self._merge_ranks))
-        return tuple(merge_by_rank(symbols, self._merge_ranks))
+        return merge_ids(symbols, self._merge_ranks)
 
     def stream_cut_pattern(self) -> re.Pattern | None:
         """Where a text may be cut so that its two halves encode to the ids of the whole; None: nowhere.
@@ -278,9 +277,9 @@ class SentencePieceBPE:
 
     # ------------------------------------------------------------- decode
 
-    def _output(self, vocab: dict[int, bytes], token_id: int) -> str | int:
+    def _output(self, token_id: int) -> str | int:
         """What one token decodes to: its text with ▁ as a space, or the byte of a byte token (an int)."""
-        token = vocab.get(token_id)
+        token = self._vocab.get(token_id)
         if token is None:
             return ""
         text = token.decode("utf-8", "replace")
@@ -288,13 +287,13 @@ class SentencePieceBPE:
             return int(text[3:-1], 16)
         return text.replace(METASPACE, " ")
 
-    def decode(self, ids: list[int], vocab: dict[int, bytes]) -> str:
+    def decode(self, ids: list[int]) -> str:
         """HF's decoding of ``ids`` (already checked to be in the vocabulary)."""
         outputs = self._outputs
         if self.decoder == "metaspace":
             parts = [outputs[token_id] for token_id in ids]
             if parts and self.metaspace != "never":
-                parts[0] = vocab[ids[0]].decode("utf-8", "replace").replace(METASPACE, "")
+                parts[0] = self._vocab[ids[0]].decode("utf-8", "replace").replace(METASPACE, "")
             return "".join(parts)
         parts: list[str] = []
         run = bytearray()  # consecutive byte tokens, decoded together

@@ -54,7 +54,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from scratchlm.tokenizer.apply_merges import LONG_PIECE_BYTES, merge_by_rank, merge_by_rank_heap
+from scratchlm.tokenizer.apply_merges import merge_ids
 from scratchlm.tokenizer.merge_batch import MAX_ID, MAX_PIECE_BYTES, BatchMerger
 from scratchlm.tokenizer.pretokenize import (  # noqa: F401  (GPT2_PRETOKENIZE_REGEX: for callers of this module)
     GPT2_PRETOKENIZE_REGEX,
@@ -330,9 +330,7 @@ class Tokenizer(TokenizerFiles):
         ids = [self._byte_ids[b] for b in encoded]
         if self.missing_bytes and _MISSING_BYTE in ids:
             ids = self._replace_missing_bytes(ids)
-        if len(ids) >= LONG_PIECE_BYTES:
-            return tuple(merge_by_rank_heap(ids, self._merge_ranks))
-        return tuple(merge_by_rank(ids, self._merge_ranks))
+        return merge_ids(ids, self._merge_ranks)
 
     def _replace_missing_bytes(self, ids: list[int]) -> list[int]:
         """``ids`` with each missing byte made the unk token (a run of them one, with ``fuse_unk``) or dropped.
@@ -558,7 +556,7 @@ class Tokenizer(TokenizerFiles):
         'h\\ufffd'
         """
         if self._sentencepiece is not None:
-            return self._sentencepiece.decode(self._checked_ids(self._id_sequence(ids)), self.vocab)
+            return self._sentencepiece.decode(self._checked_ids(self._id_sequence(ids)))
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
