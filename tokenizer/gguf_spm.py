@@ -119,7 +119,8 @@ _MODEL_NEEDS = f"{_PREFIX}model 'llama' (SentencePiece) needs it"
 _DEFAULT_IDS = {"bos_token_id": 1, "eos_token_id": 2}
 
 
-def _refuse(source: str, key: str, value: Any, expected: str) -> ValueError:
+def refuse(source: str, key: str, value: Any, expected: str) -> ValueError:
+    """The error for a GGUF metadata ``key`` whose ``value`` is not what was ``expected`` (long values cut)."""
     quoted = repr(value)
     if len(quoted) > 200:
         quoted = quoted[:200] + "..."
@@ -130,16 +131,29 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _optional(fields: Mapping[str, Any], name: str, kind: type, source: str) -> Any:
+def read_field(fields: Mapping[str, Any], name: str, kind: type, source: str, required: bool = True) -> Any:
+    """``tokenizer.ggml.<name>`` from ``fields``, checked to be a ``kind`` (any integer type, not a bool,
+    for int); None when it is absent and not ``required``."""
     key = _PREFIX + name
-    value = fields.get(key)
-    if value is None:
+    if key not in fields:
+        if required:
+            raise ValueError(f"{source}: {key} is missing")
         return None
-    if kind is int and not _is_int(value):
-        raise _refuse(source, key, value, "expected an integer")
-    if kind is not int and not isinstance(value, kind):
-        raise _refuse(source, key, value, f"expected a {kind.__name__}")
-    return int(value) if kind is int else value
+    value = fields[key]
+    if kind is int:
+        if not _is_int(value):
+            raise refuse(source, key, value, "expected an integer")
+        return int(value)
+    if not isinstance(value, kind):
+        raise refuse(source, key, value, f"expected a {kind.__name__}")
+    return value
+
+
+def _optional(fields: Mapping[str, Any], name: str, kind: type, source: str) -> Any:
+    """:func:`read_field` of an optional key, a value of None counting as absent."""
+    if fields.get(_PREFIX + name) is None:
+        return None
+    return read_field(fields, name, kind, source, required=False)
 
 
 def read_spm_vocabulary(
@@ -155,7 +169,7 @@ def read_spm_vocabulary(
     if tokens is None:
         raise ValueError(f"{source}: {_PREFIX}tokens is missing; {_MODEL_NEEDS}")
     if not isinstance(tokens, list) or not tokens:
-        raise _refuse(source, _PREFIX + "tokens", tokens, "expected a non-empty list of strings")
+        raise refuse(source, _PREFIX + "tokens", tokens, "expected a non-empty list of strings")
     scores = fields.get(_PREFIX + "scores")
     if scores is None:
         raise ValueError(f"{source}: {_PREFIX}scores is missing; {_MODEL_NEEDS} (its merges are ordered by score)")
@@ -164,27 +178,27 @@ def read_spm_vocabulary(
         types = [TOKEN_TYPE_NORMAL] * len(tokens)
     for name, values in (("scores", scores), ("token_type", types)):
         if not isinstance(values, list):
-            raise _refuse(source, _PREFIX + name, values, "expected a list, one per token")
+            raise refuse(source, _PREFIX + name, values, "expected a list, one per token")
         if len(values) != len(tokens):
-            raise _refuse(source, _PREFIX + name, f"{len(values)} values", f"expected {len(tokens)}, one per token")
+            raise refuse(source, _PREFIX + name, f"{len(values)} values", f"expected {len(tokens)}, one per token")
 
     texts: list[str] = []
     seen: dict[str, int] = {}
     for token_id, (text, score, token_type) in enumerate(zip(tokens, scores, types)):
         if not isinstance(text, str):
-            raise _refuse(source, f"{_PREFIX}tokens[{token_id}]", text, "expected a string")
+            raise refuse(source, f"{_PREFIX}tokens[{token_id}]", text, "expected a string")
         if not text:
             text = f"[EMPTY_{token_id}]"  # llama.cpp's name for an empty token
         if text in seen:
-            raise _refuse(source, f"{_PREFIX}tokens[{token_id}]", text,
+            raise refuse(source, f"{_PREFIX}tokens[{token_id}]", text,
                           f"the same token is id {seen[text]} (llama.cpp refuses this too)")
         seen[text] = token_id
         if not isinstance(score, numbers.Real) or isinstance(score, bool) or math.isnan(score):
-            raise _refuse(source, f"{_PREFIX}scores[{token_id}]", score, "expected a number (not NaN)")
+            raise refuse(source, f"{_PREFIX}scores[{token_id}]", score, "expected a number (not NaN)")
         if not _is_int(token_type) or not TOKEN_TYPE_NORMAL <= token_type <= TOKEN_TYPE_BYTE:
-            raise _refuse(source, f"{_PREFIX}token_type[{token_id}]", token_type, "expected 1 to 6")
+            raise refuse(source, f"{_PREFIX}token_type[{token_id}]", token_type, "expected 1 to 6")
         if token_type == TOKEN_TYPE_BYTE and not _BYTE_TOKEN.fullmatch(text):
-            raise _refuse(source, f"{_PREFIX}tokens[{token_id}]", text, "a byte token (type 6) must be '<0xNN>'")
+            raise refuse(source, f"{_PREFIX}tokens[{token_id}]", text, "a byte token (type 6) must be '<0xNN>'")
         texts.append(text)
     return texts, [float(score) for score in scores], [int(token_type) for token_type in types]
 
@@ -245,7 +259,7 @@ def gguf_spm_arguments(
     for name in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
         token_id = _optional(fields, name, int, source)
         if token_id is not None and not 0 <= token_id < len(tokens):
-            raise _refuse(source, _PREFIX + name, token_id, f"ids are 0..{len(tokens) - 1}")
+            raise refuse(source, _PREFIX + name, token_id, f"ids are 0..{len(tokens) - 1}")
         if token_id is None and _DEFAULT_IDS.get(name, len(tokens)) < len(tokens):
             token_id = _DEFAULT_IDS[name]
         ids[name] = token_id
@@ -254,9 +268,9 @@ def gguf_spm_arguments(
     if add_bos is None:
         add_bos = ids["bos_token_id"] is not None
     if add_bos and ids["bos_token_id"] is None:
-        raise _refuse(source, _PREFIX + "add_bos_token", add_bos, f"but {_PREFIX}bos_token_id is missing")
+        raise refuse(source, _PREFIX + "add_bos_token", add_bos, f"but {_PREFIX}bos_token_id is missing")
     if _optional(fields, "add_eos_token", bool, source):
-        raise _refuse(source, _PREFIX + "add_eos_token", True, "only false is supported (encode adds nothing)")
+        raise refuse(source, _PREFIX + "add_eos_token", True, "only false is supported (encode adds nothing)")
     settings = {
         "metaspace": "never" if add_space_prefix is False else "prepend",
         "byte_fallback": True,

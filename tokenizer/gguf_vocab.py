@@ -40,7 +40,6 @@ files, so GGUF and tokenizer.json give the same ids.
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +51,8 @@ from scratchlm.tokenizer.gguf_spm import (
     TOKEN_TYPE_NORMAL,
     TOKEN_TYPE_UNUSED,
     gguf_spm_arguments,
+    read_field,
+    refuse,
 )
 from scratchlm.tokenizer.gpt2_files import decode_gpt2_token
 
@@ -114,30 +115,6 @@ def read_gguf_tokenizer_fields(path: str | os.PathLike) -> dict[str, Any]:
         ) from error
 
 
-def _refuse(source: str, key: str, value: Any, expected: str) -> ValueError:
-    quoted = repr(value)
-    if len(quoted) > 200:
-        quoted = quoted[:200] + "..."
-    return ValueError(f"{source}: {key} is {quoted}; {expected}")
-
-
-def _field(fields: Mapping[str, Any], name: str, kind: type, source: str, required: bool = True) -> Any:
-    key = _PREFIX + name
-    if key not in fields:
-        if required:
-            raise ValueError(f"{source}: {key} is missing")
-        return None
-    value = fields[key]
-    if kind is int:
-        # Any integer type (numpy's too), but not a bool.
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise _refuse(source, key, value, "expected an integer")
-        return int(value)
-    if not isinstance(value, kind):
-        raise _refuse(source, key, value, f"expected a {kind.__name__}")
-    return value
-
-
 def gguf_tokenizer_arguments(
     fields: Mapping[str, Any], source: str = "GGUF metadata"
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]], dict[str, int], dict[str, Any]]:
@@ -146,48 +123,48 @@ def gguf_tokenizer_arguments(
     ``fields`` maps full keys (``"tokenizer.ggml.tokens"``) to plain values;
     ``source`` names them in errors. Rules in the module docstring.
     """
-    model = _field(fields, "model", str, source)
+    model = read_field(fields, "model", str, source)
     if model == "llama":
         return gguf_spm_arguments(fields, source)
     if model != "gpt2":
         kind = _OTHER_MODELS.get(model, "not a tokenizer this package reads")
-        raise _refuse(
+        raise refuse(
             source, _PREFIX + "model", model,
             f"that is {kind}; byte-level BPE (\"gpt2\") and SentencePiece (\"llama\") load",
         )
-    pre = _field(fields, "pre", str, source, required=False)
+    pre = read_field(fields, "pre", str, source, required=False)
     if pre not in GGUF_PRETOKENIZERS:
-        raise _refuse(
+        raise refuse(
             source, _PREFIX + "pre", pre, f"known pre-tokenizers are {sorted(GGUF_PRETOKENIZERS)}"
         )
     pretokenizer, ignore_merges, default_add_bos = GGUF_PRETOKENIZERS[pre]
 
-    tokens = _field(fields, "tokens", list, source)
-    token_types = _field(fields, "token_type", list, source, required=False)
+    tokens = read_field(fields, "tokens", list, source)
+    token_types = read_field(fields, "token_type", list, source, required=False)
     if token_types is None:
         token_types = [TOKEN_TYPE_NORMAL] * len(tokens)
     if len(token_types) != len(tokens):
-        raise _refuse(
+        raise refuse(
             source, _PREFIX + "token_type", f"{len(token_types)} types", f"expected {len(tokens)}, one per token"
         )
     vocab, special_tokens = _vocab(tokens, token_types, source)
-    merges = _merges(_field(fields, "merges", list, source), source)
+    merges = _merges(read_field(fields, "merges", list, source), source)
 
     ids = {}
     for name in ("bos_token_id", "eos_token_id"):
-        token_id = _field(fields, name, int, source, required=False)
+        token_id = read_field(fields, name, int, source, required=False)
         if token_id is not None and not 0 <= token_id < len(tokens):
-            raise _refuse(source, _PREFIX + name, token_id, f"ids are 0..{len(tokens) - 1}")
+            raise refuse(source, _PREFIX + name, token_id, f"ids are 0..{len(tokens) - 1}")
         ids[name] = token_id
-    add_bos = _field(fields, "add_bos_token", bool, source, required=False)
+    add_bos = read_field(fields, "add_bos_token", bool, source, required=False)
     if add_bos is None:
         # The pre name's default, when there is a bos to add: without one,
         # transformers' tokenizer of the file adds nothing, and neither does this.
         add_bos = default_add_bos and ids["bos_token_id"] is not None
     if add_bos and ids["bos_token_id"] is None:
-        raise _refuse(source, _PREFIX + "add_bos_token", add_bos, f"but {_PREFIX}bos_token_id is missing")
-    if _field(fields, "add_eos_token", bool, source, required=False):
-        raise _refuse(source, _PREFIX + "add_eos_token", True, "only false is supported (encode adds nothing)")
+        raise refuse(source, _PREFIX + "add_bos_token", add_bos, f"but {_PREFIX}bos_token_id is missing")
+    if read_field(fields, "add_eos_token", bool, source, required=False):
+        raise refuse(source, _PREFIX + "add_eos_token", True, "only false is supported (encode adds nothing)")
     settings = {
         "pretokenizer": pretokenizer,
         "ignore_merges": ignore_merges,
@@ -205,9 +182,9 @@ def _vocab(tokens: list, token_types: list, source: str) -> tuple[dict[int, byte
     for token_id, (text, token_type) in enumerate(zip(tokens, token_types)):
         key = f"{_PREFIX}tokens[{token_id}]"
         if not isinstance(text, str):
-            raise _refuse(source, key, text, "expected a string")
+            raise refuse(source, key, text, "expected a string")
         if text in seen:
-            raise _refuse(source, key, text, f"the same token is id {seen[text]} (llama.cpp refuses this too)")
+            raise refuse(source, key, text, f"the same token is id {seen[text]} (llama.cpp refuses this too)")
         seen[text] = token_id
         if token_type in KEPT_WHOLE_TYPES and text:
             vocab[token_id] = text.encode("utf-8")
@@ -216,16 +193,16 @@ def _vocab(tokens: list, token_types: list, source: str) -> tuple[dict[int, byte
             try:
                 vocab[token_id] = decode_gpt2_token(text)
             except ValueError:
-                raise _refuse(
+                raise refuse(
                     source, key, text, "not spelled with GPT-2's byte -> character table: not a byte-level vocabulary"
                 ) from None
         elif token_type == TOKEN_TYPE_BYTE:
-            raise _refuse(
+            raise refuse(
                 source, f"{_PREFIX}token_type[{token_id}]", token_type,
                 f"byte tokens ({text!r}) are SentencePiece's byte fallback, not byte-level BPE",
             )
         else:
-            raise _refuse(source, f"{_PREFIX}token_type[{token_id}]", token_type, "expected 1 to 6")
+            raise refuse(source, f"{_PREFIX}token_type[{token_id}]", token_type, "expected 1 to 6")
     return vocab, special_tokens
 
 
@@ -235,11 +212,11 @@ def _merges(entries: list, source: str) -> list[tuple[bytes, bytes]]:
     for index, entry in enumerate(entries):
         parts = entry.split(" ") if isinstance(entry, str) else None
         if parts is None or len(parts) != 2 or not all(parts):
-            raise _refuse(source, f"{_PREFIX}merges[{index}]", entry, "expected \"left right\"")
+            raise refuse(source, f"{_PREFIX}merges[{index}]", entry, "expected \"left right\"")
         try:
             pair = (decode_gpt2_token(parts[0]), decode_gpt2_token(parts[1]))
         except ValueError as error:
-            raise _refuse(source, f"{_PREFIX}merges[{index}]", entry, str(error)) from None
+            raise refuse(source, f"{_PREFIX}merges[{index}]", entry, str(error)) from None
         if pair not in seen:
             seen.add(pair)
             merges.append(pair)
