@@ -36,9 +36,8 @@ class LayerKVCache:
         if self.window is None:
             self.keys, self.values = all_keys, all_values
         else:
-            keep = self.window - 1
-            self.keys = all_keys[..., all_keys.shape[-2] - min(keep, all_keys.shape[-2]) :, :]
-            self.values = all_values[..., all_values.shape[-2] - min(keep, all_values.shape[-2]) :, :]
+            first_kept = max(0, all_keys.shape[-2] - (self.window - 1))
+            self.keys, self.values = all_keys[..., first_kept:, :], all_values[..., first_kept:, :]
         return all_keys, all_values
 
 
