@@ -79,7 +79,9 @@ class MultiHeadSelfAttention(nn.Module):
     and v_proj (Qwen2); ``qk_norm``, an RMSNorm ``q_norm`` / ``k_norm`` of
     size head_dim over each head's q and k before RoPE (Qwen3); ``scale``
     for q.k (None: head_dim ** -0.5); ``window`` W, a sliding window (query
-    i sees keys i-W+1..i; Mistral, Qwen2's upper layers).
+    i sees keys i-W+1..i; Mistral, Qwen2's upper layers); ``softcap`` c, scores
+    turned into c * tanh(score / c) before the softmax (Gemma 2);
+    ``norm_offset``, the q/k norms' weight offset (Gemma 3: 1.0).
     """
 
     def __init__(
@@ -101,6 +103,8 @@ class MultiHeadSelfAttention(nn.Module):
         norm_eps: float = 1e-5,
         scale: float | None = None,
         window: int | None = None,
+        softcap: float | None = None,
+        norm_offset: float = 0.0,
     ) -> None:
         super().__init__()
         if head_dim is None and d_model % num_heads != 0:
@@ -132,10 +136,11 @@ class MultiHeadSelfAttention(nn.Module):
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if qk_norm:
-            self.q_norm = RMSNorm(self.d_head, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
-            self.k_norm = RMSNorm(self.d_head, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
-        # Only the options a model uses go to the op: the Triton kernel takes no window=.
-        options = (("scale", scale), ("window", window))
+            norm = dict(device=device, dtype=dtype, backend=backends["rmsnorm"], offset=norm_offset)
+            self.q_norm = RMSNorm(self.d_head, norm_eps, **norm)
+            self.k_norm = RMSNorm(self.d_head, norm_eps, **norm)
+        # Only the options a model uses go to the op, so a Llama calls it exactly as before.
+        options = (("scale", scale), ("window", window), ("softcap", softcap))
         self._attention_options = {key: value for key, value in options if value is not None}
         # A model passes one ``rope`` to all its layers: the tables depend only on
         # the config, and at Llama 3.1's 131072 positions (once used) they are 32 MB each.

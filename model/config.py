@@ -39,6 +39,14 @@ class ModelConfig:
     attention_scale: float | None = None  # multiplies q.k in attention; None means head_dim ** -0.5
     sliding_window: int | None = None  # W: a sliding layer's query i sees keys i-W+1..i; None: every layer is full
     sliding_window_layers: tuple[int, ...] | None = None  # the layers that slide; None: all, when sliding_window is set
+    # Gemma 2/3 fields; their defaults give the models above.
+    norm_offset: float = 0.0  # every RMSNorm multiplies by (norm_offset + weight); Gemma stores w with offset 1
+    post_norms: bool = False  # an RMSNorm on the attention output and on the MLP output, before each residual add
+    mlp_activation: str = "silu"  # the gate's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embedding_multiplier: float | None = None  # token embeddings are scaled by this (Gemma: sqrt(d_model))
+    attention_softcap: float | None = None  # attention scores become cap * tanh(score / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits become cap * tanh(logit / cap) (Gemma 2)
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3); None: rope_theta
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -87,6 +95,21 @@ class ModelConfig:
                 f"ModelConfig.attention_scale={scale!r}: expected a positive number or None (head_dim ** -0.5)"
             )
         self._check_sliding_window()
+        self._check_gemma_fields()
+
+    def _check_gemma_fields(self) -> None:
+        if not _is_number(self.norm_offset):
+            raise ValueError(f"ModelConfig.norm_offset={self.norm_offset!r}: expected a finite number (Gemma: 1.0)")
+        if not isinstance(self.post_norms, bool):
+            raise ValueError(f"ModelConfig.post_norms={self.post_norms!r}: expected True or False")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig.mlp_activation={self.mlp_activation!r}: expected one of {list(MLP_ACTIVATIONS)}"
+            )
+        for name in ("embedding_multiplier", "attention_softcap", "final_softcap", "local_rope_theta"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value <= 0):
+                raise ValueError(f"ModelConfig.{name}={value!r}: expected a positive number or None")
 
     def _check_sliding_window(self) -> None:
         window, layers = self.sliding_window, self.sliding_window_layers
@@ -160,8 +183,12 @@ class ModelConfig:
 _LLAMA_FIELD_DEFAULTS = {
     "num_kv_heads": None, "tie_embeddings": False, "norm_eps": 1e-5, "rope_scaling": None, "head_dim": None,
     "qkv_bias": False, "qk_norm": False, "attention_scale": None, "sliding_window": None,
-    "sliding_window_layers": None,
+    "sliding_window_layers": None, "norm_offset": 0.0, "post_norms": False, "mlp_activation": "silu",
+    "embedding_multiplier": None, "attention_softcap": None, "final_softcap": None, "local_rope_theta": None,
 }  # fmt: skip
+
+# The gate activations of the gated MLP: op name in model/backends.py per ModelConfig.mlp_activation.
+MLP_ACTIVATIONS = {"silu": "swiglu", "gelu_tanh": "geglu"}
 
 
 def _is_number(value: object) -> bool:
@@ -190,9 +217,15 @@ def normalize_rope_scaling(scaling: object) -> dict | None:
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "default":
         return None
+    if kind == "linear":
+        # Position interpolation: every angle divided by factor (Gemma 3's global layers).
+        factor = scaling.get("factor")
+        if not _is_number(factor) or factor <= 0:
+            raise ValueError(f"ModelConfig.rope_scaling['factor']={factor!r}: expected a positive number")
+        return {"rope_type": "linear", "factor": float(factor)}
     if kind != "llama3":
         raise ValueError(
-            f"ModelConfig.rope_scaling has rope_type={kind!r}; only 'llama3' (Llama 3.1's scaling) is supported"
+            f"ModelConfig.rope_scaling has rope_type={kind!r}; expected 'llama3' (Llama 3.1's scaling) or 'linear'"
         )
     missing = [key for key in ROPE_SCALING_KEYS[1:] if key not in scaling]
     if missing:

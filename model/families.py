@@ -9,6 +9,19 @@ here and apply it; the model itself stays one ``TransformerLM`` whose
     qwen2    qwen2          qwen2                   qkv_bias; sliding windows on the upper layers
     qwen3    qwen3          qwen3                   qk_norm, head_dim; windows as Qwen2
     mistral  mistral        llama (as llama.cpp)    sliding_window on every layer, head_dim
+    gemma2   gemma2         (not read yet)          the Gemma fields below; sliding/full layers alternate
+    gemma3   gemma3_text    (not read yet)          the Gemma fields, qk_norm, local_rope_theta; 5 sliding : 1 full
+
+Gemma 2 and 3 (transformers' Gemma2Config, Gemma3TextConfig) set the same
+fields: norm_offset 1 (RMSNorm by 1 + w), post_norms, mlp_activation
+gelu_tanh, embedding_multiplier sqrt(hidden_size), attention_scale
+query_pre_attn_scalar ** -0.5, and the soft-caps attn_logit_softcapping and
+final_logit_softcapping (Gemma 3: null). Their sliding layers are those
+``layer_types`` marks, else every layer but each ``sliding_window_pattern``-th
+(Gemma 2: 2, Gemma 3: 6). Gemma 3's sliding layers turn by their own RoPE
+base (``rope_parameters["sliding_attention"]``, or rope_local_base_freq in
+transformers < 5), unscaled; its full layers by rope_theta with any "linear"
+rope scaling.
 
 Weight names are shared (a bias or q/k norm tensor has one name in every
 family that has it); a family only decides which of them a model holds,
@@ -54,6 +67,12 @@ class Family:
     read_window: Callable[[dict, int, str], tuple[int | None, tuple[int, ...] | None]]
     # ModelConfig -> the config.json fields that state its windows
     write_window: Callable[[ModelConfig], dict[str, Any]]
+    # (config.json values, source) -> the ModelConfig fields beyond the Llama/Qwen ones (Gemma's)
+    read_fields: Callable[[dict, str], dict[str, Any]] = lambda values, source: {}
+    # ModelConfig -> the config.json fields that state them
+    write_fields: Callable[[ModelConfig], dict[str, Any]] = lambda cfg: {}
+    hidden_act: str = "silu"  # the HF name of the MLP gate's activation
+    local_rope: bool = False  # sliding layers have their own RoPE base (Gemma 3)
 
 
 def _refuse(source: str, field: str, value: Any, expected: str) -> FamilyError:
@@ -126,6 +145,78 @@ def _qwen_window_fields(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _gemma_window(pattern: int) -> Callable[[dict, int, str], tuple[int | None, tuple[int, ...] | None]]:
+    """Gemma's windows: the layers marked "sliding_attention" in ``layer_types`` slide by ``sliding_window``;
+    without layer_types every ``pattern``-th layer is full (Gemma 2: 2, Gemma 3: 6), the others slide."""
+
+    def read(values: dict, num_layers: int, source: str) -> tuple[int | None, tuple[int, ...] | None]:
+        layer_types = values.get("layer_types")
+        if layer_types is None:
+            every = values.get("sliding_window_pattern", pattern)
+            if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+                raise _refuse(source, "sliding_window_pattern", every, "expected a positive int")
+            layer_types = [_LAYER_TYPES[(i + 1) % every != 0] for i in range(num_layers)]
+        known = isinstance(layer_types, list) and set(layer_types) <= set(_LAYER_TYPES)
+        if not known or len(layer_types) != num_layers:
+            raise _refuse(
+                source, "layer_types", layer_types, f"expected {num_layers} entries, each one of {list(_LAYER_TYPES)}"
+            )
+        layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+        window = values.get("sliding_window")
+        if not layers:
+            return None, None
+        if window is None:
+            raise _refuse(source, "sliding_window", window, "expected the window of its sliding_attention layers")
+        return window, layers
+
+    return read
+
+
+def _gemma_window_fields(cfg: ModelConfig) -> dict[str, Any]:
+    sliding = [cfg.layer_window(layer) is not None for layer in range(cfg.num_layers)]
+    return {"sliding_window": cfg.sliding_window, "layer_types": [_LAYER_TYPES[s] for s in sliding]}
+
+
+def _gemma_fields(values: dict, source: str) -> dict[str, Any]:
+    """Gemma 2/3's differences from Llama, all fixed by the architecture except the scale and the caps."""
+    if values.get("use_bidirectional_attention"):
+        raise _refuse(source, "use_bidirectional_attention", True, "expected false (scratchlm is a causal decoder)")
+    hidden = values.get("hidden_size")
+    scalar = values.get("query_pre_attn_scalar", values.get("head_dim"))
+    if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0:
+        raise _refuse(source, "query_pre_attn_scalar", scalar, "expected a positive number")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
+        raise _refuse(source, "hidden_size", hidden, "expected a positive int")
+    return {
+        "norm_offset": 1.0,
+        "post_norms": True,
+        "mlp_activation": "gelu_tanh",
+        "embedding_multiplier": hidden**0.5,
+        "attention_scale": scalar**-0.5,
+        "attention_softcap": values.get("attn_logit_softcapping"),
+        "final_softcap": values.get("final_logit_softcapping"),
+    }
+
+
+def _gemma_field_values(cfg: ModelConfig) -> dict[str, Any]:
+    expected = {"norm_offset": 1.0, "post_norms": True, "mlp_activation": "gelu_tanh"}
+    for name, value in expected.items():
+        if getattr(cfg, name) != value:
+            raise FamilyError(f"ModelConfig.{name}={getattr(cfg, name)!r}: Gemma configs fix it at {value!r}")
+    if cfg.embedding_multiplier is None or abs(cfg.embedding_multiplier - cfg.d_model**0.5) > 1e-6 * cfg.d_model**0.5:
+        raise FamilyError(
+            f"ModelConfig.embedding_multiplier={cfg.embedding_multiplier!r}: Gemma configs fix it at sqrt(d_model)"
+        )
+    scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim**-0.5
+    scalar = scale**-2
+    return {
+        "query_pre_attn_scalar": round(scalar) if abs(scalar - round(scalar)) < 1e-6 * scalar else scalar,
+        "attn_logit_softcapping": cfg.attention_softcap,
+        "final_logit_softcapping": cfg.final_softcap,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }
+
+
 # ------------------------------------------------------------------ the table
 
 FAMILIES: dict[str, Family] = {
@@ -135,6 +226,14 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(
         "mistral", "MistralForCausalLM", "llama", False, False, False, _mistral_window, _mistral_window_fields
     ),
+    "gemma2": Family(
+        "gemma2", "Gemma2ForCausalLM", "gemma2", False, False, False, _gemma_window(2), _gemma_window_fields,
+        _gemma_fields, _gemma_field_values, "gelu_pytorch_tanh",
+    ),  # fmt: skip
+    "gemma3_text": Family(
+        "gemma3_text", "Gemma3ForCausalLM", "gemma3", False, False, True, _gemma_window(6), _gemma_window_fields,
+        _gemma_fields, _gemma_field_values, "gelu_pytorch_tanh", local_rope=True,
+    ),  # fmt: skip
 }
 
 # model_types refused by name, with why: known families scratchlm does not (yet) build.
@@ -142,10 +241,8 @@ REFUSED_MODEL_TYPES = {
     "qwen2_moe": "a mixture-of-experts model (experts are not supported)",
     "qwen3_moe": "a mixture-of-experts model (experts are not supported)",
     "mixtral": "a mixture-of-experts model (experts are not supported)",
-    "gemma": "not supported yet (GeGLU, embedding scaling, norm offset)",
-    "gemma2": "not supported yet (logit softcapping, extra norms, GeGLU)",
-    "gemma3": "not supported yet (extra norms, GeGLU, local/global RoPE)",
-    "gemma3_text": "not supported yet (extra norms, GeGLU, local/global RoPE)",
+    "gemma": "Gemma 1, not supported (Gemma 2 and Gemma 3 are)",
+    "gemma3": "Gemma 3 with its vision tower; save its language model alone (model_type gemma3_text)",
 }
 
 # GGUF general.architecture -> family (Mistral is written as "llama", so it reads as Llama).
@@ -154,8 +251,8 @@ REFUSED_GGUF_ARCHITECTURES = {
     "qwen2moe": REFUSED_MODEL_TYPES["qwen2_moe"],
     "qwen3moe": REFUSED_MODEL_TYPES["qwen3_moe"],
     "gemma": REFUSED_MODEL_TYPES["gemma"],
-    "gemma2": REFUSED_MODEL_TYPES["gemma2"],
-    "gemma3": REFUSED_MODEL_TYPES["gemma3"],
+    "gemma2": "not supported from GGUF yet (the Hugging Face folder is)",
+    "gemma3": "not supported from GGUF yet (the Hugging Face folder is)",
 }
 
 
@@ -184,6 +281,8 @@ def family_of(cfg: ModelConfig) -> Family:
     q/k norms mean Qwen3, q/k/v biases Qwen2, a window on every layer
     Mistral, nothing of these Llama.
     """
+    if cfg.post_norms:
+        return FAMILIES["gemma3_text"] if cfg.qk_norm else FAMILIES["gemma2"]
     if cfg.attention_scale is not None:
         raise FamilyError(
             f"ModelConfig.attention_scale={cfg.attention_scale}: Llama, Qwen and Mistral configs have no such field "

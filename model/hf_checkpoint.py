@@ -64,6 +64,14 @@ HF_LAYER_NAMES = {
     "self_attn.q_norm.weight": "attn.q_norm.weight",
     "self_attn.k_norm.weight": "attn.k_norm.weight",
 }
+# Gemma 2/3 (ModelConfig.post_norms) name their four norms differently: HF's
+# post_attention_layernorm follows attention there, and pre_feedforward_layernorm is ln2.
+HF_POST_NORM_NAMES = {
+    **{hf: ours for hf, ours in HF_LAYER_NAMES.items() if ours != "ln2.weight"},
+    "post_attention_layernorm.weight": "post_attn_norm.weight",
+    "pre_feedforward_layernorm.weight": "ln2.weight",
+    "post_feedforward_layernorm.weight": "post_ffn_norm.weight",
+}
 HF_GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embeddings.weight",
     "model.norm.weight": "ln_final.weight",
@@ -82,23 +90,25 @@ _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.floa
 _HF_DEFAULTS = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
 
 
-def hf_to_scratchlm_name(hf_name: str) -> str | None:
-    """The scratchlm weight an HF tensor name fills, or None if it is not one."""
+def hf_to_scratchlm_name(hf_name: str, post_norms: bool = False) -> str | None:
+    """The scratchlm weight an HF tensor name fills, or None if it is not one (``post_norms``: Gemma's names)."""
     if hf_name in HF_GLOBAL_NAMES:
         return HF_GLOBAL_NAMES[hf_name]
+    layer_names = HF_POST_NORM_NAMES if post_norms else HF_LAYER_NAMES
     match = _HF_LAYER.fullmatch(hf_name)
-    if match and match.group(2) in HF_LAYER_NAMES:
-        return f"layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}"
+    if match and match.group(2) in layer_names:
+        return f"layers.{match.group(1)}.{layer_names[match.group(2)]}"
     return None
 
 
-def scratchlm_to_hf_name(name: str) -> str:
+def scratchlm_to_hf_name(name: str, post_norms: bool = False) -> str:
     """The inverse of :func:`hf_to_scratchlm_name`."""
     for hf_name, ours in HF_GLOBAL_NAMES.items():
         if ours == name:
             return hf_name
     layer, rest = name.removeprefix("layers.").split(".", 1)
-    hf_rest = next(hf for hf, ours in HF_LAYER_NAMES.items() if ours == rest)
+    layer_names = HF_POST_NORM_NAMES if post_norms else HF_LAYER_NAMES
+    hf_rest = next(hf for hf, ours in layer_names.items() if ours == rest)
     return f"model.layers.{layer}.{hf_rest}"
 
 
@@ -123,16 +133,45 @@ def _refuse(source: str, field: str, value: Any, expected: str) -> PretrainedFor
     return PretrainedFormatError(f"{source} has {field}={value!r}; {expected}")
 
 
-def _rope_from_hf(values: dict, source: str) -> tuple[float, dict | None]:
-    """(rope_theta, scratchlm rope_scaling) from either config spelling.
+def _local_rope_from_hf(values: dict, source: str) -> tuple[dict, float | None]:
+    """(the full layers' rope_parameters, the sliding layers' RoPE base or None).
 
-    transformers < 5 writes rope_theta and rope_scaling at the top level;
-    transformers 5 writes rope_parameters = {"rope_type", "rope_theta", ...}.
-    As in transformers, a rope_scaling dict wins over rope_parameters.
+    Gemma 3 under transformers 5 nests rope_parameters by layer type
+    ({"full_attention": {...}, "sliding_attention": {...}}); before, it wrote
+    rope_local_base_freq beside rope_theta. Sliding layers turn unscaled.
     """
     parameters = values.get("rope_parameters") or {}
-    if not isinstance(parameters, dict) or any(isinstance(v, dict) for v in parameters.values()):
-        raise _refuse(source, "rope_parameters", parameters, "expected one flat dict (per-layer RoPE is not supported)")
+    local_theta = values.get("rope_local_base_freq")
+    nested = isinstance(parameters, dict) and any(isinstance(v, dict) for v in parameters.values())
+    if nested:
+        if set(parameters) - {"full_attention", "sliding_attention"} or not all(
+            isinstance(v, dict) for v in parameters.values()
+        ):
+            raise _refuse(
+                source, "rope_parameters", parameters, "expected one flat dict, or one per layer type "
+                "('full_attention', 'sliding_attention')",
+            )  # fmt: skip
+        sliding = parameters.get("sliding_attention")
+        parameters = parameters.get("full_attention", {})
+        if sliding is not None:
+            kind = sliding.get("rope_type", "default")
+            if kind != "default":
+                raise _refuse(source, "rope_parameters.sliding_attention.rope_type", kind, "expected 'default'")
+            local_theta = sliding.get("rope_theta", local_theta)
+    return parameters, local_theta
+
+
+def _rope_from_hf(values: dict, source: str) -> tuple[float, dict | None, float | None]:
+    """(rope_theta, scratchlm rope_scaling, the sliding layers' base or None) from either config spelling.
+
+    transformers < 5 writes rope_theta and rope_scaling at the top level;
+    transformers 5 writes rope_parameters = {"rope_type", "rope_theta", ...}
+    (per layer type for Gemma 3, see ``_local_rope_from_hf``).
+    As in transformers, a rope_scaling dict wins over rope_parameters.
+    """
+    parameters, local_theta = _local_rope_from_hf(values, source)
+    if not isinstance(parameters, dict):
+        raise _refuse(source, "rope_parameters", parameters, "expected a dict or null")
     scaling = values.get("rope_scaling") or parameters
     if not isinstance(scaling, dict):
         raise _refuse(source, "rope_scaling", scaling, "expected a dict or null")
@@ -143,9 +182,11 @@ def _rope_from_hf(values: dict, source: str) -> tuple[float, dict | None]:
         raise _refuse(source, "partial_rotary_factor", partial, "expected 1.0 (RoPE on the whole head)")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in (None, "default"):
-        return theta, None
+        return theta, None, local_theta
+    if kind == "linear":
+        return theta, {"rope_type": "linear", "factor": scaling.get("factor")}, local_theta
     if kind != "llama3":
-        raise _refuse(source, "rope_scaling.rope_type", kind, "expected 'default' or 'llama3'")
+        raise _refuse(source, "rope_scaling.rope_type", kind, "expected 'default', 'linear' or 'llama3'")
     keys = ("factor", "low_freq_factor", "high_freq_factor")
     missing = [key for key in keys if key not in scaling]
     if missing:
@@ -154,11 +195,11 @@ def _rope_from_hf(values: dict, source: str) -> tuple[float, dict | None]:
     llama3 = {"rope_type": "llama3", **{key: scaling[key] for key in keys}}
     # transformers' rule when the pretraining length is not given: the model's own.
     llama3["original_max_position_embeddings"] = scaling.get("original_max_position_embeddings", max_positions)
-    return theta, llama3
+    return theta, llama3, local_theta
 
 
 def config_from_hf(values: Any, source: str) -> ModelConfig:
-    """A ModelConfig from config.json contents (Llama, Qwen2/2.5, Qwen3, Mistral), or a refusal naming field and value."""
+    """A ModelConfig from config.json contents (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3), or a refusal naming field and value."""
     if not isinstance(values, dict):
         raise PretrainedFormatError(f"{source} holds {type(values).__name__}; expected a JSON object")
     try:
@@ -172,9 +213,11 @@ def config_from_hf(values: Any, source: str) -> ModelConfig:
     for field in ("attention_bias", "mlp_bias"):
         if values.get(field):
             raise _refuse(source, field, values[field], "expected false (scratchlm has no o_proj or MLP bias)")
-    hidden_act = values.get("hidden_act", "silu")
-    if hidden_act != "silu":
-        raise _refuse(source, "hidden_act", hidden_act, "expected 'silu' (SwiGLU)")
+    # Gemma's configs name it hidden_activation; transformers reads that first.
+    act_field = "hidden_activation" if values.get("hidden_activation") is not None else "hidden_act"
+    hidden_act = values.get(act_field, family.hidden_act)
+    if hidden_act != family.hidden_act:
+        raise _refuse(source, act_field, hidden_act, f"expected {family.hidden_act!r} for {family.name}")
     if values.get("quantization_config") is not None:
         quantization = values["quantization_config"]
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
@@ -189,9 +232,14 @@ def config_from_hf(values: Any, source: str) -> ModelConfig:
     if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads != 0:
         expected = f"expected a multiple of num_attention_heads={heads} (or a head_dim)"
         raise _refuse(source, "hidden_size", hidden, expected)
-    theta, rope_scaling = _rope_from_hf(values, source)
+    theta, rope_scaling, local_theta = _rope_from_hf(values, source)
+    if not family.local_rope and local_theta is not None and local_theta != theta:
+        raise _refuse(source, "sliding layers' rope_theta", local_theta, f"expected {theta} ({family.name} has one base)")
     try:
         window, window_layers = family.read_window(values, layers if isinstance(layers, int) else 0, source)
+        extra = family.read_fields(values, source)
+        if family.local_rope and local_theta is not None:
+            extra["local_rope_theta"] = local_theta
         return ModelConfig(
             vocab_size=values["vocab_size"],
             context_length=values.get("max_position_embeddings", _HF_DEFAULTS["max_position_embeddings"]),
@@ -209,6 +257,7 @@ def config_from_hf(values: Any, source: str) -> ModelConfig:
             qk_norm=family.qk_norm,
             sliding_window=window,
             sliding_window_layers=window_layers,
+            **extra,
         )
     except ValueError as e:  # FamilyError included
         raise PretrainedFormatError(f"{source}: {e}" if not str(e).startswith(source) else str(e)) from e
@@ -276,7 +325,7 @@ def _plan(
         for hf_name, (dtype, shape) in _read_header(path).items():
             if _IGNORED.fullmatch(hf_name):
                 continue
-            ours = hf_to_scratchlm_name(hf_name)
+            ours = hf_to_scratchlm_name(hf_name, config.post_norms)
             if ours is None:
                 raise PretrainedFormatError(
                     f"{str(path)!r} has tensor {hf_name!r}, which a {family_name(config)} model does not have"

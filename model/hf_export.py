@@ -1,10 +1,11 @@
 """``export_hf``: write a TransformerLM as a Hugging Face folder of its family.
 
 The family is the one whose format states the model's config (see
-``families.family_of``): Qwen3 with q/k norms, Qwen2 with q/k/v biases,
-Mistral with a window on every layer, Llama otherwise.
+``families.family_of``): Gemma 3 with post-norms and q/k norms, Gemma 2 with
+post-norms, Qwen3 with q/k norms, Qwen2 with q/k/v biases, Mistral with a
+window on every layer, Llama otherwise.
 
-    out_dir/config.json              hyper-parameters (model_type llama, qwen2, qwen3 or mistral)
+    out_dir/config.json              hyper-parameters (model_type llama, qwen2, qwen3, mistral, gemma2 or gemma3_text)
     out_dir/generation_config.json   bos/eos ids
     out_dir/model.safetensors        weights, q/k rows in HF's rotate_half order
     out_dir/tokenizer.json           } Tokenizer.save_hf_folder, when a tokenizer is given:
@@ -54,9 +55,23 @@ def hf_config(model: TransformerLM, bos_id: int | None, eos_id: int | None) -> d
     try:
         family = family_of(cfg)
         window_fields = family.write_window(cfg)
+        family_fields = family.write_fields(cfg)
     except FamilyError as e:
         raise ValueError(f"export_hf: {e}") from e
     scaling = dict(cfg.rope_scaling) if cfg.rope_scaling is not None else None
+    rope_parameters: dict[str, Any] = {"rope_type": "default", **(scaling or {}), "rope_theta": float(cfg.rope_theta)}
+    if family.local_rope:
+        # Gemma 3: one RoPE per layer type (transformers >= 5), and rope_local_base_freq before that.
+        local_theta = float(cfg.local_rope_theta if cfg.local_rope_theta is not None else cfg.rope_theta)
+        rope_parameters = {
+            "full_attention": rope_parameters,
+            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+        }
+        family_fields["rope_local_base_freq"] = local_theta
+    elif cfg.local_rope_theta is not None and cfg.local_rope_theta != cfg.rope_theta:
+        raise ValueError(
+            f"export_hf: ModelConfig.local_rope_theta={cfg.local_rope_theta}: only Gemma 3's format has a second RoPE base"
+        )
     return {
         "architectures": [family.hf_architecture],
         "model_type": family.name,
@@ -71,9 +86,9 @@ def hf_config(model: TransformerLM, bos_id: int | None, eos_id: int | None) -> d
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": float(cfg.rope_theta),
         "rope_scaling": scaling,
-        "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": float(cfg.rope_theta)},
+        "rope_parameters": rope_parameters,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
+        "hidden_act": family.hidden_act,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -86,6 +101,7 @@ def hf_config(model: TransformerLM, bos_id: int | None, eos_id: int | None) -> d
         "torch_dtype": _DTYPE_NAMES[dtype],
         "dtype": _DTYPE_NAMES[dtype],
         **window_fields,
+        **family_fields,
     }
 
 
@@ -102,7 +118,8 @@ def _write_weights(model: TransformerLM, path: Path) -> None:
     cfg = model.config
     state = model.state_dict()
     names = list(expected_shapes(cfg))  # lm_head left out when tied, as transformers saves it
-    entries = [(scratchlm_to_hf_name(name), state[name].dtype, tuple(state[name].shape)) for name in names]
+    hf_names = {name: scratchlm_to_hf_name(name, cfg.post_norms) for name in names}
+    entries = [(hf_names[name], state[name].dtype, tuple(state[name].shape)) for name in names]
     with open(path, "wb") as file:
         writer = SafetensorsStreamWriter(file, entries, {"format": "pt"})
         for name in names:
@@ -110,7 +127,7 @@ def _write_weights(model: TransformerLM, path: Path) -> None:
             heads = rotary_row_heads(name, cfg)
             if heads is not None:
                 tensor = adjacent_to_half_split_rows(tensor, heads)
-            writer.write(scratchlm_to_hf_name(name), tensor)
+            writer.write(hf_names[name], tensor)
         writer.close()
         file.flush()
         os.fsync(file.fileno())

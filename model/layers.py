@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from scratchlm.model.backends import get_op
+from scratchlm.model.config import MLP_ACTIVATIONS
 
 
 class Linear(nn.Module):
@@ -76,7 +77,13 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, in float32, cast back."""
+    """y = x / sqrt(mean(x^2) + eps) * (offset + weight) over the last dim, in float32, cast back.
+
+    ``offset`` 0 is the Llama norm (weight starts at 1); Gemma stores its
+    weights around 0 and normalises with 1 + weight (``offset=1.0``, weight
+    starting at 0), which the op computes without changing the stored weight,
+    so gradients, weight decay and export see Gemma's own parameter.
+    """
 
     def __init__(
         self,
@@ -86,23 +93,31 @@ class RMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         backend: str = "reference",
+        offset: float = 0.0,
     ) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        self.offset = offset
+        start = torch.zeros if offset == 1.0 else torch.ones
+        self.weight = nn.Parameter(start(d_model, device=device, dtype=dtype))
         self._rmsnorm = get_op("rmsnorm", backend, device)
+        # Only an offset model passes offset=: the Llama path calls the op exactly as before.
+        self._options = {"offset": offset} if offset != 0.0 else {}
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._rmsnorm(x, self.weight, self.eps)  # (..., d_model)
+        return self._rmsnorm(x, self.weight, self.eps, **self._options)  # (..., d_model)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        offset = f", offset={self.offset}" if self.offset else ""
+        return f"{self.weight.shape[0]}, eps={self.eps}{offset}"
 
 
 class SwiGLU(nn.Module):
     """The Llama feed-forward network: w2(silu(w1 x) * w3 x).
 
     w1 and w3 map d_model -> d_ff (gate and value), w2 maps back.
+    ``activation="gelu_tanh"`` gates with GeLU (tanh approximation) instead:
+    GeGLU, Gemma's MLP, through the "geglu" op.
     """
 
     def __init__(
@@ -113,22 +128,27 @@ class SwiGLU(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         backend: str = "reference",
+        activation: str = "silu",
     ) -> None:
         super().__init__()
+        if activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: expected one of {list(MLP_ACTIVATIONS)}")
+        self.activation = activation
         self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
         self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
-        self._swiglu = get_op("swiglu", backend, device)
+        self._gate = get_op(MLP_ACTIVATIONS[activation], backend, device)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self._swiglu(self.w1(x), self.w3(x))  # (..., d_ff)
+        hidden = self._gate(self.w1(x), self.w3(x))  # (..., d_ff)
         return self.w2(hidden)  # (..., d_model)
 
 
 def rope_frequencies(theta: float, d_k: int, scaling: dict | None = None) -> Tensor:
     """The d_k/2 angular frequencies theta^(-2i/d_k), in float64, rescaled as ``scaling`` says.
 
-    Llama 3.1's scaling (``{"rope_type": "llama3", ...}``, see
+    Linear scaling (``{"rope_type": "linear", "factor": f}``) divides every
+    frequency by f. Llama 3.1's scaling (``{"rope_type": "llama3", ...}``, see
     ``ModelConfig.rope_scaling``) stretches the model to a longer context
     without touching the fast-turning pairs, which encode local order. With
     L = original_max_position_embeddings, each frequency f has a wavelength
@@ -145,6 +165,8 @@ def rope_frequencies(theta: float, d_k: int, scaling: dict | None = None) -> Ten
     frequencies = theta ** (-pair_index / d_k)  # (d_k/2,)
     if scaling is None:
         return frequencies
+    if scaling["rope_type"] == "linear":
+        return frequencies / scaling["factor"]  # position interpolation: every angle shrinks alike
     factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     wavelengths = 2 * math.pi / frequencies

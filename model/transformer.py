@@ -16,14 +16,18 @@ from torch.utils.checkpoint import checkpoint
 
 from scratchlm.model.attention import KVCache, LayerKVCache, MultiHeadSelfAttention
 from scratchlm.model.backends import KernelsSpec, get_op, resolve_kernels
-from scratchlm.model.config import ModelConfig
+from scratchlm.model.config import MLP_ACTIVATIONS, ModelConfig
 from scratchlm.model.layers import Embedding, Linear, RMSNorm, RotaryPositionEmbedding, SwiGLU
 
 _DEFAULT_ROPE_THETA = 10000.0
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(x)); shape (..., seq, d_model) throughout."""
+    """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(x)); shape (..., seq, d_model) throughout.
+
+    With ``post_norms`` (Gemma 2/3): x + post_attn_norm(attn(ln1(x))), then
+    + post_ffn_norm(ffn(ln2(x))).
+    """
 
     def __init__(
         self,
@@ -45,17 +49,27 @@ class TransformerBlock(nn.Module):
         qk_norm: bool = False,
         attention_scale: float | None = None,
         window: int | None = None,
+        attention_softcap: float | None = None,
+        norm_offset: float = 0.0,
+        post_norms: bool = False,
+        mlp_activation: str = "silu",
     ) -> None:
         super().__init__()
         backends = resolve_kernels(kernels, device)
-        self.ln1 = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
+        norm = dict(device=device, dtype=dtype, backend=backends["rmsnorm"], offset=norm_offset)
+        self.ln1 = RMSNorm(d_model, norm_eps, **norm)
         self.attn = MultiHeadSelfAttention(
             d_model, num_heads, max_seq_len, theta, device=device, dtype=dtype, kernels=backends,
             num_kv_heads=num_kv_heads, rope_scaling=rope_scaling, rope=rope, head_dim=head_dim,
             qkv_bias=qkv_bias, qk_norm=qk_norm, norm_eps=norm_eps, scale=attention_scale, window=window,
+            softcap=attention_softcap, norm_offset=norm_offset,
         )  # fmt: skip
-        self.ln2 = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, backend=backends["rmsnorm"])
-        self.ffn = SwiGLU(d_model, d_ff, device=device, dtype=dtype, backend=backends["swiglu"])
+        self.ln2 = RMSNorm(d_model, norm_eps, **norm)
+        gate_op = MLP_ACTIVATIONS[mlp_activation]
+        self.ffn = SwiGLU(d_model, d_ff, device=device, dtype=dtype, backend=backends[gate_op], activation=mlp_activation)
+        # Gemma 2/3 also normalise each sublayer's output before adding it to the residual stream.
+        self.post_attn_norm: RMSNorm | None = RMSNorm(d_model, norm_eps, **norm) if post_norms else None
+        self.post_ffn_norm: RMSNorm | None = RMSNorm(d_model, norm_eps, **norm) if post_norms else None
 
     def forward(
         self,
@@ -64,8 +78,14 @@ class TransformerBlock(nn.Module):
         kv_cache: LayerKVCache | None = None,
         document_ids: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln1(x), token_positions, kv_cache, document_ids)
-        return x + self.ffn(self.ln2(x))
+        attended = self.attn(self.ln1(x), token_positions, kv_cache, document_ids)
+        if self.post_attn_norm is not None:
+            attended = self.post_attn_norm(attended)
+        x = x + attended
+        transformed = self.ffn(self.ln2(x))
+        if self.post_ffn_norm is not None:
+            transformed = self.post_ffn_norm(transformed)
+        return x + transformed
 
 
 class TransformerLM(nn.Module):
@@ -121,11 +141,18 @@ class TransformerLM(nn.Module):
         self.backends = resolve_kernels(kernels, device)
         cfg = self.config
         self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
-        # One set of RoPE tables, shared by every layer's attention.
+        # One set of RoPE tables, shared by every layer's attention; Gemma 3's sliding
+        # layers share a second, at their own base and unscaled.
         rope = RotaryPositionEmbedding(
             cfg.rope_theta, cfg.head_dim, cfg.context_length, device=device, dtype=dtype,
             backend=self.backends["rope"], scaling=cfg.rope_scaling,
         )  # fmt: skip
+        local_rope = rope
+        if cfg.local_rope_theta is not None:
+            local_rope = RotaryPositionEmbedding(
+                cfg.local_rope_theta, cfg.head_dim, cfg.context_length, device=device, dtype=dtype,
+                backend=self.backends["rope"],
+            )  # fmt: skip
         self.layers = nn.ModuleList(
             TransformerBlock(
                 cfg.d_model,
@@ -139,16 +166,23 @@ class TransformerLM(nn.Module):
                 num_kv_heads=cfg.num_kv_heads,
                 norm_eps=cfg.norm_eps,
                 rope_scaling=cfg.rope_scaling,
-                rope=rope,
+                rope=rope if cfg.layer_window(index) is None else local_rope,
                 head_dim=cfg.head_dim,
                 qkv_bias=cfg.qkv_bias,
                 qk_norm=cfg.qk_norm,
                 attention_scale=cfg.attention_scale,
                 window=window,
+                attention_softcap=cfg.attention_softcap,
+                norm_offset=cfg.norm_offset,
+                post_norms=cfg.post_norms,
+                mlp_activation=cfg.mlp_activation,
             )
-            for window in self.layer_windows()
+            for index, window in enumerate(self.layer_windows())
         )
-        self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype, backend=self.backends["rmsnorm"])
+        self.ln_final = RMSNorm(
+            cfg.d_model, cfg.norm_eps, device=device, dtype=dtype, backend=self.backends["rmsnorm"],
+            offset=cfg.norm_offset,
+        )  # fmt: skip
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
         # Lazy: a Triton loss kernel is imported when a loss is first asked for, not to build a model for generation.
         self._loss = get_op("linear_cross_entropy", self.backends["linear_cross_entropy"], device, lazy=True)
@@ -242,6 +276,9 @@ class TransformerLM(nn.Module):
         # Positions are left to each attention, which numbers them cached..cached+seq-1 from its
         # cache on the host: the RoPE tables then grow to what is used without a device sync.
         x = self.token_embeddings(token_ids)  # (..., seq, d_model)
+        if self.config.embedding_multiplier is not None:
+            # Rounded to the embedding dtype first, as Gemma's reference code does.
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
         recompute = self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             if recompute:
@@ -249,9 +286,13 @@ class TransformerLM(nn.Module):
             else:
                 x = layer(x, None, None if kv_cache is None else kv_cache.layers[index], document_ids)
         hidden = self.ln_final(x)  # (..., seq, d_model)
+        cap = self.config.final_softcap
         if targets is not None:
+            if cap is not None:
+                return self._loss(hidden, self.lm_head.weight, targets, ignore_index, softcap=cap)  # scalar
             return self._loss(hidden, self.lm_head.weight, targets, ignore_index)  # scalar
-        return self.lm_head(hidden)  # (..., seq, vocab_size)
+        logits = self.lm_head(hidden)  # (..., seq, vocab_size)
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def loss(
         self,

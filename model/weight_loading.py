@@ -64,6 +64,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             }
         if config.qk_norm:
             shapes |= {p + "attn.q_norm.weight": (hd,), p + "attn.k_norm.weight": (hd,)}
+        if config.post_norms:
+            shapes |= {p + "post_attn_norm.weight": (d,), p + "post_ffn_norm.weight": (d,)}
     shapes["ln_final.weight"] = (d,)
     if not config.tie_embeddings:
         shapes["lm_head.weight"] = (v, d)

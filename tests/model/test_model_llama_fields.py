@@ -190,7 +190,7 @@ def test_config_round_trips_through_a_dict():
         (dict(tie_embeddings="yes"), "tie_embeddings='yes'"),
         (dict(norm_eps=0.0), "norm_eps=0.0"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_type='yarn'"),
-        (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_type='linear'"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type='dynamic'"),
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks"),
         (dict(rope_scaling={**LLAMA3_SCALING, "factor": -1.0}), "factor"),
         (dict(rope_scaling="llama3"), "rope_scaling='llama3'"),

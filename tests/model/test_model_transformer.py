@@ -147,7 +147,7 @@ def test_dict_kernels_choose_the_implementation_per_op(op):
     block = model.layers[1]
     used = {
         "rmsnorm": [block.ln1._rmsnorm, block.ln2._rmsnorm, model.ln_final._rmsnorm],
-        "swiglu": [block.ffn._swiglu],
+        "swiglu": [block.ffn._gate],
         "rope": [block.attn.rope._rope],
         "attention": [block.attn._attention],
         "linear_cross_entropy": [model._loss],
@@ -192,7 +192,7 @@ def test_triton_uses_the_kernels():
     assert set(model.backends.values()) == {"triton"}
     block = model.layers[0]
     assert block.ln1._rmsnorm is rmsnorm and model.ln_final._rmsnorm is rmsnorm
-    assert block.ffn._swiglu is swiglu
+    assert block.ffn._gate is swiglu
     assert block.attn.rope._rope is rope
     assert block.attn._attention is flash_attention
 

@@ -183,7 +183,7 @@ def no_weights_read(monkeypatch):
     "changes, field, value",
     [
         (dict(model_type="qwen3_moe"), "model_type", "'qwen3_moe'"),
-        (dict(model_type="gemma2"), "model_type", "'gemma2'"),
+        (dict(model_type="gemma"), "model_type", "'gemma'"),
         (dict(model_type="falcon"), "model_type", "'falcon'"),
         (dict(architectures=["MistralForCausalLM"]), "architectures", "['MistralForCausalLM']"),
         (dict(attention_bias=True), "attention_bias", "True"),
@@ -195,7 +195,7 @@ def no_weights_read(monkeypatch):
             "rope_scaling.rope_type",
             "'yarn'",
         ),
-        (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.rope_type", "'linear'"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling.rope_type", "'dynamic'"),
         (
             dict(quantization_config={"quant_method": "bitsandbytes"}),
             "quantization_config.quant_method",
