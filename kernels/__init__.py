@@ -6,6 +6,7 @@ backward are Triton kernels, registered as PyTorch operators so that
 
 - ``rmsnorm(x, weight, eps=1e-5)``: x (..., d), weight (d,)
 - ``swiglu(a, b)``: silu(a) * b, elementwise
+- ``geglu(a, b)``: gelu_tanh(a) * b, elementwise (Gemma's MLP; SwiGLU's kernels with the GeLU gate)
 - ``rope(x, cos, sin)``: x (..., seq, d); cos, sin (seq, d/2), adjacent pairs
   (``apply_rope``, its former name, is the same function)
 - ``flash_attention(q, k, v, causal=True, scale=None, document_ids=None)``: FlashAttention-2,
@@ -41,6 +42,7 @@ _EXPORTS = {
     "flash_attention_tiled": "flash_attention_tiled",
     "flash_attention_tiled_with_lse": "flash_attention_tiled",
     "flash_attention_with_lse": "flash_attention",
+    "geglu": "swiglu",
     "linear_cross_entropy": "linear_cross_entropy",
     "linear_cross_entropy_chunked": "linear_cross_entropy_chunked",
     "rmsnorm": "rmsnorm",

@@ -3,6 +3,7 @@
 For N rows of hidden states h (N, d), the head weight W (V, d) and targets y::
 
     logits = h W^T                                 (N, V), never held whole
+             (with softcap c: c * tanh(h W^T / c), whose slope 1 - (logits / c)^2 joins G)
     lse_i  = logsumexp(logits_i)
     loss_i = lse_i - logits_i[y_i] + z_loss * lse_i^2      (0 where y_i == ignore_index)
 
@@ -49,7 +50,9 @@ def default_chunk_rows(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(1, vocab_size)))
 
 
-def _check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str, z_loss: float, chunk_rows) -> None:
+def _check_inputs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str, z_loss: float, chunk_rows, softcap=None
+) -> None:
     if not isinstance(hidden, Tensor) or not hidden.dtype.is_floating_point or hidden.dim() < 1:
         raise ValueError(f"hidden must be a floating-point tensor of shape (..., d), got {_describe(hidden)}")
     if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point or weight.dim() != 2:
@@ -76,6 +79,10 @@ def _check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, reduction: st
         raise ValueError(f"reduction={reduction!r}: expected one of {list(REDUCTIONS)}")
     if not isinstance(z_loss, (int, float)) or z_loss < 0:
         raise ValueError(f"z_loss={z_loss!r}: expected a number >= 0")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf")
+    ):
+        raise ValueError(f"softcap={softcap!r}: expected a positive finite number or None (no capping)")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows={chunk_rows!r}: expected a positive int or None (about 32 MiB of logits)")
 
@@ -86,9 +93,15 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor) -> Tensor:
-    """(rows, V) logits of one chunk in the compute dtype, taken from inputs already in it."""
-    return hidden @ weight.T
+def _chunk_logits(hidden: Tensor, weight: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+    """(rows, V) logits of one chunk in the compute dtype, taken from inputs already in it, and with
+    ``softcap`` c the derivative of the cap, 1 - tanh^2 = 1 - (logits / c)^2 (else None)."""
+    logits = hidden @ weight.T
+    if softcap is None:
+        return logits, None
+    capped = logits.div_(softcap).tanh_()
+    slope = 1.0 - capped * capped
+    return capped.mul_(softcap), slope
 
 
 def _chunk_loss_and_grad(
@@ -126,15 +139,15 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
     """Loss of ``hidden @ weight.T`` against ``targets``, one chunk of rows at a time (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_rows, grad_wanted):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_rows, grad_wanted, softcap):
         # Under autocast the matmuls would drop to 16 bits; the contract is float32 math.
         with torch.autocast(hidden.device.type, enabled=False):
             return LinearCrossEntropyChunked._forward(
-                ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_rows, grad_wanted
+                ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_rows, grad_wanted, softcap
             )
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_rows, grad_wanted):
+    def _forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, chunk_rows, grad_wanted, softcap):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         dtype = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
         weight_c = weight.to(dtype)  # a no-op for float32 weights
@@ -155,14 +168,17 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
             hidden_c = hidden[rows].to(dtype)
             valid = valid_all[rows]
             row_scale = scale.expand(valid.shape) if grads_now else None
-            logits = _chunk_logits(hidden_c, weight_c)
+            logits, slope = _chunk_logits(hidden_c, weight_c, softcap)
             losses[rows], grad = _chunk_loss_and_grad(logits, targets[rows], valid, z_loss, row_scale)
             if grads_now:
+                if slope is not None:
+                    grad.mul_(slope)  # through the cap: d capped / d logit
                 torch.matmul(grad, weight_c, out=d_hidden[rows])
                 d_weight.addmm_(grad.T, hidden_c)
-            del logits, grad
+            del logits, grad, slope
 
         ctx.reduction, ctx.ignore_index, ctx.z_loss, ctx.chunk_rows = reduction, ignore_index, z_loss, chunk_rows
+        ctx.softcap = softcap
         ctx.dtypes = (hidden.dtype, weight.dtype)
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, targets)
@@ -181,11 +197,11 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
         if ctx.reduction != "none":
             d_hidden, d_weight = ctx.saved_tensors
             if d_hidden is None:
-                return (None,) * 8
+                return (None,) * 9
             g = grad_output.to(d_hidden.dtype)
             d_hidden = (d_hidden * g).to(hidden_dtype) if ctx.needs_input_grad[0] else None
             d_weight = (d_weight * g).to(weight_dtype) if ctx.needs_input_grad[1] else None
-            return d_hidden, d_weight, None, None, None, None, None, None
+            return d_hidden, d_weight, None, None, None, None, None, None, None
         hidden, weight, targets = ctx.saved_tensors
         dtype = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
         weight_c = weight.to(dtype)
@@ -195,15 +211,17 @@ class LinearCrossEntropyChunked(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, min(start + ctx.chunk_rows, hidden.shape[0]))
             hidden_c = hidden[rows].to(dtype)
-            logits = _chunk_logits(hidden_c, weight_c)
+            logits, slope = _chunk_logits(hidden_c, weight_c, ctx.softcap)
             valid = targets[rows] != ctx.ignore_index
             _, grad = _chunk_loss_and_grad(logits, targets[rows], valid, ctx.z_loss, row_scale_all[rows])
+            if slope is not None:
+                grad.mul_(slope)
             torch.matmul(grad, weight_c, out=d_hidden[rows])
             d_weight.addmm_(grad.T, hidden_c)
-            del logits, grad
+            del logits, grad, slope
         d_hidden = d_hidden.to(hidden_dtype) if ctx.needs_input_grad[0] else None
         d_weight = d_weight.to(weight_dtype) if ctx.needs_input_grad[1] else None
-        return d_hidden, d_weight, None, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy_chunked(
@@ -214,6 +232,7 @@ def linear_cross_entropy_chunked(
     reduction: str = "mean",
     z_loss: float = 0.0,
     chunk_rows: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets`` without holding the (N, V) logits.
 
@@ -224,8 +243,10 @@ def linear_cross_entropy_chunked(
     z_loss * logsumexp^2 per non-ignored row. The math is float32 (float64 for
     float64 inputs); the loss comes back in that dtype, the gradients in the
     inputs' dtypes. ``chunk_rows`` defaults to about 32 MiB of float32 logits.
+    ``softcap`` c caps each logit z to c * tanh(z / c) first (Gemma 2's final
+    soft-capping); a chunk then also holds the cap's slope, one more (rows, V) buffer.
     """
-    _check_inputs(hidden, weight, targets, reduction, z_loss, chunk_rows)
+    _check_inputs(hidden, weight, targets, reduction, z_loss, chunk_rows, softcap)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0])
     flat_targets = targets.reshape(-1).long()
@@ -233,5 +254,6 @@ def linear_cross_entropy_chunked(
     loss = LinearCrossEntropyChunked.apply(
         hidden_2d, weight.contiguous(), flat_targets, int(ignore_index), reduction, float(z_loss), chunk_rows,
         torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad),
+        None if softcap is None else float(softcap),
     )
     return loss.view(targets.shape) if reduction == "none" else loss

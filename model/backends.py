@@ -1,16 +1,19 @@
 """The ``kernels=`` switch: which implementation computes each hot op.
 
-Five ops are swappable, each with one signature shared by every backend:
+Six ops are swappable, each with one signature shared by every backend:
 
-    rmsnorm(x, weight, eps) -> y          x (..., d), weight (d,)
+    rmsnorm(x, weight, eps, offset=0.0) -> y
+                                          x (..., d), weight (d,); scales by offset + weight (Gemma: 1 + w)
     swiglu(a, b) -> silu(a) * b           same shapes
+    geglu(a, b) -> gelu_tanh(a) * b       same shapes (Gemma's MLP)
     rope(x, cos, sin) -> x rotated        x (..., seq, d), cos/sin (..., seq, d/2)
-    attention(q, k, v, document_ids=None, *, scale=None, window=None) -> out
+    attention(q, k, v, document_ids=None, *, scale=None, window=None, softcap=None) -> out
                                           causal; q (..., heads, q_seq, d), k/v (..., kv_heads, k_seq, d);
                                           document_ids (..., k_seq) keeps attention inside each document;
-                                          scale None is d ** -0.5; window W: a query sees its last W keys
+                                          scale None is d ** -0.5; window W: a query sees its last W keys;
+                                          softcap c: scores become c * tanh(score / c) before the softmax
                                           (not in the Triton kernel yet: a model refuses it at construction)
-    linear_cross_entropy(hidden, weight, targets, ignore_index=-100) -> mean loss
+    linear_cross_entropy(hidden, weight, targets, ignore_index=-100, softcap=None) -> mean loss
                                           lm_head plus cross-entropy; hidden (..., d), weight (vocab, d),
                                           targets (...); float32 math whatever the input dtype
 
@@ -72,7 +75,7 @@ from scratchlm.kernels.documents import document_rows, document_spans
 from scratchlm.kernels.linear_cross_entropy_chunked import linear_cross_entropy_chunked
 from scratchlm.model import functional
 
-OPS = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy")
+OPS = ("rmsnorm", "swiglu", "geglu", "rope", "attention", "linear_cross_entropy")
 # Old op name -> its op, accepted wherever an op is named so that code written
 # before the rename keeps working.
 OP_ALIASES = {"loss": "linear_cross_entropy"}
@@ -117,13 +120,17 @@ class KernelsUnavailableError(ValueError, NotImplementedError):
     """
 
 
-def _torch_rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def _torch_rmsnorm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tensor:
     dtype = functional.compute_dtype(x.dtype)
-    return F.rms_norm(x.to(dtype), (x.shape[-1],), weight.to(dtype), eps).to(x.dtype)
+    return F.rms_norm(x.to(dtype), (x.shape[-1],), offset + weight.to(dtype), eps).to(x.dtype)
 
 
 def _torch_swiglu(a: Tensor, b: Tensor) -> Tensor:
     return F.silu(a) * b
+
+
+def _torch_geglu(a: Tensor, b: Tensor) -> Tensor:
+    return F.gelu(a, approximate="tanh") * b
 
 
 def _torch_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -146,6 +153,7 @@ def _torch_attention(
     *,
     scale: float | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal attention through PyTorch's fused kernels.
 
@@ -158,16 +166,23 @@ def _torch_attention(
     the explicit boolean causal-and-same-document mask, which PyTorch runs
     through its math or memory-efficient kernel over the whole (q_seq, k_seq)
     square. A sliding ``window`` is always an explicit boolean mask for SDPA.
+
+    ``softcap`` (Gemma 2), which no SDPA kernel applies: FlexAttention with a
+    tanh score_mod on CUDA (windows and documents in its mask), the written-out
+    reference elsewhere.
     """
+    if softcap is not None:
+        if q.device.type == "cuda" and _flex_suits(q) and _flex_attention() is not None:
+            return _flex_document_attention(q, k, v, document_ids, scale=scale, window=window, softcap=softcap)
+        return functional.attention(q, k, v, document_ids, scale=scale, window=window, softcap=softcap)
     heads, kv_heads = functional.group_heads(q, k)
     # enable_gqa: SDPA's own grouped-query support, the same h // group mapping.
     extra = {"enable_gqa": True} if heads != kv_heads else {}
     if scale is not None:
         extra["scale"] = scale
     if document_ids is not None:
-        plain = window is None and scale is None  # the FlexAttention path has neither
-        if plain and q.device.type == "cuda" and _flex_suits(q) and _flex_attention() is not None:
-            return _flex_document_attention(q, k, v, document_ids)
+        if q.device.type == "cuda" and _flex_suits(q) and _flex_attention() is not None:
+            return _flex_document_attention(q, k, v, document_ids, scale=scale, window=window)
         mask = functional.causal_document_mask(q, k, document_ids, window=window)  # (..., 1, q_seq, k_seq)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **extra)
     if q.shape[-2] == k.shape[-2] and window is None:
@@ -208,9 +223,21 @@ def _compiled_flex_attention() -> Callable[..., Tensor]:
 
 
 def _flex_document_attention(
-    q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor, *, compiled: bool = True
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    document_ids: Tensor | None,
+    *,
+    compiled: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal, same-document attention through FlexAttention; the shapes of ``_torch_attention``.
+
+    A sliding ``window`` joins the mask (query at position p keeps keys
+    p-W+1..p), so FlexAttention skips the blocks outside it too; ``softcap``
+    is a score_mod, c * tanh(score / c); ``document_ids`` None is one document.
 
     FlexAttention takes 4-dim (batch, heads, seq, d) inputs, so the dims
     before the heads are flattened into one batch dim (each batch row has its
@@ -225,14 +252,21 @@ def _flex_document_attention(
     if flex is None:
         raise NotImplementedError("this PyTorch has no torch.nn.attention.flex_attention (PyTorch >= 2.5 has it)")
     heads, kv_heads = functional.group_heads(q, k)
+    q_len, k_len, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    if document_ids is None:
+        document_ids = torch.zeros(k_len, dtype=torch.int32, device=q.device)
     rows = document_rows(document_ids, q, k)  # (batch, k_seq), checked
     run = document_spans(rows)[0]  # (batch, k_seq): a document's number within its row
-    q_len, k_len, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     offset = k_len - q_len  # the queries are the last q_len keys
+    reach = k_len if window is None else window  # keys a query sees, itself included
 
     def same_document_causal(batch, head, q_index, kv_index):
         q_position = q_index + offset
-        return (kv_index <= q_position) & (run[batch, q_position] == run[batch, kv_index])
+        inside = (kv_index <= q_position) & (kv_index > q_position - reach)
+        return inside & (run[batch, q_position] == run[batch, kv_index])
+
+    def capped(score, batch, head, q_index, kv_index):
+        return softcap * torch.tanh(score / softcap)
 
     batch = rows.shape[0]
     compile_here = compiled and not torch.compiler.is_compiling()
@@ -248,6 +282,8 @@ def _flex_document_attention(
         v.reshape(batch, kv_heads, k_len, v.shape[-1]),
         block_mask=block_mask,
         enable_gqa=heads != kv_heads,
+        scale=scale,
+        score_mod=None if softcap is None else capped,
     )
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
@@ -284,6 +320,12 @@ _REGISTRY: dict[str, dict[str, Callable[..., Tensor] | _TritonKernel]] = {
         "reference": functional.swiglu,
         "torch": _torch_swiglu,
         "triton": _TritonKernel("swiglu", "swiglu"),
+    },
+    "geglu": {
+        "reference": functional.geglu,
+        "torch": _torch_geglu,
+        # SwiGLU's kernel with the GeLU (tanh) gate.
+        "triton": _TritonKernel("swiglu", "geglu"),
     },
     "rope": {
         "reference": functional.rope,
@@ -373,7 +415,7 @@ def resolve_kernels(kernels: KernelsSpec = "auto", device: torch.device | str | 
     >>> resolve_kernels("reference")["rope"]
     'reference'
     >>> list(resolve_kernels("reference"))
-    ['rmsnorm', 'swiglu', 'rope', 'attention', 'linear_cross_entropy']
+    ['rmsnorm', 'swiglu', 'geglu', 'rope', 'attention', 'linear_cross_entropy']
     >>> resolve_kernels({"loss": "torch"}, device="cpu")["loss"]  # the old name of linear_cross_entropy
     'torch'
     """

@@ -5,8 +5,8 @@ kernels) must compute. They favour clarity over speed, but still take care
 with the two numerical traps of a transformer: ``exp`` overflowing in softmax,
 and the sum of squares losing precision in 16-bit RMSNorm.
 
-The five swappable ops (``scratchlm.model.backends``) are named as the op is
-named there: ``rmsnorm``, ``swiglu``, ``rope``, ``attention`` and
+The six swappable ops (``scratchlm.model.backends``) are named as the op is
+named there: ``rmsnorm``, ``swiglu``, ``geglu``, ``rope``, ``attention`` and
 ``linear_cross_entropy``. Their older names stay as aliases of the same
 functions: ``rms_norm``, ``swiglu_gate``, ``apply_rope``, ``causal_attention``.
 """
@@ -45,19 +45,28 @@ def silu(x: Tensor) -> Tensor:
 
 
 def scaled_dot_product_attention(
-    Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None, *, scale: float | None = None
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    mask: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """softmax(Q K^T * scale) V, with ``mask`` True where a query may attend a key.
 
     Shapes: Q (..., queries, d_k), K (..., keys, d_k), V (..., keys, d_v),
     mask broadcastable to (..., queries, keys); returns (..., queries, d_v).
-    ``scale`` None is 1 / sqrt(d_k).
+    ``scale`` None is 1 / sqrt(d_k). ``softcap`` c squashes each score s into
+    (-c, c) as c * tanh(s / c) before the softmax (Gemma 2's attention).
     """
     d_k = Q.shape[-1]
     if scale is None:
         scores = Q @ K.transpose(-2, -1) / math.sqrt(d_k)  # (..., queries, keys)
     else:
         scores = (Q @ K.transpose(-2, -1)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"mask has dtype {mask.dtype}; expected torch.bool (True = may attend)")
@@ -95,6 +104,7 @@ def attention(
     *,
     scale: float | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal attention through ``scaled_dot_product_attention``; (..., seq, d) in and out.
 
@@ -112,7 +122,8 @@ def attention(
 
     ``scale`` multiplies q.k (None: d ** -0.5); ``window`` W, when given,
     lets each query see only itself and the W - 1 keys before it (a sliding
-    window layer, as in Mistral and Qwen2).
+    window layer, as in Mistral and Qwen2); ``softcap`` c turns each score s
+    into c * tanh(s / c) before the softmax (Gemma 2).
     """
     if document_ids is None:
         mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device, window=window)
@@ -120,11 +131,11 @@ def attention(
         mask = causal_document_mask(q, k, document_ids, window=window)  # (..., 1, q_seq, k_seq): one for all heads
     heads, kv_heads = group_heads(q, k)
     if heads == kv_heads:
-        return scaled_dot_product_attention(q, k, v, mask, scale=scale)
+        return scaled_dot_product_attention(q, k, v, mask, scale=scale, softcap=softcap)
     grouped_q = q.unflatten(-3, (kv_heads, heads // kv_heads))  # (..., kv_heads, group, q_seq, d)
     if document_ids is not None:
         mask = mask.unsqueeze(-3)  # (..., 1, 1, q_seq, k_seq): broadcast over kv_heads and group
-    out = scaled_dot_product_attention(grouped_q, k.unsqueeze(-3), v.unsqueeze(-3), mask, scale=scale)
+    out = scaled_dot_product_attention(grouped_q, k.unsqueeze(-3), v.unsqueeze(-3), mask, scale=scale, softcap=softcap)
     return out.flatten(-4, -3)  # (..., heads, q_seq, d)
 
 
@@ -187,16 +198,17 @@ def group_heads(q: Tensor, k: Tensor) -> tuple[int, int]:
     return heads, kv_heads
 
 
-def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim, in float32, cast back.
+def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-5, offset: float = 0.0) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) * (offset + weight) over the last dim, in float32, cast back.
 
     Computing in float32 matters for bf16 inputs: squaring and averaging a few
     thousand values with 8 mantissa bits would lose most of the digits.
+    ``offset`` 1.0 is Gemma's norm, whose stored weight is the scale minus 1.
     """
     dtype = compute_dtype(x.dtype)
     x_compute = x.to(dtype)
     inverse_rms = torch.rsqrt(x_compute.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
-    return (x_compute * inverse_rms * weight.to(dtype)).to(x.dtype)
+    return (x_compute * inverse_rms * (offset + weight.to(dtype))).to(x.dtype)
 
 
 rms_norm = rmsnorm  # the op's former name (PyTorch spells it F.rms_norm), kept for code that uses it
@@ -208,6 +220,16 @@ def swiglu(a: Tensor, b: Tensor) -> Tensor:
 
 
 swiglu_gate = swiglu  # the op's former name, kept for code that uses it
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GeLU with the tanh approximation: x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), the gate of GeGLU."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def geglu(a: Tensor, b: Tensor) -> Tensor:
+    """gelu_tanh(a) * b: GeGLU's elementwise middle (Gemma's MLP), between w1/w3 and w2."""
+    return gelu_tanh(a) * b
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -270,16 +292,22 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int | None = No
     return losses.sum() / valid.sum().clamp_min(1)
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100, softcap: float | None = None
+) -> Tensor:
     """The lm_head and the loss the plain way: ``cross_entropy(hidden @ weight.T, targets, ignore_index)``.
 
     hidden (..., d), weight (vocab, d), targets (...). The full (..., vocab)
     logits are formed, as ``Linear`` forms them, so this gives exactly the loss
     of the model's logits; the "torch" and "triton" backends of the op avoid them.
+    ``softcap`` c first turns each logit z into c * tanh(z / c) (Gemma 2's final soft-capping).
     """
     if weight.dim() != 2 or hidden.dim() < 1 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"weight has shape {tuple(weight.shape)} and hidden {tuple(hidden.shape)}; "
             f"expected weight (vocab, d) with d = hidden's last dim"
         )
-    return cross_entropy(hidden @ weight.T, targets, ignore_index)
+    logits = hidden @ weight.T
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return cross_entropy(logits, targets, ignore_index)

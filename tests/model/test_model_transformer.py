@@ -127,14 +127,14 @@ def test_bf16_backends_agree_with_float32_model():
 
 
 def test_resolve_kernels_strings_and_auto():
-    ops = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy")
+    ops = ("rmsnorm", "swiglu", "geglu", "rope", "attention", "linear_cross_entropy")
     assert resolve_kernels("torch") == dict.fromkeys(ops, "torch")
     assert set(resolve_kernels("auto", device="cpu").values()) == {"reference"}
     assert set(resolve_kernels("auto", device="cuda").values()) == {"triton"}
     resolved = resolve_kernels({"rmsnorm": "torch", "attention": "reference"}, device="cpu")
     assert resolved == {
-        "rmsnorm": "torch", "swiglu": "reference", "rope": "reference", "attention": "reference",
-        "linear_cross_entropy": "reference",
+        "rmsnorm": "torch", "swiglu": "reference", "geglu": "reference", "rope": "reference",
+        "attention": "reference", "linear_cross_entropy": "reference",
     }  # fmt: skip
 
 
@@ -163,7 +163,7 @@ def test_dict_kernels_choose_the_implementation_per_op(op):
         ("Torch", "'Torch'", "'reference', 'torch', 'triton', 'auto'"),
         ("cuda", "'cuda'", "'reference', 'torch', 'triton', 'auto'"),
         (None, "None", "'reference', 'torch', 'triton', 'auto'"),
-        ({"softmax": "torch"}, "'softmax'", "'rmsnorm', 'swiglu', 'rope', 'attention', 'linear_cross_entropy'"),
+        ({"softmax": "torch"}, "'softmax'", "'rmsnorm', 'swiglu', 'geglu', 'rope', 'attention', 'linear_cross_entropy'"),
         ({"rmsnorm": "fast"}, "'fast'", "'reference', 'torch', 'triton', 'auto'"),
     ],
 )

@@ -20,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {
     "rmsnorm": "rmsnorm",
     "swiglu": "swiglu",
+    "geglu": "geglu",
     "rope": "rope",
     "attention": "flash_attention",
     "linear_cross_entropy": "linear_cross_entropy",
