@@ -60,6 +60,7 @@ def _rmsnorm_fwd_kernel(
     y_row_stride,
     n_cols,
     eps,
+    offset,
     BLOCK_SIZE: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
 ):
@@ -73,7 +74,7 @@ def _rmsnorm_fwd_kernel(
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
         tl.store(y_row + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
     else:
         sum_sq = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
@@ -86,7 +87,7 @@ def _rmsnorm_fwd_kernel(
             cols = start + tl.arange(0, BLOCK_SIZE)
             mask = cols < n_cols
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
             tl.store(y_row + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + row, rstd)
 
@@ -106,6 +107,7 @@ def _rmsnorm_bwd_kernel(
     n_rows,
     n_cols,
     rows_per_program,
+    offset,
     BLOCK_SIZE: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
 ):
@@ -117,7 +119,7 @@ def _rmsnorm_bwd_kernel(
         # w and this program's dw sum stay in registers across all its rows.
         cols = tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
         dw_sum = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
         for row in range(row_start, row_end):
             x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -144,7 +146,7 @@ def _rmsnorm_bwd_kernel(
                 mask = cols < n_cols
                 x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
                 dot += x * w * dy
             mean_x_hat_g = tl.sum(dot, axis=0) * rstd / n_cols
             for start in range(0, n_cols, BLOCK_SIZE):
@@ -152,7 +154,7 @@ def _rmsnorm_bwd_kernel(
                 mask = cols < n_cols
                 x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
                 x_hat = x * rstd
                 dx = rstd * (w * dy - x_hat * mean_x_hat_g)
                 tl.store(dx_ptr + row * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -189,13 +191,13 @@ def launch_settings(n_rows: int, n_cols: int, element_size: int, device: torch.d
     return LaunchSettings(block_size, block_size >= n_cols, num_warps, max(min(n_rows, programs), 1))
 
 
-def _fwd_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_fake(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @kernel_op("rmsnorm_fwd", fake=_fwd_fake)
-def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, rstd) for contiguous x (rows, d) and weight (d,); rstd is float32 (rows,)."""
+def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd) for contiguous x (rows, d) and weight (d,), scaled by offset + weight; rstd is float32 (rows,)."""
     n_rows, n_cols = x.shape
     y = torch.empty_like(x)
     rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
@@ -204,21 +206,21 @@ def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torc
         launch(_rmsnorm_fwd_kernel)[(n_rows,)](
             x, weight, y, rstd,
             x.stride(0), y.stride(0),
-            n_cols, eps,
+            n_cols, eps, offset,
             BLOCK_SIZE=s.block_size, ONE_BLOCK=s.one_block, num_warps=s.num_warps,
         )  # fmt: skip
     return y, rstd
 
 
-def _bwd_fake(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor):
+def _bwd_fake(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, offset: float):
     return torch.empty_like(x), torch.empty_like(weight)
 
 
 @kernel_op("rmsnorm_bwd", fake=_bwd_fake)
 def rmsnorm_bwd(
-    x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, offset: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dweight) for contiguous x, dy (rows, d), weight (d,) and the forward's rstd."""
+    """(dx, dweight) for contiguous x, dy (rows, d), weight (d,), the forward's rstd and its offset."""
     n_rows, n_cols = x.shape
     dx = torch.empty_like(x)
     if not n_rows:
@@ -232,7 +234,7 @@ def rmsnorm_bwd(
     launch(_rmsnorm_bwd_kernel)[(programs,)](
         x, weight, dy, rstd, dx, dw_partial,
         x.stride(0), dy.stride(0), dx.stride(0), dw_partial.stride(0),
-        n_rows, n_cols, rows_per_program,
+        n_rows, n_cols, rows_per_program, offset,
         BLOCK_SIZE=s.block_size, ONE_BLOCK=s.one_block, num_warps=s.num_warps,
     )  # fmt: skip
     # A fixed-shape reduction in float32: the same order, so the same bits, every run.
@@ -241,22 +243,27 @@ def rmsnorm_bwd(
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
         x_2d = x.contiguous().view(-1, x.shape[-1])  # (rows, d); a view when x is contiguous
         weight = weight.contiguous()
-        y, rstd = rmsnorm_fwd(x_2d, weight, eps)
+        y, rstd = rmsnorm_fwd(x_2d, weight, eps, offset)
         ctx.save_for_backward(x_2d, weight, rstd)
+        ctx.offset = offset
         return y.view(x.shape)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         x_2d, weight, rstd = ctx.saved_tensors
-        dx, dweight = rmsnorm_bwd(x_2d, weight, rstd, dy.reshape(x_2d.shape).contiguous())
-        return dx.view(dy.shape), dweight, None
+        dx, dweight = rmsnorm_bwd(x_2d, weight, rstd, dy.reshape(x_2d.shape).contiguous(), ctx.offset)
+        return dx.view(dy.shape), dweight, None, None
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """x / sqrt(mean(x^2, dim=-1) + eps) * weight, with a fused Triton forward and backward.
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, offset: float = 0.0) -> torch.Tensor:
+    """x / sqrt(mean(x^2, dim=-1) + eps) * (offset + weight), with a fused Triton forward and backward.
+
+    ``offset`` 1.0 is Gemma's norm (weights stored as the scale minus 1): the
+    kernels add it to each weight as they load it, and the weight gradient is
+    the same sum of dy * x_hat as without it.
 
     ``x``: (..., d), float32, bfloat16 or float16, any layout. ``weight``: (d,),
     on x's device, in x's dtype or float32 (float32 weights with 16-bit
@@ -277,6 +284,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
         )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
         raise ValueError(f"eps is {eps!r}; expected a finite number >= 0")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"offset is {offset!r}; expected a finite number (0: Llama's norm, 1: Gemma's)")
     if x.device.type != "cuda" and not INTERPRETING:
         raise ValueError(f"x is on {x.device}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
-    return RMSNormFunction.apply(x, weight, float(eps))
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset))

@@ -39,7 +39,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 OPS = ("rmsnorm", "swiglu", "rope", "linear_cross_entropy", "flash_attention")
-FLOAT_ARGS = {"eps", "qk_scale_log2", "scale", "z_loss"}
+FLOAT_ARGS = {"eps", "offset", "qk_scale_log2", "scale", "z_loss", "softcap"}
 FP32_POINTERS = {"rstd_ptr", "dw_partial_ptr", "lse_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
 FP32_POINTERS |= {"loss_ptr", "grad_ptr", "dh_ptr", "dw_ptr"}  # linear_cross_entropy's float32 rows and buffers
 INT64_POINTERS = {"targets_ptr"}
