@@ -5,6 +5,10 @@ For a row h (d,) with target t, weight W (V, d) and z = W h (the logits):
     lse  = log(sum_j exp(z_j))
     loss = lse - z_t + z_loss * lse^2       (the last term is PaLM's z-loss)
 
+With ``softcap`` c (Gemma 2), z is first capped to c * tanh(z / c) wherever
+it is formed, and the backward multiplies dZ by the cap's slope
+1 - (capped z / c)^2 (a constexpr SOFTCAP: the uncapped kernels are unchanged).
+
 Rows whose target is ``ignore_index`` contribute 0 and are not counted in the
 mean. Forward: one program per block of rows walks the vocabulary in tiles;
 each logit tile is h_block @ W_tile^T (float32 accumulation, d itself walked
@@ -84,6 +88,17 @@ def _logits_tile(
 
 
 @triton.jit
+def _capped(z, softcap, SOFTCAP: tl.constexpr):
+    """softcap * tanh(z / softcap) when SOFTCAP, else z; tanh from exp2 of -2|x| (never overflows)."""
+    if SOFTCAP:
+        x = z / softcap
+        e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
+        t = (1.0 - e) / (1.0 + e)
+        z = softcap * tl.where(x < 0, -t, t)
+    return z
+
+
+@triton.jit
 def _local_targets(targets_ptr, start_m, rows_left, ignore_index, BLOCK_M: tl.constexpr):
     """The block's targets as int32 vocabulary ids, -1 on ignored and padding rows (never a column)."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -95,8 +110,8 @@ def _local_targets(targets_ptr, start_m, rows_left, ignore_index, BLOCK_M: tl.co
 def _lce_fwd_kernel(
     h_ptr, w_ptr, targets_ptr, loss_ptr, lse_ptr,
     stride_h, stride_w,
-    n_rows, vocab, dim, ignore_index, z_loss,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_rows, vocab, dim, ignore_index, z_loss, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     # One program per block of rows; int64 so start_m * stride never wraps.
     start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
@@ -111,6 +126,7 @@ def _lce_fwd_kernel(
     for start_v in range(0, vocab, BLOCK_V):
         vocab_left = vocab - start_v
         z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
+        z = _capped(z, softcap, SOFTCAP)
         target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None] - start_v, z, 0.0), 1)
         s = tl.where((offs_v < vocab_left)[None, :], z * LOG2E, float("-inf"))
         # Every tile holds at least one real column, so m_new is finite and
@@ -140,22 +156,28 @@ def _row_state(targets_ptr, lse_ptr, grad_ptr, start_m, rows_left, ignore_index,
 
 
 @triton.jit
-def _dlogits(z, targets, lse_log2, p_scale, g, vocab_left, BLOCK_V: tl.constexpr):
-    """dZ = g * (p * (1 + 2 z_loss lse) - onehot(t)) for one (rows, vocab) tile, 0 past the vocabulary;
+def _dlogits(z, targets, lse_log2, p_scale, g, vocab_left, softcap, BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr):
+    """dZ = g * (p * (1 + 2 z_loss lse) - onehot(t)) for one (rows, vocab) tile of raw logits ``z``,
+    0 past the vocabulary; with SOFTCAP, through the cap: times 1 - tanh^2 = 1 - (capped / softcap)^2.
     ``targets`` are relative to the tile's first vocabulary entry."""
     offs_v = tl.arange(0, BLOCK_V)
+    z = _capped(z, softcap, SOFTCAP)
     p = tl.exp2(z * LOG2E - lse_log2[:, None])
     p = tl.where((offs_v < vocab_left)[None, :], p, 0.0)
     onehot = offs_v[None, :] == targets[:, None]
-    return p * p_scale[:, None] - tl.where(onehot, g[:, None], 0.0)
+    dz = p * p_scale[:, None] - tl.where(onehot, g[:, None], 0.0)
+    if SOFTCAP:
+        ratio = z / softcap
+        dz = dz * (1.0 - ratio * ratio)
+    return dz
 
 
 @triton.jit
 def _lce_bwd_dh_kernel(
     h_ptr, w_ptr, targets_ptr, lse_ptr, grad_ptr, dh_ptr,
     stride_h, stride_w, stride_dh,
-    n_rows, vocab, dim, ignore_index, z_loss,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_rows, vocab, dim, ignore_index, z_loss, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     # One program per row block owns those rows of the float32, zeroed dH and
     # adds dZ_tile @ W_tile into them, vocabulary tile after tile, in order.
@@ -172,7 +194,7 @@ def _lce_bwd_dh_kernel(
     for start_v in range(0, vocab, BLOCK_V):
         vocab_left = vocab - start_v
         z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
-        dz = _dlogits(z, targets - start_v, lse_log2, p_scale, g, vocab_left, BLOCK_V)
+        dz = _dlogits(z, targets - start_v, lse_log2, p_scale, g, vocab_left, softcap, BLOCK_V, SOFTCAP)
         dz = round_to(dz, w_ptr.dtype.element_ty)
         for start_d in range(0, dim, BLOCK_D):
             offs_d = start_d + tl.arange(0, BLOCK_D)
@@ -189,8 +211,8 @@ def _lce_bwd_dh_kernel(
 def _lce_bwd_dw_kernel(
     h_ptr, w_ptr, targets_ptr, lse_ptr, grad_ptr, dw_ptr,
     stride_h, stride_w, stride_dw,
-    n_rows, vocab, dim, ignore_index, z_loss,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_rows, vocab, dim, ignore_index, z_loss, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     # One program per vocabulary block owns those rows of the float32, zeroed
     # dW and adds dZ_tile^T @ H_block into them, row block after row block.
@@ -207,7 +229,7 @@ def _lce_bwd_dw_kernel(
             targets_ptr, lse_ptr, grad_ptr, start_m, rows_left, ignore_index, z_loss, BLOCK_M
         )  # fmt: skip
         z = _logits_tile(h_block, w_tile, stride_h, stride_w, rows_left, vocab_left, dim, BLOCK_M, BLOCK_V, BLOCK_D)
-        dz = _dlogits(z, targets - start_v.to(tl.int32), lse_log2, p_scale, g, vocab_left, BLOCK_V)
+        dz = _dlogits(z, targets - start_v.to(tl.int32), lse_log2, p_scale, g, vocab_left, softcap, BLOCK_V, SOFTCAP)
         dz_t = round_to(tl.trans(dz), h_ptr.dtype.element_ty)
         for start_d in range(0, dim, BLOCK_D):
             offs_d = start_d + tl.arange(0, BLOCK_D)
@@ -249,17 +271,19 @@ def launch_settings(element_size: int) -> LaunchSettings:
     return LaunchSettings(16, 64, 16, 8, 3)
 
 
-def _fwd_fake(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float):
+def _fwd_fake(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float, softcap: float
+):
     rows = hidden.shape[0]
     return hidden.new_empty(rows, dtype=torch.float32), hidden.new_empty(rows, dtype=torch.float32)
 
 
 @kernel_op("linear_cross_entropy_fwd", fake=_fwd_fake)
 def linear_cross_entropy_fwd(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float, softcap: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse), float32 (N,) each, for hidden (N, d) and weight (V, d) with unit last-dim
-    strides and int64 targets (N,); loss is 0 on ignored rows."""
+    strides and int64 targets (N,); loss is 0 on ignored rows. ``softcap`` 0 is no capping."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     loss = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
@@ -269,13 +293,14 @@ def linear_cross_entropy_fwd(
         launch(_lce_fwd_kernel)[(triton.cdiv(n_rows, s.block_m),)](
             hidden, weight, targets, loss, lse,
             hidden.stride(0), weight.stride(0),
-            n_rows, vocab, dim, ignore_index, z_loss,
-            BLOCK_M=s.block_m, BLOCK_V=s.block_v, BLOCK_D=s.block_d, num_warps=s.num_warps, num_stages=s.num_stages,
+            n_rows, vocab, dim, ignore_index, z_loss, softcap,
+            BLOCK_M=s.block_m, BLOCK_V=s.block_v, BLOCK_D=s.block_d, SOFTCAP=softcap > 0,
+            num_warps=s.num_warps, num_stages=s.num_stages,
         )  # fmt: skip
     return loss, lse
 
 
-def _bwd_fake(hidden, weight, targets, lse, grad, ignore_index: int, z_loss: float):
+def _bwd_fake(hidden, weight, targets, lse, grad, ignore_index: int, z_loss: float, softcap: float):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
@@ -288,6 +313,7 @@ def linear_cross_entropy_bwd(
     grad: torch.Tensor,
     ignore_index: int,
     z_loss: float,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_hidden, d_weight) in the inputs' dtypes, from the forward's inputs, its lse and
     ``grad``, the float32 (N,) gradient of each row's loss (ignored rows are zeroed here)."""
@@ -298,17 +324,17 @@ def linear_cross_entropy_bwd(
     dw = torch.zeros(vocab, dim, device=hidden.device, dtype=torch.float32)
     if n_rows:
         s = launch_settings(hidden.element_size())
-        options = {"BLOCK_M": s.block_m, "BLOCK_V": s.block_v, "BLOCK_D": s.block_d}
+        options = {"BLOCK_M": s.block_m, "BLOCK_V": s.block_v, "BLOCK_D": s.block_d, "SOFTCAP": softcap > 0}
         options.update(num_warps=s.num_warps, num_stages=s.num_stages)
         launch(_lce_bwd_dh_kernel)[(triton.cdiv(n_rows, s.block_m),)](
             hidden, weight, targets, lse, grad, dh,
             hidden.stride(0), weight.stride(0), dh.stride(0),
-            n_rows, vocab, dim, ignore_index, z_loss, **options,
+            n_rows, vocab, dim, ignore_index, z_loss, softcap, **options,
         )  # fmt: skip
         launch(_lce_bwd_dw_kernel)[(triton.cdiv(vocab, s.block_v),)](
             hidden, weight, targets, lse, grad, dw,
             hidden.stride(0), weight.stride(0), dw.stride(0),
-            n_rows, vocab, dim, ignore_index, z_loss, **options,
+            n_rows, vocab, dim, ignore_index, z_loss, softcap, **options,
         )  # fmt: skip
     return dh.to(hidden.dtype), dw.to(weight.dtype)
 
@@ -329,13 +355,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index: int,
         reduction: str,
         z_loss: float,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         hidden_2d, weight = _as_rows(hidden), weight if weight.stride(-1) == 1 else weight.contiguous()
         targets_1d = targets.reshape(-1).to(torch.int64)
-        loss, lse = linear_cross_entropy_fwd(hidden_2d, weight, targets_1d, ignore_index, z_loss)
+        loss, lse = linear_cross_entropy_fwd(hidden_2d, weight, targets_1d, ignore_index, z_loss, softcap)
         count = (targets_1d != ignore_index).sum()
         ctx.save_for_backward(hidden_2d, weight, targets_1d, lse, count)
         ctx.ignore_index, ctx.reduction, ctx.z_loss, ctx.hidden_shape = ignore_index, reduction, z_loss, hidden.shape
+        ctx.softcap = softcap
         if reduction == "none":
             return loss.view(targets.shape)
         total = loss.sum()
@@ -353,8 +381,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad = grad_out.expand(n_rows).contiguous()
         else:
             grad = (grad_out / count.clamp_min(1)).expand(n_rows).contiguous()
-        dh, dw = linear_cross_entropy_bwd(hidden_2d, weight, targets_1d, lse, grad, ctx.ignore_index, ctx.z_loss)
-        return dh.view(ctx.hidden_shape), dw, None, None, None, None
+        dh, dw = linear_cross_entropy_bwd(
+            hidden_2d, weight, targets_1d, lse, grad, ctx.ignore_index, ctx.z_loss, ctx.softcap
+        )
+        return dh.view(ctx.hidden_shape), dw, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -364,6 +394,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets``, never holding the logits.
 
@@ -373,7 +404,8 @@ def linear_cross_entropy(
     and are not counted in the mean (all ignored: loss 0, zero gradients).
     ``reduction``: "mean", "sum", or "none" (per-row losses in targets' shape,
     0 where ignored). ``z_loss`` >= 0 adds z_loss * logsumexp^2 per counted
-    row. Computes in float32 and returns float32. Targets out of range raise
+    row. ``softcap`` c first caps each logit z to c * tanh(z / c) (Gemma 2's
+    final soft-capping). Computes in float32 and returns float32. Targets out of range raise
     ValueError, checked on the host from their min and max (one device sync),
     except while torch.compile traces.
     """
@@ -404,11 +436,16 @@ def linear_cross_entropy(
         raise ValueError(f"reduction is {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not 0 <= z_loss < float("inf"):
         raise ValueError(f"z_loss is {z_loss!r}; expected a finite number >= 0")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf")
+    ):
+        raise ValueError(f"softcap is {softcap!r}; expected a positive finite number or None (no capping)")
     if hidden.device.type != "cuda" and not INTERPRETING:
         raise ValueError(f"hidden is on {hidden.device}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
     if not torch.compiler.is_compiling():
         _check_target_range(targets, ignore_index, weight.shape[0])
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, float(z_loss))
+    cap = 0.0 if softcap is None else float(softcap)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, float(z_loss), cap)
 
 
 def _check_target_range(targets: torch.Tensor, ignore_index: int, vocab: int) -> None:

@@ -189,7 +189,9 @@ def _row_jobs(op: str, capability: int, dtype: str) -> list[dict]:
                 jobs.append(_job(name, kernel, settings, dtype, capability, s.num_warps, 2))
     elif op == "swiglu":
         for kernel in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
-            jobs.append(_job(name, kernel, {"BLOCK_SIZE": module.BLOCK_SIZE}, dtype, capability, module.NUM_WARPS, 2))
+            for gelu_tanh in (False, True):  # SwiGLU, GeGLU
+                settings = {"BLOCK_SIZE": module.BLOCK_SIZE, "GELU_TANH": gelu_tanh}
+                jobs.append(_job(name, kernel, settings, dtype, capability, module.NUM_WARPS, 2))
     elif op == "rope":
         block_rows, block_pairs = module._launch_settings(64)
         for inverse in (False, True):
@@ -199,7 +201,9 @@ def _row_jobs(op: str, capability: int, dtype: str) -> list[dict]:
         s = module.launch_settings(size)
         blocks = {"BLOCK_M": s.block_m, "BLOCK_V": s.block_v, "BLOCK_D": s.block_d}
         for kernel in ("_lce_fwd_kernel", "_lce_bwd_dh_kernel", "_lce_bwd_dw_kernel"):
-            jobs.append(_job(name, kernel, blocks, dtype, capability, s.num_warps, s.num_stages))
+            for softcap in (False, True):  # plain, and Gemma 2's final soft-capping
+                settings = {**blocks, "SOFTCAP": softcap}
+                jobs.append(_job(name, kernel, settings, dtype, capability, s.num_warps, s.num_stages))
     else:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     return jobs
