@@ -122,6 +122,11 @@ class MultiHeadSelfAttention(nn.Module):
                 f"sliding_window={window}: the Triton attention kernel has no sliding window yet; "
                 f"expected kernels with attention='reference' or 'torch' for this model"
             )
+        if softcap is not None and backends["attention"] == "triton":
+            raise ValueError(
+                f"attention_softcap={softcap}: the Triton attention kernel has no soft-capping yet; "
+                f"expected kernels with attention='reference' or 'torch' for this model"
+            )
         self.d_model = d_model
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

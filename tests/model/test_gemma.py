@@ -98,6 +98,21 @@ def test_logits_match_transformers(folders, variant, backend):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+def test_triton_kernels_beside_torch_attention(folders, variant):
+    """The offset norm, GeGLU, RoPE and the capped loss through the Triton kernels (the interpreter here);
+    attention on the torch backend (the Triton attention kernel has no window or softcap yet)."""
+    hf, folder = folders[variant]
+    kernels = {"rmsnorm": "triton", "geglu": "triton", "rope": "triton", "attention": "torch",
+               "linear_cross_entropy": "triton"}  # fmt: skip
+    model, _ = load_pretrained(folder, kernels=kernels, device="cpu", tokenizer=False)
+    ids = token_ids(seq=20, batch=1)
+    assert_close(logits(model, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name=f"{variant} triton")
+    targets = token_ids(seq=20, batch=1).roll(1, dims=-1)
+    theirs = torch.nn.functional.cross_entropy(logits(hf, ids)[0], targets[0])
+    assert_close(model.loss(ids, targets), theirs, atol=1e-5, rtol=1e-5, name=f"{variant} triton loss")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_decoding_with_the_kv_cache_equals_transformers_generate(folders, variant):
     hf, folder = folders[variant]
     model, _ = load_pretrained(folder, kernels="torch", device="cpu", tokenizer=False)
@@ -176,3 +191,8 @@ def test_linear_rope_scaling_on_a_llama_matches_transformers(tmp_path):
     assert model.config.rope_scaling == {"rope_type": "linear", "factor": 2.5}
     ids = token_ids()
     assert_close(logits(model, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name="llama linear rope")
+
+
+def test_triton_attention_refuses_soft_capping_at_construction(folders):
+    with pytest.raises(ValueError, match="attention_softcap=3.0: the Triton attention kernel has no soft-capping"):
+        load_pretrained(folders["gemma2"][1], kernels="triton", device="cpu", tokenizer=False)
