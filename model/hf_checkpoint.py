@@ -144,9 +144,10 @@ def _local_rope_from_hf(values: dict, source: str) -> tuple[dict, float | None]:
     local_theta = values.get("rope_local_base_freq")
     nested = isinstance(parameters, dict) and any(isinstance(v, dict) for v in parameters.values())
     if nested:
-        if set(parameters) - {"full_attention", "sliding_attention"} or not all(
-            isinstance(v, dict) for v in parameters.values()
-        ):
+        # transformers reads only the per-type dicts; flat keys beside them (which it can leave there
+        # when a config was built from flat ones) are ignored, as it ignores them.
+        kinds = {key for key, value in parameters.items() if isinstance(value, dict)}
+        if kinds - {"full_attention", "sliding_attention"}:
             raise _refuse(
                 source, "rope_parameters", parameters, "expected one flat dict, or one per layer type "
                 "('full_attention', 'sliding_attention')",

@@ -1,4 +1,4 @@
-"""Qwen2 and Qwen3 (and Mistral) through the command line: generate, convert and fine-tune (--init_from).
+"""Qwen2, Qwen3, Mistral, Gemma 2 and Gemma 3 through the command line: generate, convert and fine-tune (--init_from).
 
 The models are tiny ones built by transformers itself (tests/llama_fixtures.py),
 with the tiny byte-level tokenizer saved beside them.
@@ -29,6 +29,11 @@ MODELS = {
                   max_window_layers=1, tie_word_embeddings=True),
     "qwen3": dict(num_key_value_heads=1, head_dim=32),
     "mistral": dict(num_key_value_heads=2, sliding_window=4),
+    # Gemma: soft-caps, post-norms, GeGLU, a window of 4 on alternate layers (Gemma 2) or 2 of 3 (Gemma 3).
+    "gemma2": dict(num_hidden_layers=3, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=8.0),
+    "gemma3_text": dict(num_hidden_layers=3, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                        query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }  # fmt: skip
 
 
@@ -89,3 +94,33 @@ def test_fine_tune_a_qwen2_with_windows_resume_and_export(tmp_path):
     prompt = torch.tensor([tokenizer.encode(SAMPLE_TEXT)[:20]])
     with torch.no_grad():
         assert_close(theirs(prompt).logits, ours(prompt), atol=1e-4, rtol=1e-4, name="fine-tuned logits")
+
+
+def test_fine_tune_a_gemma2_and_export(tmp_path):
+    """--init_from a Gemma 2: the capped loss trains it, the checkpoint keeps its fields, export gives transformers it."""
+    hf = hf_model("gemma2", seed=23, **MODELS["gemma2"])
+    folder = save_hf_folder(hf, tmp_path / "hf")
+    ids = np.array(TOKENIZER.encode(SAMPLE_TEXT * 30), dtype=np.uint16)
+    np.save(tmp_path / "ids.npy", ids)
+    args = [
+        "train", "--init_from", str(folder),
+        "--train_data_path", str(tmp_path / "ids.npy"), "--val_data_path", str(tmp_path / "ids.npy"),
+        "--context_length", "24", "--batch_size", "4", "--total_iters", "4", "--learning_rate", "3e-3",
+        "--eval_interval", "2", "--eval_batches", "2", "--checkpoint_interval", "4", "--output_dir", str(tmp_path / "run"),
+        "--device", "cpu", "--kernels", "torch",
+    ]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert val_losses[-1] < val_losses[0]
+    stored = read_checkpoint(run / "checkpoint_00000004.pt")["model_config"]
+    assert (stored["final_softcap"], stored["norm_offset"], stored["mlp_activation"]) == (8.0, 1.0, "gelu_tanh")
+    exported = tmp_path / "exported"
+    assert main(["convert", str(run), str(exported)]) == 0
+    ours, tokenizer = load_pretrained(run, kernels="reference", device="cpu")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
+    assert theirs.config.model_type == "gemma2" and theirs.config.final_logit_softcapping == 8.0
+    prompt = torch.tensor([tokenizer.encode(SAMPLE_TEXT)[:20]])
+    with torch.no_grad():
+        assert_close(theirs(prompt).logits, ours(prompt), atol=1e-4, rtol=1e-4, name="fine-tuned Gemma 2 logits")
