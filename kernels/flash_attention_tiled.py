@@ -115,6 +115,7 @@ def _visible(
     causal: bool,
     runs: Tensor | None,
     device: torch.device,
+    window: int | None = None,
 ) -> Tensor | None:
     """(Bm, Bn) mask, True where query row may attend key column; None when the whole tile is visible.
 
@@ -123,13 +124,18 @@ def _visible(
     is within that, no entry is masked. Documents: ``runs`` holds each key
     position's document number, non-decreasing (queries sit at positions
     i + offset); when the first and last query and key share one number the
-    whole tile is one document and needs no mask.
+    whole tile is one document and needs no mask. A ``window`` W (causal only)
+    also hides key j from query i when j <= i + offset - W; the tile needs no
+    such mask when its first key is within the window of its last query.
     """
     mask = None
+    rows = torch.arange(q_start, q_end, device=device)[:, None]  # (Bm, 1)
+    cols = torch.arange(k_start, k_end, device=device)[None, :]  # (1, Bn)
     if causal and k_end - 1 > q_start + offset:
-        rows = torch.arange(q_start, q_end, device=device)[:, None]  # (Bm, 1)
-        cols = torch.arange(k_start, k_end, device=device)[None, :]  # (1, Bn)
         mask = cols <= rows + offset
+    if window is not None and k_start <= q_end - 1 + offset - window:
+        inside = cols > rows + offset - window
+        mask = inside if mask is None else mask & inside
     if runs is not None:
         q_runs, k_runs = runs[q_start + offset : q_end + offset], runs[k_start:k_end]
         if not q_runs[0] == q_runs[-1] == k_runs[0] == k_runs[-1]:
@@ -153,6 +159,8 @@ def tiled_forward(
     block_m: int,
     block_n: int,
     documents: tuple[Tensor, Tensor, Tensor] | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(o, lse) for q (B, G, Nq, D), k and v (B, Nk, D), all in the compute dtype; lse is (B, G, Nq).
 
@@ -162,11 +170,12 @@ def tiled_forward(
     first position and end, (B, Nk) each (``documents.document_spans``).
     """
     if q.dim() == 3:
-        o, lse = tiled_forward(q[:, None], k, v, causal, scale, block_m, block_n, documents)
+        o, lse = tiled_forward(q[:, None], k, v, causal, scale, block_m, block_n, documents, window, softcap)
         return o[:, 0], lse[:, 0]
     if documents is not None and len(q) > 1:
         return _one_row_at_a_time(
-            lambda *args: tiled_forward(*args[:3], causal, scale, block_m, block_n, args[3]), documents, q, k, v
+            lambda *args: tiled_forward(*args[:3], causal, scale, block_m, block_n, args[3], window, softcap),
+            documents, q, k, v,
         )
     batch, group, num_queries, head_dim = q.shape
     num_keys = k.shape[1]
@@ -187,12 +196,15 @@ def tiled_forward(
             # Keys before the first query's document are skipped, and (not causal) after the last's.
             k_first = int(starts[q_start + offset]) // block_n * block_n
             k_stop = k_stop if causal else int(ends[q_end - 1 + offset])
+        if window is not None:
+            # Window: the tile's first query sees no key before q_start + offset - W + 1.
+            k_first = max(k_first, max(0, q_start + offset - window + 1) // block_n * block_n)
         for k_start in range(k_first, k_stop, block_n):
             k_end = min(k_start + block_n, num_keys)
             # (B, 1, Bn, D): one K/V tile, broadcast to the G query heads of its group.
             k_tile, v_tile = k[:, None, k_start:k_end], v[:, None, k_start:k_end]
-            scores = (q_tile @ k_tile.transpose(-2, -1)) * scale  # (B, G, Bm, Bn)
-            mask = _visible(q_start, q_end, k_start, k_end, offset, causal, runs, q.device)
+            scores = _capped((q_tile @ k_tile.transpose(-2, -1)) * scale, softcap)  # (B, G, Bm, Bn)
+            mask = _visible(q_start, q_end, k_start, k_end, offset, causal, runs, q.device, window)
             if mask is not None:
                 scores = scores.masked_fill(~mask, NEG_INF)
             new_max = torch.maximum(row_max, scores.amax(dim=-1))  # (B, G, Bm)
@@ -223,6 +235,8 @@ def tiled_backward(
     block_m: int,
     block_n: int,
     documents: tuple[Tensor, Tensor, Tensor] | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from the saved o (B, G, Nq, D) and lse (B, G, Nq), all in the compute dtype.
 
@@ -231,12 +245,13 @@ def tiled_backward(
     """
     if q.dim() == 3:
         dq, dk, dv = tiled_backward(
-            q[:, None], k, v, o[:, None], lse[:, None], do[:, None], causal, scale, block_m, block_n, documents
-        )
+            q[:, None], k, v, o[:, None], lse[:, None], do[:, None], causal, scale, block_m, block_n, documents,
+            window, softcap,
+        )  # fmt: skip
         return dq[:, 0], dk, dv
     if documents is not None and len(q) > 1:
         return _one_row_at_a_time(
-            lambda *args: tiled_backward(*args[:6], causal, scale, block_m, block_n, args[6]),
+            lambda *args: tiled_backward(*args[:6], causal, scale, block_m, block_n, args[6], window, softcap),
             documents, q, k, v, o, lse, do,
         )  # fmt: skip
     num_queries, num_keys = q.shape[2], k.shape[1]
@@ -259,16 +274,22 @@ def tiled_backward(
             # Queries after the last key's document are skipped, and (not causal) before the first's.
             first_query = first_query if causal else max(0, int(starts[k_start]) - offset)
             q_stop = max(0, min(num_queries, int(ends[k_end - 1]) - offset))
+        if window is not None:
+            # Window: no query after k_end - 1 - offset + W - 1 sees the tile's last key.
+            q_stop = max(0, min(q_stop, k_end - 1 - offset + window))
         for q_start in range(first_query // block_m * block_m, q_stop, block_m):
             q_end = min(q_start + block_m, num_queries)
             q_tile, do_tile = q[:, :, q_start:q_end], do[:, :, q_start:q_end]  # (B, G, Bm, D)
-            scores = (q_tile @ k_tile.transpose(-2, -1)) * scale  # (B, G, Bm, Bn), as in the forward
-            mask = _visible(q_start, q_end, k_start, k_end, offset, causal, runs, q.device)
+            scores = _capped((q_tile @ k_tile.transpose(-2, -1)) * scale, softcap)  # (B, G, Bm, Bn), as in the forward
+            mask = _visible(q_start, q_end, k_start, k_end, offset, causal, runs, q.device, window)
             if mask is not None:
                 scores = scores.masked_fill(~mask, NEG_INF)
             p = torch.exp(scores - lse_shift[:, :, q_start:q_end, None])  # P recomputed, exact
             dp = do_tile @ v_tile.transpose(-2, -1)  # (B, G, Bm, Bn)
-            ds = p * (dp - delta[:, :, q_start:q_end, None])  # (B, G, Bm, Bn)
+            ds = p * (dp - delta[:, :, q_start:q_end, None])  # (B, G, Bm, Bn), gradient of the capped scores
+            if softcap is not None:
+                # d/ds c tanh(s / c) = 1 - tanh^2, from the capped score itself (masked ones have p = 0).
+                ds = ds * (1 - torch.square(torch.where(torch.isneginf(scores), 0.0, scores) / softcap))
             dq[:, :, q_start:q_end] += scale * (ds @ k_tile)  # (B, G, Bm, D)
             # The G query heads all read this K/V tile: their gradients add up (dim 1 is the group).
             dv_acc += (p.transpose(-2, -1) @ do_tile).sum(dim=1)  # (B, Bn, D)
@@ -278,13 +299,30 @@ def tiled_backward(
     return dq, dk, dv
 
 
+def _capped(scores: Tensor, softcap: float | None) -> Tensor:
+    """Gemma 2's soft-capping c tanh(s / c), before the mask; the scores unchanged without a cap."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def check_window_softcap(window: object, softcap: object, causal: bool) -> None:
+    """Refuse, by name, a window that is not an int >= 1 (or comes without causal) and a cap that is not > 0."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window is {window!r}; expected None or an int >= 1 (the keys a query sees, itself included)")
+        if not causal:
+            raise ValueError(f"window={window} with causal=False; a sliding window is defined for causal attention only")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap is {softcap!r}; expected None or a finite float > 0")
+
+
 class TiledAttentionFunction(torch.autograd.Function):
     """Views the inputs as (B, G, Nq, D) queries against (B, Nk, D) keys and values, B counting
     K/V heads (the leading dims times Hkv) and G the query heads of each; computes in float32
     (or float64) and casts back."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, block_m: int, block_n: int, documents: Tensor | None):
+    def forward(ctx, q, k, v, causal, scale, block_m, block_n, documents, window=None, softcap=None):
         compute = compute_dtype(q.dtype)
         kv_batch, group = math.prod(k.shape[:-2]), kv_group_size(q, k, v)
         num_queries, num_keys, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -292,7 +330,9 @@ class TiledAttentionFunction(torch.autograd.Function):
         q4 = q.reshape(kv_batch, group, num_queries, head_dim).to(compute)  # (B, G, Nq, D)
         k3 = k.reshape(kv_batch, num_keys, head_dim).to(compute)  # (B, Nk, D)
         v3 = v.reshape(kv_batch, num_keys, head_dim).to(compute)
-        o, lse = tiled_forward(q4, k3, v3, causal, scale, block_m, block_n, _per_kv_row(documents, kv_batch))
+        o, lse = tiled_forward(
+            q4, k3, v3, causal, scale, block_m, block_n, _per_kv_row(documents, kv_batch), window, softcap
+        )
         o = o.to(q.dtype).reshape(q.shape)
         lse = lse.reshape(q.shape[:-1])
         # Like the kernel: O is kept in the output dtype, only the logsumexp in float32.
@@ -300,6 +340,7 @@ class TiledAttentionFunction(torch.autograd.Function):
         optional = () if documents is None else (documents,)
         ctx.save_for_backward(q, k, v, o, *optional, lse)
         ctx.settings = (causal, scale, block_m, block_n)
+        ctx.window_softcap = (window, softcap)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -326,11 +367,14 @@ class TiledAttentionFunction(torch.autograd.Function):
             queries(do),
             *ctx.settings,
             _per_kv_row(documents, kv_batch),
+            *ctx.window_softcap,
         )
         return (
             dq.to(q.dtype).reshape(q.shape),
             dk.to(k.dtype).reshape(k.shape),
             dv.to(v.dtype).reshape(v.shape),
+            None,
+            None,
             None,
             None,
             None,
@@ -375,6 +419,8 @@ def flash_attention_tiled_with_lse(
     block_m: int = 64,
     block_n: int = 64,
     document_ids: Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(o, lse): attention and the logsumexp of each query's scores, shape (..., Nq).
 
@@ -382,11 +428,13 @@ def flash_attention_tiled_with_lse(
     to attend; it carries no gradient.
     """
     _check_inputs(q, k, v, block_m, block_n)
+    check_window_softcap(window, softcap, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     documents = None
     if document_ids is not None:
         documents = torch.stack(document_spans(document_rows(document_ids, q, k)))  # (3, rows, Nk)
-    return TiledAttentionFunction.apply(q, k, v, bool(causal), scale, block_m, block_n, documents)
+    softcap = None if softcap is None else float(softcap)
+    return TiledAttentionFunction.apply(q, k, v, bool(causal), scale, block_m, block_n, documents, window, softcap)
 
 
 def flash_attention_tiled(
@@ -398,6 +446,8 @@ def flash_attention_tiled(
     block_m: int = 64,
     block_n: int = 64,
     document_ids: Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """softmax(scale q k^T) v by FlashAttention-2's tiles, never forming the Nq x Nk matrix.
 
@@ -413,6 +463,12 @@ def flash_attention_tiled(
     ``document_ids`` (..., Nk), one id per key position shared by the heads:
     attention stays within each document (a run of equal consecutive ids,
     see ``scratchlm.kernels.documents``), and tiles that share no document
-    with a query tile are skipped, as in the Triton kernel.
+    with a query tile are skipped, as in the Triton kernel. ``window`` W
+    (causal only): query i sees keys i + Nk - Nq - W + 1 .. i + Nk - Nq, its
+    last W positions, itself included; key tiles wholly outside every query's
+    window are skipped, so the cost grows as N W, not N^2. ``softcap`` c:
+    each score s becomes c tanh(s / c) before the softmax (Gemma 2).
     """
-    return flash_attention_tiled_with_lse(q, k, v, causal, scale, block_m, block_n, document_ids)[0]
+    return flash_attention_tiled_with_lse(
+        q, k, v, causal, scale, block_m, block_n, document_ids, window, softcap
+    )[0]

@@ -65,9 +65,14 @@ def same_document_mask(document_ids, q_len):
     return (query_run[..., :, None] == run[..., None, :]).unsqueeze(-3)
 
 
-def attention_mask(q_len, k_len, causal, document_ids=None, device=DEVICE):
-    """The keys each query may see, (Nq, Nk) or (..., 1, Nq, Nk); None when it sees every key."""
+def attention_mask(q_len, k_len, causal, document_ids=None, device=DEVICE, window=None):
+    """The keys each query may see, (Nq, Nk) or (..., 1, Nq, Nk); None when it sees every key.
+
+    ``window`` W (with causal): query i sees keys j with i + Nk - Nq - W < j, its last W positions.
+    """
     mask = causal_mask(q_len, k_len, device) if causal else None
+    if window is not None:
+        mask = mask & ~causal_mask(q_len, k_len, device).tril(k_len - q_len - window)
     if document_ids is not None:
         documents = same_document_mask(document_ids.to(device), q_len)
         mask = documents if mask is None else documents & mask
@@ -81,7 +86,9 @@ def _repeat_kv_heads(q, t):
     return t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3)
 
 
-def attention_reference(q, k, v, do, causal=True, scale=None, document_ids=None, dtype=torch.float64):
+def attention_reference(
+    q, k, v, do, causal=True, scale=None, document_ids=None, dtype=torch.float64, window=None, softcap=None
+):
     """softmax(scale q k^T + mask) v and its gradients for output gradient ``do``, by autograd in ``dtype``.
 
     A query that sees no key outputs 0 with logsumexp -inf: its scores are
@@ -92,7 +99,9 @@ def attention_reference(q, k, v, do, causal=True, scale=None, document_ids=None,
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ _repeat_kv_heads(q, k).transpose(-2, -1)) * scale  # (..., Nq, Nk)
-    mask = attention_mask(q.shape[-2], k.shape[-2], causal, document_ids, q.device)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    mask = attention_mask(q.shape[-2], k.shape[-2], causal, document_ids, q.device, window)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     sees_a_key = torch.isfinite(scores).any(dim=-1, keepdim=True)
@@ -103,20 +112,23 @@ def attention_reference(q, k, v, do, causal=True, scale=None, document_ids=None,
     return AttentionResults(o.detach(), lse.detach(), q.grad, k.grad, v.grad)
 
 
-def torch_attention_same_dtype(q, k, v, do, causal=True, document_ids=None):
+def torch_attention_same_dtype(q, k, v, do, causal=True, document_ids=None, window=None, softcap=None):
     """PyTorch's own scaled_dot_product_attention in the inputs' dtype: (o, dq, dk, dv).
 
     K/V with fewer heads than q go through SDPA's grouped-query support.
     Some backends give NaN where a row sees no key; the kernels' answer there is 0.
+    SDPA cannot soft-cap: with ``softcap`` the written-out formula runs in the inputs' dtype instead.
     """
+    if softcap is not None:
+        return attention_reference(q, k, v, do, causal, None, document_ids, q.dtype, window, softcap).without_lse()
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     q_len, k_len = q.shape[-2], k.shape[-2]
     gqa = {"enable_gqa": True} if q.dim() >= 3 and k.shape[-3] != q.shape[-3] else {}
-    if document_ids is None and (not causal or q_len == k_len):
+    if document_ids is None and window is None and (not causal or q_len == k_len):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
     else:
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask(q_len, k_len, causal, document_ids, q.device), **gqa
+            q, k, v, attn_mask=attention_mask(q_len, k_len, causal, document_ids, q.device, window), **gqa
         )
     o.backward(do)
     return tuple(t.detach().nan_to_num(0.0) for t in (o, q.grad, k.grad, v.grad))
