@@ -95,8 +95,8 @@ Where llama.cpp, transformers and HF ``tokenizers`` differ
 
 Other keys: ``bos_token_id``/``eos_token_id`` default to 1 and 2 as in
 llama.cpp (when the vocabulary has them); ``add_bos_token`` defaults to
-true; ``add_eos_token`` true is refused (encode adds nothing);
-``padding_token_id`` is checked but not used; ``tokenizer.ggml.pre`` is not
+true; ``add_eos_token`` (default false) becomes ``add_eos``;
+``padding_token_id`` becomes ``pad_id``; ``tokenizer.ggml.pre`` is not
 used (llama.cpp ignores it for SentencePiece).
 """
 
@@ -269,14 +269,22 @@ def gguf_spm_arguments(
         add_bos = ids["bos_token_id"] is not None
     if add_bos and ids["bos_token_id"] is None:
         raise refuse(source, _PREFIX + "add_bos_token", add_bos, f"but {_PREFIX}bos_token_id is missing")
-    if _optional(fields, "add_eos_token", bool, source):
-        raise refuse(source, _PREFIX + "add_eos_token", True, "only false is supported (encode adds nothing)")
+    add_eos = bool(_optional(fields, "add_eos_token", bool, source))
+    if add_eos and ids["eos_token_id"] is None:
+        raise refuse(source, _PREFIX + "add_eos_token", add_eos, f"but {_PREFIX}eos_token_id is missing")
     settings = {
         "metaspace": "never" if add_space_prefix is False else "prepend",
         "byte_fallback": True,
         "bos_token": ids["bos_token_id"],
         "eos_token": ids["eos_token_id"],
         "add_bos": add_bos,
+        "add_eos": add_eos,
+        "pad_token": ids["padding_token_id"],
+        # transformers' tokenizer of a GGUF marks user-defined tokens not special, as HF files do.
+        "nonspecial_tokens": tuple(
+            text for token_id, (text, token_type) in enumerate(zip(tokens, types))
+            if token_type == TOKEN_TYPE_USER_DEFINED and special_tokens.get(text) == token_id
+        ),
         "unk_token": ids["unknown_token_id"],
         "fuse_unk": True,
     }

@@ -29,8 +29,8 @@ following what llama.cpp's loader (``src/llama-vocab.cpp``) does with them:
   transformers nor llama.cpp's byte-level BPE emits it.
 * ``tokenizer.ggml.merges``: ``"left right"`` strings by rank; a pair listed
   twice keeps its first rank (llama.cpp's merge table keeps the first).
-* ``tokenizer.ggml.bos_token_id``, ``eos_token_id``, ``add_bos_token``;
-  ``add_eos_token`` true is refused (encode adds nothing).
+* ``tokenizer.ggml.bos_token_id``, ``eos_token_id``, ``add_bos_token``,
+  ``add_eos_token`` (``add_eos``) and ``padding_token_id`` (``pad_id``).
 
 One difference from llama.cpp remains on purpose: llama.cpp spells Llama 3's
 case-insensitive contractions as ``'[sS]`` and so on, which misses ``'ſ``
@@ -50,6 +50,7 @@ from scratchlm.tokenizer.gguf_spm import (
     TOKEN_TYPE_BYTE,
     TOKEN_TYPE_NORMAL,
     TOKEN_TYPE_UNUSED,
+    TOKEN_TYPE_USER_DEFINED,
     gguf_spm_arguments,
     read_field,
     refuse,
@@ -151,7 +152,7 @@ def gguf_tokenizer_arguments(
     merges = _merges(read_field(fields, "merges", list, source), source)
 
     ids = {}
-    for name in ("bos_token_id", "eos_token_id"):
+    for name in ("bos_token_id", "eos_token_id", "padding_token_id"):
         token_id = read_field(fields, name, int, source, required=False)
         if token_id is not None and not 0 <= token_id < len(tokens):
             raise refuse(source, _PREFIX + name, token_id, f"ids are 0..{len(tokens) - 1}")
@@ -163,14 +164,21 @@ def gguf_tokenizer_arguments(
         add_bos = default_add_bos and ids["bos_token_id"] is not None
     if add_bos and ids["bos_token_id"] is None:
         raise refuse(source, _PREFIX + "add_bos_token", add_bos, f"but {_PREFIX}bos_token_id is missing")
-    if read_field(fields, "add_eos_token", bool, source, required=False):
-        raise refuse(source, _PREFIX + "add_eos_token", True, "only false is supported (encode adds nothing)")
+    add_eos = bool(read_field(fields, "add_eos_token", bool, source, required=False))
+    if add_eos and ids["eos_token_id"] is None:
+        raise refuse(source, _PREFIX + "add_eos_token", add_eos, f"but {_PREFIX}eos_token_id is missing")
     settings = {
         "pretokenizer": pretokenizer,
         "ignore_merges": ignore_merges,
         "bos_token": ids["bos_token_id"],
         "eos_token": ids["eos_token_id"],
         "add_bos": add_bos,
+        "add_eos": add_eos,
+        "pad_token": ids["padding_token_id"],
+        "nonspecial_tokens": tuple(
+            text for token_id, (text, token_type) in enumerate(zip(tokens, token_types))
+            if token_type == TOKEN_TYPE_USER_DEFINED and special_tokens.get(text) == token_id
+        ),
     }
     return vocab, merges, special_tokens, settings
 

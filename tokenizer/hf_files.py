@@ -80,21 +80,25 @@ def _token_text(vocab: dict[int, bytes], token_id: int, name: str) -> str:
         raise ValueError(f"{name} {token_id} is {vocab[token_id]!r}, not UTF-8 text; HF names tokens by text") from None
 
 
-def _bos_template(vocab: dict[int, bytes], bos_id: int) -> dict:
-    """A post-processor that puts the bos token before the text (before each text of a pair)."""
-    bos = _token_text(vocab, bos_id, "bos_id")
-    first = {"SpecialToken": {"id": bos, "type_id": 0}}
-    return {
-        "type": "TemplateProcessing",
-        "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [
-            first,
-            {"Sequence": {"id": "A", "type_id": 0}},
-            {"SpecialToken": {"id": bos, "type_id": 1}},
-            {"Sequence": {"id": "B", "type_id": 1}},
-        ],
-        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
-    }
+def _template(vocab: dict[int, bytes], bos_id: int | None, eos_id: int | None) -> dict:
+    """A post-processor that puts bos before and/or eos after the text (each text of a pair), as Llama's does."""
+    specials = {}
+    before, after = [], []
+    for token_id, name, where in ((bos_id, "bos_id", before), (eos_id, "eos_id", after)):
+        if token_id is not None:
+            text = _token_text(vocab, token_id, name)
+            where.append(text)
+            specials[text] = {"id": text, "ids": [token_id], "tokens": [text]}
+
+    def part(sequence: str, type_id: int) -> list[dict]:
+        return (
+            [{"SpecialToken": {"id": text, "type_id": type_id}} for text in before]
+            + [{"Sequence": {"id": sequence, "type_id": type_id}}]
+            + [{"SpecialToken": {"id": text, "type_id": type_id}} for text in after]
+        )
+
+    return {"type": "TemplateProcessing", "single": part("A", 0), "pair": part("A", 0) + part("B", 1),
+            "special_tokens": specials}
 
 
 def hf_tokenizer_document(
@@ -109,6 +113,9 @@ def hf_tokenizer_document(
     unk_id: int | None = None,
     fuse_unk: bool = False,
     normalizer: str | None = None,
+    eos_id: int | None = None,
+    add_eos: bool = False,
+    nonspecial_tokens: tuple[str, ...] = (),
     metaspace: str | None = None,
     metaspace_split: bool = False,
     byte_fallback: bool = False,
@@ -147,7 +154,7 @@ def hf_tokenizer_document(
             "lstrip": False,
             "rstrip": False,
             "normalized": False,
-            "special": True,
+            "special": token not in nonspecial_tokens,
         }
         for token, token_id in special_token_ids.items()
     ]
@@ -158,7 +165,9 @@ def hf_tokenizer_document(
         "added_tokens": added_tokens,
         "normalizer": sections["normalizer"],
         "pre_tokenizer": sections["pre_tokenizer"],
-        "post_processor": _bos_template(vocab, bos_id) if add_bos and bos_id is not None else None,
+        "post_processor": _template(vocab, bos_id if add_bos else None, eos_id if add_eos else None)
+        if (add_bos and bos_id is not None) or (add_eos and eos_id is not None)
+        else None,
         "decoder": sections["decoder"],
         "model": {
             "type": "BPE",
@@ -200,7 +209,13 @@ def save_hf_tokenizer(
 
 
 def hf_tokenizer_config(
-    vocab: dict[int, bytes], special_token_ids: dict[str, int], bos_id: int | None, eos_id: int | None, add_bos: bool
+    vocab: dict[int, bytes],
+    special_token_ids: dict[str, int],
+    bos_id: int | None,
+    eos_id: int | None,
+    add_bos: bool,
+    add_eos: bool = False,
+    pad_id: int | None = None,
 ) -> dict:
     """The ``tokenizer_config.json`` contents: the generic fast tokenizer, with bos/eos.
 
@@ -210,7 +225,7 @@ def hf_tokenizer_config(
     """
     specials = set(special_token_ids.values())
     names = {}
-    for name, token_id in (("bos_id", bos_id), ("eos_id", eos_id)):
+    for name, token_id in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
         if token_id is not None and token_id not in specials:
             raise ValueError(
                 f"{name}={token_id} is not a special token; transformers would turn it into one, "
@@ -223,9 +238,9 @@ def hf_tokenizer_config(
         "bos_token": names["bos_id"],
         "eos_token": names["eos_id"],
         "add_bos_token": add_bos,
-        "add_eos_token": False,
+        "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
-    }
+    } | ({} if pad_id is None else {"pad_token": names["pad_id"]})
 
 
 def save_hf_folder(
@@ -242,6 +257,8 @@ def save_hf_folder(
     unk_id: int | None = None,
     fuse_unk: bool = False,
     normalizer: str | None = None,
+    add_eos: bool = False,
+    pad_id: int | None = None,
     **sentencepiece_settings,
 ) -> Path:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory`` (created if needed).
@@ -249,7 +266,7 @@ def save_hf_folder(
     Each file is written atomically; the config is checked before either is written.
     """
     directory = Path(directory)
-    config = hf_tokenizer_config(vocab, special_token_ids, bos_id, eos_id, add_bos)
+    config = hf_tokenizer_config(vocab, special_token_ids, bos_id, eos_id, add_bos, add_eos, pad_id)
     directory.mkdir(parents=True, exist_ok=True)
     save_hf_tokenizer(
         directory / TOKENIZER_FILE,
@@ -263,6 +280,8 @@ def save_hf_folder(
         unk_id=unk_id,
         fuse_unk=fuse_unk,
         normalizer=normalizer,
+        eos_id=eos_id,
+        add_eos=add_eos,
         **sentencepiece_settings,
     )
     with atomic_write(directory / TOKENIZER_CONFIG_FILE, "w", encoding="utf-8") as file:

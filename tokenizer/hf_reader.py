@@ -49,14 +49,15 @@ tokenizer.json already says it). The rest is as for byte-level BPE:
   added token must have ``normalized`` false: HF would look for the others
   in the normalized text.
 * ``post_processor``: none, ``ByteLevel`` (it only trims offsets), a
-  ``TemplateProcessing`` whose single-text template is ``$A`` or one special
-  token then ``$A`` (that token is bos, and ``add_bos`` is true), or a
-  ``Sequence`` of these. A template adding anything else is refused: encode
-  could not reproduce it.
-* ``tokenizer_config.json``: ``bos_token`` and ``eos_token`` (a string or
-  ``{"content": ...}``) and ``add_bos_token``, which override the template's;
-  a bos token different from the template's is refused, and so are
-  ``add_eos_token`` and ``add_prefix_space`` when true.
+  ``TemplateProcessing`` whose single-text template is ``$A`` with at most
+  one special token before it (bos: ``add_bos`` true) and one after it (eos:
+  ``add_eos`` true), or a ``Sequence`` of these. A template adding anything
+  else is refused: encode could not reproduce it.
+* ``tokenizer_config.json``: ``bos_token``, ``eos_token`` and ``pad_token`` (a
+  string or ``{"content": ...}``) and ``add_bos_token``/``add_eos_token``,
+  which override the template's (as transformers' Llama tokenizers rebuild
+  the template from them); a bos/eos token different from the template's is
+  refused, and so is ``add_prefix_space`` true for byte-level BPE.
 """
 
 from __future__ import annotations
@@ -129,10 +130,14 @@ def read_hf_tokenizer(path: str | os.PathLike) -> tuple[dict[int, bytes], list, 
     if not isinstance(model.get("vocab"), dict):
         raise source.refuse("model.vocab", model.get("vocab"), "expected an object token -> id")
     added = _added_tokens(document.get("added_tokens", []), model["vocab"], normalizer, source)
+    # Checked by _added_tokens: a list of objects. HF's decode skips only the special ones.
+    settings["nonspecial_tokens"] = tuple(
+        entry["content"] for entry in document.get("added_tokens", []) if not entry.get("special", False)
+    )
     vocab = _vocab(model["vocab"], added, source, spelling)
     merges = _merges(model.get("merges"), source, spelling)
-    template_bos = _post_processor_bos(document.get("post_processor"), "post_processor", source)
-    settings |= _bos_eos(config, config_path, template_bos, added, vocab, sentencepiece)
+    template_bos, template_eos = _post_processor_bos(document.get("post_processor"), "post_processor", source)
+    settings |= _bos_eos(config, config_path, template_bos, template_eos, added, vocab, sentencepiece)
     settings["ignore_merges"] = ignore_merges
     settings |= _unknown_token(model, vocab, source, sentencepiece)
     return vocab, merges, added, settings
@@ -407,21 +412,21 @@ def _merges(entries: Any, source: _Source, spelling: Callable[[str], bytes]) -> 
 # ----------------------------------------------------------------- bos/eos
 
 
-def _post_processor_bos(node: Any, field: str, source: _Source) -> int | bool:
-    """The bos id a TemplateProcessing adds; False when nothing adds one."""
+def _post_processor_bos(node: Any, field: str, source: _Source) -> tuple[int | bool, int | bool]:
+    """The bos and eos ids a TemplateProcessing adds around the text; False for each that nothing adds."""
     if node is None:
-        return False
+        return False, False
     kind = node.get("type") if isinstance(node, dict) else None
     if kind == "ByteLevel":
-        return False
+        return False, False
     if kind == "Sequence":
-        found: int | bool = False
+        found: tuple[int | bool, int | bool] = (False, False)
         for index, step in enumerate(node.get("processors") or []):
-            bos = _post_processor_bos(step, f"{field}.processors[{index}]", source)
-            if bos is not False:
-                if found is not False:
+            added = _post_processor_bos(step, f"{field}.processors[{index}]", source)
+            if added != (False, False):
+                if found != (False, False):
                     raise source.refuse(field, node, "expected at most one TemplateProcessing that adds a token")
-                found = bos
+                found = added
         return found
     if kind != "TemplateProcessing":
         raise source.refuse(f"{field}.type", kind, "supported post-processors are ByteLevel and TemplateProcessing")
@@ -432,18 +437,24 @@ def _post_processor_bos(node: Any, field: str, source: _Source) -> int | bool:
         kind_and_value = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (None, None)
         value = kind_and_value[1]
         items.append((kind_and_value[0], value.get("id") if isinstance(value, dict) else None))
-    if items == [("Sequence", "A")]:
-        return False
-    if len(items) == 2 and items[0][0] == "SpecialToken" and items[1] == ("Sequence", "A"):
-        name = items[0][1]
+    if ("Sequence", "A") not in items:
+        raise source.refuse(f"{field}.single", single, "expected a template holding $A")
+    at = items.index(("Sequence", "A"))
+    before, after = items[:at], items[at + 1:]
+    if len(before) > 1 or len(after) > 1 or any(kind != "SpecialToken" for kind, _ in before + after):
+        raise source.refuse(
+            f"{field}.single", single,
+            "only a template of $A with at most one special token before it (bos) and one after it (eos) is reproduced",
+        )
+
+    def special_id(name: str) -> int:
         entry = (node.get("special_tokens") or {}).get(name)
         ids = entry.get("ids") if isinstance(entry, dict) else None
         if not (isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], int) and not isinstance(ids[0], bool)):
             raise source.refuse(f"{field}.special_tokens[{name!r}].ids", ids, "expected a list of one id")
         return ids[0]
-    raise source.refuse(
-        f"{field}.single", single, "only a template that adds nothing, or one special token before $A, is reproduced"
-    )
+
+    return (special_id(before[0][1]) if before else False, special_id(after[0][1]) if after else False)
 
 
 def _config_token(config: dict, name: str, config_source: _Source) -> str | None:
@@ -459,37 +470,44 @@ def _bos_eos(
     config: dict,
     config_path: Path | None,
     template_bos: int | bool,
+    template_eos: int | bool,
     added: dict[str, int],
     vocab: dict[int, bytes],
     sentencepiece: bool,
 ) -> dict[str, Any]:
-    """``bos_token``, ``eos_token`` and ``add_bos`` from the config and the post-processor's template."""
+    """bos/eos/pad tokens and ``add_bos``/``add_eos`` from the config and the post-processor's template."""
     config_source = _Source(config_path or Path(TOKENIZER_CONFIG_FILE))
     # A SentencePiece-style tokenizer.json already says whether a ▁ is put
     # first; the config's add_prefix_space (and legacy) only told the converter that made it.
-    for flag in ("add_eos_token",) if sentencepiece else ("add_eos_token", "add_prefix_space"):
-        if config.get(flag):
-            raise config_source.refuse(flag, config[flag], "only false is supported (encode adds nothing)")
+    if not sentencepiece and config.get("add_prefix_space"):
+        raise config_source.refuse("add_prefix_space", config["add_prefix_space"], "only false is supported")
     lowest_ids: dict[bytes, int] = {}
     for token_id in sorted(vocab):
         lowest_ids.setdefault(vocab[token_id], token_id)
     ids, texts = {}, {}
-    for name in ("bos_token", "eos_token"):
+    for name in ("bos_token", "eos_token", "pad_token"):
         texts[name] = text = _config_token(config, name, config_source)
         ids[name] = None if text is None else added.get(text, lowest_ids.get(text.encode("utf-8")))
         if text is not None and ids[name] is None:
             raise config_source.refuse(name, text, "it is not a token of the tokenizer.json beside it")
-    bos = ids["bos_token"]
-    if template_bos is not False:
-        if bos is not None and bos != template_bos:
-            raise config_source.refuse(
-                "bos_token", texts["bos_token"],
-                f"that is id {bos}, but the post-processor's template adds id {template_bos} first",
-            )
-        bos = template_bos
-    add_bos = config.get("add_bos_token", template_bos is not False)
-    if not isinstance(add_bos, bool):
-        raise config_source.refuse("add_bos_token", add_bos, "expected true or false")
-    if add_bos and bos is None:
-        raise config_source.refuse("add_bos_token", add_bos, "but no bos_token is given")
-    return {"bos_token": bos, "eos_token": ids["eos_token"], "add_bos": add_bos}
+    found = {}
+    for name, flag, template_id, where in (
+        ("bos_token", "add_bos_token", template_bos, "first"), ("eos_token", "add_eos_token", template_eos, "last")
+    ):
+        token_id = ids[name]
+        if template_id is not False:
+            if token_id is not None and token_id != template_id:
+                raise config_source.refuse(
+                    name, texts[name],
+                    f"that is id {token_id}, but the post-processor's template adds id {template_id} {where}",
+                )
+            token_id = template_id
+        # HF's Llama tokenizers rebuild the template from these flags; without them the template decides.
+        add = config.get(flag, template_id is not False)
+        if not isinstance(add, bool):
+            raise config_source.refuse(flag, add, "expected true or false")
+        if add and token_id is None:
+            raise config_source.refuse(flag, add, f"but no {name} is given")
+        found[name] = token_id
+        found["add_" + name.split("_")[0]] = add
+    return found | {"pad_token": ids["pad_token"]}

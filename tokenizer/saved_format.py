@@ -4,7 +4,8 @@ Version 1 holds a GPT-2-style tokenizer: vocab, merges and special tokens by
 text. Version 2 adds the pre-tokenizer preset, ``ignore_merges``, bos/eos and
 ``add_bos``, and special tokens with their exact ids; ``unk_id`` and
 ``fuse_unk`` appear only when set (what a byte missing from the vocabulary
-becomes), and so does ``normalizer`` (``"nfc"``). Version 3 is version 2
+becomes), and so do ``normalizer`` (``"nfc"``), ``add_eos`` (true),
+``pad_id`` and ``nonspecial_tokens`` (non-empty). Version 3 is version 2
 plus the SentencePiece settings ``metaspace``, ``metaspace_split``,
 ``byte_fallback`` and ``decoder``; it is written only for a tokenizer with
 ``metaspace`` set, so every byte-level tokenizer is still written as version 1 or 2. A tokenizer is written as
@@ -41,6 +42,9 @@ def tokenizer_document(
     unk_id: int | None = None,
     fuse_unk: bool = False,
     normalizer: str | None = None,
+    add_eos: bool = False,
+    pad_id: int | None = None,
+    nonspecial_tokens: tuple[str, ...] = (),
     metaspace: str | None = None,
     metaspace_split: bool = False,
     byte_fallback: bool = False,
@@ -58,6 +62,9 @@ def tokenizer_document(
         and bos_id is None
         and eos_id is None
         and not add_bos
+        and not add_eos
+        and pad_id is None
+        and not nonspecial_tokens
         and unk_id is None
         and not fuse_unk
         and normalizer is None
@@ -86,6 +93,12 @@ def tokenizer_document(
             document |= {"unk_id": unk_id, "fuse_unk": fuse_unk}
         if normalizer is not None:
             document["normalizer"] = normalizer
+        if add_eos:
+            document["add_eos"] = add_eos
+        if pad_id is not None:
+            document["pad_id"] = pad_id
+        if nonspecial_tokens:
+            document["nonspecial_tokens"] = list(nonspecial_tokens)
         if metaspace is not None:
             document |= {
                 "metaspace": metaspace,
@@ -125,6 +138,9 @@ def tokenizer_arguments(document: Any, source: str) -> tuple[tuple, dict[str, An
             "unk_token": document.get("unk_id"),
             "fuse_unk": document.get("fuse_unk", False),
             "normalizer": document.get("normalizer"),
+            "add_eos": document.get("add_eos", False),
+            "pad_token": document.get("pad_id"),
+            "nonspecial_tokens": document.get("nonspecial_tokens", ()),
         }
         if version == 3:
             kwargs |= {key: document[key] for key in SENTENCEPIECE_KEYS}

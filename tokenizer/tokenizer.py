@@ -131,7 +131,14 @@ class Tokenizer(TokenizerFiles):
     * ``bos_token``, ``eos_token``: the text or id of the begin and end of
       sequence tokens, kept as ``bos_id`` and ``eos_id`` (None when unset).
     * ``add_bos``: whether a model expects ``bos_id`` before every prompt.
-      :meth:`encode` never adds it; generation does.
+      :meth:`encode` adds it only with ``add_special_tokens=True``; generation adds it.
+    * ``add_eos``: whether ``eos_id`` ends every encoded text (HF's
+      ``add_eos_token``); added by ``encode(text, add_special_tokens=True)``.
+    * ``pad_token``: the text or id of the padding token, kept as ``pad_id``
+      (None when unset); nothing here pads, it is for batching callers.
+    * ``nonspecial_tokens``: those of ``special_tokens`` that are added tokens
+      HF marks ``special: false`` (GGUF: user-defined): kept whole like the
+      others, but kept by ``decode(ids, skip_special_tokens=True)``.
     * ``unk_token`` (text or id, kept as ``unk_id``) and ``fuse_unk``: what a
       byte missing from the vocabulary becomes, as above (HF's BPE options of
       those names).
@@ -179,6 +186,9 @@ class Tokenizer(TokenizerFiles):
         unk_token: str | int | None = None,
         fuse_unk: bool = False,
         normalizer: str | None = None,
+        add_eos: bool = False,
+        pad_token: str | int | None = None,
+        nonspecial_tokens: Sequence[str] = (),
         metaspace: str | None = None,
         metaspace_split: bool = False,
         byte_fallback: bool = False,
@@ -230,6 +240,12 @@ class Tokenizer(TokenizerFiles):
                     self._token_ids[encoded] = new_id
                 self.special_token_ids[token] = self._token_ids[encoded]
         self.special_tokens: list[str] = list(self.special_token_ids)
+        if isinstance(nonspecial_tokens, (str, bytes)) or not isinstance(nonspecial_tokens, Iterable):
+            raise ValueError(f"nonspecial_tokens must be a list of special_tokens' texts, got {nonspecial_tokens!r}")
+        self.nonspecial_tokens: tuple[str, ...] = tuple(dict.fromkeys(nonspecial_tokens))
+        for token in self.nonspecial_tokens:
+            if token not in self.special_token_ids:
+                raise ValueError(f"nonspecial_tokens holds {token!r}, which is not one of special_tokens")
         self._special_regex = special_token_regex(self.special_tokens)
 
         self._pretokenizer: PreTokenizer = get_pretokenizer(pretokenizer)
@@ -243,6 +259,12 @@ class Tokenizer(TokenizerFiles):
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos=True needs a bos_token")
         self.add_bos = add_bos
+        if not isinstance(add_eos, bool):
+            raise ValueError(f"add_eos must be a bool, got {add_eos!r}")
+        if add_eos and self.eos_id is None:
+            raise ValueError("add_eos=True needs an eos_token")
+        self.add_eos = add_eos
+        self.pad_id: int | None = self._resolve_token("pad_token", pad_token)
         self.unk_id: int | None = self._resolve_token("unk_token", unk_token)
         if not isinstance(fuse_unk, bool):
             raise ValueError(f"fuse_unk must be a bool, got {fuse_unk!r}")
@@ -403,15 +425,27 @@ class Tokenizer(TokenizerFiles):
                 cache[piece] = ids
             extend(ids)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``: special tokens by their ids, nothing added (no bos, whatever ``add_bos`` says).
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``: special tokens by their ids.
+
+        Nothing is added unless ``add_special_tokens`` is True; then ``bos_id``
+        comes first when ``add_bos`` and ``eos_id`` last when ``add_eos``, as
+        HF's ``encode`` does with the file's post-processor.
 
         >>> Tokenizer({i: bytes([i]) for i in range(256)}, []).encode("hi")
         [104, 105]
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._encode(text)
+        if not isinstance(add_special_tokens, bool):
+            raise ValueError(f"add_special_tokens must be a bool, got {add_special_tokens!r}")
+        ids = self._encode(text)
+        if add_special_tokens:
+            if self.add_bos:
+                ids.insert(0, self.bos_id)
+            if self.add_eos:
+                ids.append(self.eos_id)
+        return ids
 
     def _encode(self, text: str, continuing: bool = False) -> list[int]:
         """:meth:`encode`; ``continuing``: ``text`` goes on a segment cut by a stream (SentencePiece only)."""
@@ -546,15 +580,25 @@ class Tokenizer(TokenizerFiles):
             return ValueError(f"token id {bad!r} is not in the vocabulary (ids are 0..{self.vocab_size - 1})")
         return ValueError(f"ids must be a flat sequence of ints; got {bad!r} ({type(bad).__name__})")
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of the tokens ``ids``; bytes that are not valid UTF-8 become U+FFFD.
 
         A token can hold part of a character (the first byte of "é"), so a
         slice of ids may not decode cleanly; it is replaced, never an error.
+        ``skip_special_tokens``: drop the ids of special tokens (but not of
+        ``nonspecial_tokens``) and bos, eos and pad first (HF's option of that
+        name; ids are still checked).
 
         >>> Tokenizer({i: bytes([i]) for i in range(256)}, []).decode([104, 0xC3])
         'h\\ufffd'
         """
+        if not isinstance(skip_special_tokens, bool):
+            raise ValueError(f"skip_special_tokens must be a bool, got {skip_special_tokens!r}")
+        if skip_special_tokens:
+            ids = self._checked_ids(self._id_sequence(ids))
+            kept = {self.special_token_ids[token] for token in self.nonspecial_tokens}
+            skipped = (set(self.special_token_ids.values()) - kept) | {self.bos_id, self.eos_id, self.pad_id}
+            ids = [token_id for token_id in ids if token_id not in skipped]
         if self._sentencepiece is not None:
             return self._sentencepiece.decode(self._checked_ids(self._id_sequence(ids)))
         return self.decode_bytes(ids).decode("utf-8", errors="replace")

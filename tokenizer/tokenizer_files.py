@@ -46,6 +46,9 @@ class TokenizerFiles:
             "unk_token": self.unk_id,
             "fuse_unk": self.fuse_unk,
             "normalizer": self.normalizer,
+            "add_eos": self.add_eos,
+            "pad_token": self.pad_id,
+            "nonspecial_tokens": self.nonspecial_tokens,
         }
         return args, kwargs | self._sentencepiece_settings()
 
@@ -74,6 +77,9 @@ class TokenizerFiles:
             unk_id=self.unk_id,
             fuse_unk=self.fuse_unk,
             normalizer=self.normalizer,
+            add_eos=self.add_eos,
+            pad_id=self.pad_id,
+            nonspecial_tokens=self.nonspecial_tokens,
             **self._sentencepiece_settings(),
         )
 
@@ -194,10 +200,11 @@ class TokenizerFiles:
     def save_hf(self, path: str | os.PathLike) -> Path:
         """Write a ``tokenizer.json`` for Hugging Face ``tokenizers`` (see :mod:`scratchlm.tokenizer.hf_files`).
 
-        It holds the pre-tokenizer, ``ignore_merges`` and, when ``add_bos``,
-        a post-processor that adds ``bos_id``; :meth:`from_hf` reads it back.
+        It holds the pre-tokenizer, ``ignore_merges`` and, when ``add_bos`` or
+        ``add_eos``, a post-processor that adds ``bos_id`` / ``eos_id``; :meth:`from_hf` reads it back.
         """
-        return save_hf_tokenizer(path, self.vocab, self.merges, self.special_token_ids, **self._hf_settings())
+        return save_hf_tokenizer(path, self.vocab, self.merges, self.special_token_ids, **self._hf_settings(),
+                                 eos_id=self.eos_id, add_eos=self.add_eos)
 
     def save_hf_folder(self, directory: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (bos/eos) into ``directory``.
@@ -207,7 +214,7 @@ class TokenizerFiles:
         it when ``add_bos`` is False).
         """
         return save_hf_folder(directory, self.vocab, self.merges, self.special_token_ids, **self._hf_settings(),
-                              eos_id=self.eos_id)
+                              eos_id=self.eos_id, add_eos=self.add_eos, pad_id=self.pad_id)
 
     def _hf_settings(self) -> dict[str, Any]:
         return {
@@ -218,4 +225,5 @@ class TokenizerFiles:
             "unk_id": self.unk_id,
             "fuse_unk": self.fuse_unk,
             "normalizer": self.normalizer,
+            "nonspecial_tokens": self.nonspecial_tokens,
         } | self._sentencepiece_settings()

@@ -381,7 +381,7 @@ REFUSED = [
     ("unknown_token_id", -1, r"tokenizer\.ggml\.unknown_token_id is -1; ids are 0\.\."),
     ("eos_token_id", "2", r"tokenizer\.ggml\.eos_token_id is '2'; expected an integer"),
     ("add_space_prefix", 1, r"tokenizer\.ggml\.add_space_prefix is 1; expected a bool"),
-    ("add_eos_token", True, r"tokenizer\.ggml\.add_eos_token is True; only false is supported"),
+    ("padding_token_id", 10**6, r"tokenizer\.ggml\.padding_token_id is 1000000; ids are 0\.\."),
 ]
 
 

@@ -198,11 +198,11 @@ def test_refused_added_tokens_and_templates(tmp_path, hf_folders):
     with pytest.raises(ValueError, match=r"added_tokens\[2\]\.id is \d+; HF gives '<\|user\|>' id \d+"):
         Tokenizer.from_hf(edited_folder(tmp_path / "b", hf_folders["gpt2"], renumber))
 
-    def add_eos_after(document):
-        document["post_processor"]["single"].append({"SpecialToken": {"id": EOS, "type_id": 0}})
+    def two_after(document):
+        document["post_processor"]["single"] += [{"SpecialToken": {"id": EOS, "type_id": 0}}] * 2
 
-    with pytest.raises(ValueError, match=r"post_processor\.single is .*one special token before \$A"):
-        Tokenizer.from_hf(edited_folder(tmp_path / "c", hf_folders["gpt2"], add_eos_after))
+    with pytest.raises(ValueError, match=r"post_processor\.single is .*one after it \(eos\)"):
+        Tokenizer.from_hf(edited_folder(tmp_path / "c", hf_folders["gpt2"], two_after))
 
     def overlapping_kinds(document):
         document["added_tokens"][2]["normalized"] = True
@@ -215,7 +215,7 @@ def test_refused_added_tokens_and_templates(tmp_path, hf_folders):
 @pytest.mark.parametrize(
     "config_edit, message",
     [
-        (lambda c: c.update(add_eos_token=True), r"add_eos_token is True; only false"),
+        (lambda c: c.update(add_eos_token=True, eos_token=None), r"add_eos_token is True; but no eos_token"),
         (lambda c: c.update(add_prefix_space=True), r"add_prefix_space is True"),
         (lambda c: c.update(bos_token="<|nowhere|>"), r"bos_token is '<\|nowhere\|>'; it is not a token"),
         (lambda c: c.update(bos_token=EOS), r"bos_token is '<\|end_of_text\|>'; .* the post-processor's template"),
@@ -312,7 +312,7 @@ def gguf_fields(gguf_files) -> dict:
         ({"tokens": "unspelled"}, r"tokenizer\.ggml\.tokens\[70\] is 'a b'; not spelled with GPT-2's"),
         ({"bos_token_id": 10**6}, r"tokenizer\.ggml\.bos_token_id is 1000000; ids are 0\.\."),
         ({"bos_token_id": None}, r"tokenizer\.ggml\.add_bos_token is True; but tokenizer\.ggml\.bos_token_id"),
-        ({"add_eos_token": True}, r"tokenizer\.ggml\.add_eos_token is True; only false"),
+        ({"add_eos_token": True, "eos_token_id": None}, r"tokenizer\.ggml\.add_eos_token is True; but tokenizer\.ggml\.eos"),
         ({"merges": ["a  b"]}, r"tokenizer\.ggml\.merges\[0\] is 'a  b'"),
         ({"tokens": None}, r"tokenizer\.ggml\.tokens is missing"),
     ],
