@@ -9,7 +9,7 @@ backward are Triton kernels, registered as PyTorch operators so that
 - ``geglu(a, b)``: gelu_tanh(a) * b, elementwise (Gemma's MLP; SwiGLU's kernels with the GeLU gate)
 - ``rope(x, cos, sin)``: x (..., seq, d); cos, sin (seq, d/2), adjacent pairs
   (``apply_rope``, its former name, is the same function)
-- ``flash_attention(q, k, v, causal=True, scale=None, document_ids=None)``: FlashAttention-2,
+- ``flash_attention(q, k, v, causal=True, scale=None, document_ids=None, window=None, softcap=None)``: FlashAttention-2,
   q (..., Nq, D), k and v (..., Nk, D); saves only the float32 logsumexp (..., Nq) for backward,
   which ``flash_attention_with_lse`` (same arguments) also returns: (o, logsumexp).
   Grouped-query attention: k and v may have fewer heads (dim -3) than q, Hkv

@@ -64,6 +64,8 @@ from scratchlm.kernels.flash_attention_tiles import (
     logsumexp_log2,
     query_range,
     scores,
+    soft_cap,
+    soft_cap_slope,
 )
 
 
@@ -71,13 +73,13 @@ from scratchlm.kernels.flash_attention_tiles import (
 def _fwd_key_tile(
     acc, l_i, m_i, q, start_n,
     k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
-    k_len, qk_scale_log2, q_lo, q_hi,
-    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    k_len, qk_scale_log2, q_lo, q_hi, softcap_log2,
+    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The online-softmax update of one query block by the key tile at ``start_n``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len)
-    s = scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, MASKED, DOCUMENTS)
+    s = scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, softcap_log2, MASKED, DOCUMENTS, SOFTCAP)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
         # A row with no visible key so far keeps m = -inf; subtracting 0
@@ -96,14 +98,14 @@ def _fwd_key_tile(
 def _fwd_key_tiles(
     acc, l_i, m_i, q,
     k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
-    start, end, k_len, qk_scale_log2, q_lo, q_hi,
-    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    start, end, k_len, qk_scale_log2, q_lo, q_hi, softcap_log2,
+    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The online-softmax update of one query block over key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         acc, l_i, m_i = _fwd_key_tile(
             acc, l_i, m_i, q, start_n, k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
-            k_len, qk_scale_log2, q_lo, q_hi, MASKED, DOCUMENTS, BLOCK_N,
+            k_len, qk_scale_log2, q_lo, q_hi, softcap_log2, MASKED, DOCUMENTS, SOFTCAP, BLOCK_N,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -116,8 +118,9 @@ def flash_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_ptr,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh, stride_om, stride_lse_h,
     stride_doc_kind, stride_doc_row,
-    q_len, k_len, head_dim, group, heads_per_row, q_len_bucket, k_len_bucket, qk_scale_log2,
-    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_len, k_len, head_dim, group, heads_per_row, q_len_bucket, k_len_bucket, qk_scale_log2, window, softcap_log2,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, WINDOW: tl.constexpr, BOUNDED: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (query block, batch*head); int64 so head offsets never wrap.
@@ -140,24 +143,29 @@ def flash_attention_fwd_kernel(
     q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
 
     start, full_start, full_end, end, q_lo, q_hi = key_tiles(
-        doc_ptr, stride_doc_kind, stride_doc_row, head, heads_per_row, start_m, offs_m, q_len, k_len,
-        CAUSAL, DOCUMENTS, BLOCK_M, BLOCK_N,
+        doc_ptr, stride_doc_kind, stride_doc_row, head, heads_per_row, start_m, offs_m, q_len, k_len, window,
+        CAUSAL, DOCUMENTS, WINDOW, BLOCK_M, BLOCK_N,
     )  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if DOCUMENTS:
+    # BOUNDED (documents or a window): each row's keys have a lower bound too, and the
+    # tiles below the block's unmasked ones are masked.
+    if BOUNDED:
         acc, l_i, m_i = _fwd_key_tiles(
             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_d, d_mask,
-            start, full_start, k_len, qk_scale_log2, q_lo, q_hi, MASKED=True, DOCUMENTS=True, BLOCK_N=BLOCK_N,
+            start, full_start, k_len, qk_scale_log2, q_lo, q_hi, softcap_log2,
+            MASKED=True, DOCUMENTS=True, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     acc, l_i, m_i = _fwd_key_tiles(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_d, d_mask,
-        full_start, full_end, k_len, qk_scale_log2, q_lo, q_hi, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
+        full_start, full_end, k_len, qk_scale_log2, q_lo, q_hi, softcap_log2,
+        MASKED=False, DOCUMENTS=BOUNDED, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_key_tiles(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, offs_d, d_mask,
-        full_end, end, k_len, qk_scale_log2, q_lo, q_hi, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
+        full_end, end, k_len, qk_scale_log2, q_lo, q_hi, softcap_log2,
+        MASKED=True, DOCUMENTS=BOUNDED, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N,
     )  # fmt: skip
 
     # Rows that saw no key have l = 0 and m = -inf: output 0, logsumexp -inf.
@@ -195,8 +203,9 @@ def _dkdv_query_tiles(
     q_head, do_head, lse_head, delta_head,
     stride_qm, stride_dom,
     offs_d, d_mask,
-    start, end, q_len, qk_scale_log2, k_lo, k_hi,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
+    start, end, q_len, qk_scale_log2, k_lo, k_hi, softcap_log2,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Accumulate one key block's dK (unscaled) and dV over query tiles [start, end), transposed: (keys, queries)."""
     for start_m in range(start, end, BLOCK_M):
@@ -208,6 +217,8 @@ def _dkdv_query_tiles(
         # Rows past q_len load q = dO = 0 with logsumexp = delta = 0: their p is 1, their contributions exactly 0.
         lse_log2 = logsumexp_log2(tl.load(lse_head + offs_m, mask=m_valid, other=0.0))
         s_t = dot(k, tl.trans(q), None) * qk_scale_log2
+        if SOFTCAP:
+            s_t = soft_cap(s_t, softcap_log2)
         if MASKED and (CAUSAL or DOCUMENTS):
             allowed = offs_m[None, :] >= k_lo[:, None]
             if DOCUMENTS:
@@ -219,6 +230,8 @@ def _dkdv_query_tiles(
         # Loaded where it is used, after q and dO: the order that holds the fewest registers.
         delta = tl.load(delta_head + offs_m, mask=m_valid, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * soft_cap_slope(s_t, softcap_log2)
         dk = dot(round_to(ds_t, q.dtype), q, dk)
     return dk, dv
 
@@ -229,8 +242,8 @@ def _dkdv_one_query_head(
     q_ptr, do_ptr, lse_ptr, delta_ptr,
     stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h,
     offs_d, d_mask,
-    start, full_start, full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi,
-    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
+    start, full_start, full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi, softcap_log2,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Add query head ``head``'s share to one key block's dK (unscaled) and dV over query
     tiles [start, stop): those in [full_start, full_stop) without a mask, the others
@@ -241,19 +254,19 @@ def _dkdv_one_query_head(
     delta_head = delta_ptr + head * stride_lse_h
     dk, dv = _dkdv_query_tiles(
         dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_d, d_mask,
-        start, full_start, q_len, qk_scale_log2, k_lo, k_hi,
-        CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
+        start, full_start, q_len, qk_scale_log2, k_lo, k_hi, softcap_log2,
+        CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS, SOFTCAP=SOFTCAP, BLOCK_M=BLOCK_M,
     )  # fmt: skip
     dk, dv = _dkdv_query_tiles(
         dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_d, d_mask,
-        full_start, full_stop, q_len, qk_scale_log2, k_lo, k_hi,
-        CAUSAL=CAUSAL, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
+        full_start, full_stop, q_len, qk_scale_log2, k_lo, k_hi, softcap_log2,
+        CAUSAL=CAUSAL, MASKED=False, DOCUMENTS=DOCUMENTS, SOFTCAP=SOFTCAP, BLOCK_M=BLOCK_M,
     )  # fmt: skip
     if DOCUMENTS:
         dk, dv = _dkdv_query_tiles(
             dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, offs_d, d_mask,
-            full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi,
-            CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
+            full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi, softcap_log2,
+            CAUSAL=CAUSAL, MASKED=True, DOCUMENTS=DOCUMENTS, SOFTCAP=SOFTCAP, BLOCK_M=BLOCK_M,
         )  # fmt: skip
     return dk, dv
 
@@ -263,8 +276,9 @@ def flash_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, doc_ptr,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_dom,
     stride_lse_h, stride_dkh, stride_dkn, stride_dvh, stride_dvn, stride_doc_kind, stride_doc_row,
-    q_len, k_len, head_dim, group, kv_heads_per_row, qk_scale_log2, scale,
-    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_len, k_len, head_dim, group, kv_heads_per_row, qk_scale_log2, scale, window, softcap_log2,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, WINDOW: tl.constexpr, BOUNDED: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (key block, batch*K/V head); it owns those dK and dV rows
@@ -283,10 +297,13 @@ def flash_attention_bwd_dkdv_kernel(
 
     causal_offset = k_len - q_len
     doc_ptr += (kv_head // kv_heads_per_row) * stride_doc_row  # every head of a batch row shares its documents
-    k_lo, k_hi = key_bounds(doc_ptr, stride_doc_kind, offs_n, q_len, k_len, causal_offset, CAUSAL, DOCUMENTS)
-    start, full_start, full_stop, stop = query_range(
-        doc_ptr, stride_doc_kind, start_n, k_len, q_len, causal_offset, CAUSAL, DOCUMENTS, BLOCK_M, BLOCK_N
+    k_lo, k_hi = key_bounds(
+        doc_ptr, stride_doc_kind, offs_n, q_len, k_len, causal_offset, window, CAUSAL, DOCUMENTS, WINDOW
     )
+    start, full_start, full_stop, stop = query_range(
+        doc_ptr, stride_doc_kind, start_n, k_len, q_len, causal_offset, window,
+        CAUSAL, DOCUMENTS, WINDOW, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # The group's query heads are kv_head * group + 0, 1, ..., group - 1, always
@@ -299,16 +316,16 @@ def flash_attention_bwd_dkdv_kernel(
             dk, dv = _dkdv_one_query_head(
                 dk, dv, k, v, first_head + member, q_ptr, do_ptr, lse_ptr, delta_ptr,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h, offs_d, d_mask,
-                start, full_start, full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi,
-                CAUSAL=CAUSAL, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
+                start, full_start, full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi, softcap_log2,
+                CAUSAL=CAUSAL, DOCUMENTS=BOUNDED, SOFTCAP=SOFTCAP, BLOCK_M=BLOCK_M,
             )  # fmt: skip
     else:
         for member in range(0, group):
             dk, dv = _dkdv_one_query_head(
                 dk, dv, k, v, first_head + member, q_ptr, do_ptr, lse_ptr, delta_ptr,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_lse_h, offs_d, d_mask,
-                start, full_start, full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi,
-                CAUSAL=CAUSAL, DOCUMENTS=DOCUMENTS, BLOCK_M=BLOCK_M,
+                start, full_start, full_stop, stop, q_len, qk_scale_log2, k_lo, k_hi, softcap_log2,
+                CAUSAL=CAUSAL, DOCUMENTS=BOUNDED, SOFTCAP=SOFTCAP, BLOCK_M=BLOCK_M,
             )  # fmt: skip
     tl.store(dk_ptr + kv_head * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              round_to(dk * scale, dk_ptr.dtype.element_ty), mask=kv_mask)  # fmt: skip
@@ -320,18 +337,20 @@ def flash_attention_bwd_dkdv_kernel(
 def _dq_key_tiles(
     dq, q, do, lse_log2, delta,
     k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
-    start, end, k_len, qk_scale_log2, q_lo, q_hi,
-    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    start, end, k_len, qk_scale_log2, q_lo, q_hi, softcap_log2,
+    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Accumulate one query block's dQ (unscaled) over key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, k_len)
         # Keys past k_len are masked too: their p = exp2(0 - lse) is not 0 and may overflow.
-        s = scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, MASKED, DOCUMENTS)
+        s = scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, softcap_log2, MASKED, DOCUMENTS, SOFTCAP)
         p = tl.exp2(s - lse_log2[:, None])
         dp = dot(do, tl.trans(v), None)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * soft_cap_slope(s, softcap_log2)
         dq = dot(round_to(ds, k.dtype), k, dq)
     return dq
 
@@ -341,8 +360,9 @@ def flash_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_ptr,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_dom,
     stride_lse_h, stride_dqh, stride_dqm, stride_doc_kind, stride_doc_row,
-    q_len, k_len, head_dim, group, heads_per_row, qk_scale_log2, scale,
-    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_len, k_len, head_dim, group, heads_per_row, qk_scale_log2, scale, window, softcap_log2,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, WINDOW: tl.constexpr, BOUNDED: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (query block, batch*head), reading the group's shared K/V head.
@@ -363,24 +383,27 @@ def flash_attention_bwd_dq_kernel(
 
     # The same key tiles as the forward's.
     start, full_start, full_end, end, q_lo, q_hi = key_tiles(
-        doc_ptr, stride_doc_kind, stride_doc_row, head, heads_per_row, start_m, offs_m, q_len, k_len,
-        CAUSAL, DOCUMENTS, BLOCK_M, BLOCK_N,
+        doc_ptr, stride_doc_kind, stride_doc_row, head, heads_per_row, start_m, offs_m, q_len, k_len, window,
+        CAUSAL, DOCUMENTS, WINDOW, BLOCK_M, BLOCK_N,
     )  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
-    if DOCUMENTS:
+    if BOUNDED:
         dq = _dq_key_tiles(
             dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
-            start, full_start, k_len, qk_scale_log2, q_lo, q_hi, MASKED=True, DOCUMENTS=True, BLOCK_N=BLOCK_N,
+            start, full_start, k_len, qk_scale_log2, q_lo, q_hi, softcap_log2,
+            MASKED=True, DOCUMENTS=True, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     dq = _dq_key_tiles(
         dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
-        full_start, full_end, k_len, qk_scale_log2, q_lo, q_hi, MASKED=False, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
+        full_start, full_end, k_len, qk_scale_log2, q_lo, q_hi, softcap_log2,
+        MASKED=False, DOCUMENTS=BOUNDED, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     dq = _dq_key_tiles(
         dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, offs_d, d_mask,
-        full_end, end, k_len, qk_scale_log2, q_lo, q_hi, MASKED=True, DOCUMENTS=DOCUMENTS, BLOCK_N=BLOCK_N,
+        full_end, end, k_len, qk_scale_log2, q_lo, q_hi, softcap_log2,
+        MASKED=True, DOCUMENTS=BOUNDED, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     tl.store(dq_ptr + head * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              round_to(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)  # fmt: skip

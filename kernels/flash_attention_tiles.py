@@ -40,8 +40,8 @@ def load_key_tile(k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, d_mask, 
 
 @triton.jit
 def query_bounds(
-    doc_ptr, stride_doc_kind, offs_m, q_len, k_len, causal_offset,
-    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr,
+    doc_ptr, stride_doc_kind, offs_m, q_len, k_len, causal_offset, window,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, WINDOW: tl.constexpr,
 ):  # fmt: skip
     """Per query row, the first and last key it may see, (lo, hi): a masked tile keeps keys lo..hi.
 
@@ -64,13 +64,15 @@ def query_bounds(
             hi = tl.minimum(positions, k_len - 1)
         else:
             hi = tl.zeros_like(offs_m) + (k_len - 1)
+    if WINDOW:  # causal only: the last ``window`` positions up to the query's own
+        lo = tl.maximum(lo, positions - window + 1)
     return lo, hi
 
 
 @triton.jit
 def key_bounds(
-    doc_ptr, stride_doc_kind, offs_n, q_len, k_len, causal_offset,
-    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr,
+    doc_ptr, stride_doc_kind, offs_n, q_len, k_len, causal_offset, window,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, WINDOW: tl.constexpr,
 ):  # fmt: skip
     """Per key row, the first and last query (index) that may see it, (lo, hi): the transpose of
     ``query_bounds``, for the dK/dV kernel. Rows past k_len are never stored."""
@@ -84,6 +86,8 @@ def key_bounds(
     else:
         lo = offs_n - causal_offset if CAUSAL else tl.zeros_like(offs_n)
         hi = tl.zeros_like(offs_n) + (q_len - 1)
+    if WINDOW:  # no query later than window - 1 positions after the key sees it
+        hi = tl.minimum(hi, offs_n - causal_offset + window - 1)
     return lo, hi
 
 
@@ -116,8 +120,9 @@ def document_key_range(
 
 @triton.jit
 def key_tiles(
-    doc_ptr, stride_doc_kind, stride_doc_row, head, heads_per_row, start_m, offs_m, q_len, k_len,
-    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    doc_ptr, stride_doc_kind, stride_doc_row, head, heads_per_row, start_m, offs_m, q_len, k_len, window,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The key tiles query block ``start_m`` visits and how each is masked, for the forward and dQ kernels:
     (start, full_start, full_end, end, q_lo, q_hi).
@@ -138,7 +143,9 @@ def key_tiles(
         full_end = k_len // BLOCK_N * BLOCK_N
         end = k_len
     doc_ptr += (head // heads_per_row) * stride_doc_row  # every head of a batch row shares its documents
-    q_lo, q_hi = query_bounds(doc_ptr, stride_doc_kind, offs_m, q_len, k_len, causal_offset, CAUSAL, DOCUMENTS)
+    q_lo, q_hi = query_bounds(
+        doc_ptr, stride_doc_kind, offs_m, q_len, k_len, causal_offset, window, CAUSAL, DOCUMENTS, WINDOW
+    )
     if DOCUMENTS:
         start, full_start, full_end, end = document_key_range(
             doc_ptr, stride_doc_kind, start_m, q_len, causal_offset, full_end, end, CAUSAL, BLOCK_M, BLOCK_N
@@ -146,14 +153,41 @@ def key_tiles(
     else:
         start = 0
         full_start = 0
+    if WINDOW:
+        # Key tiles before the block's first query's window are never visited; those
+        # before its last query's window start are masked (the window's lower edge).
+        start = tl.maximum(start, tl.maximum(start_m + causal_offset - window + 1, 0) // BLOCK_N * BLOCK_N)
+        all_see = tl.maximum(start_m + BLOCK_M + causal_offset - window, 0)
+        full_start = tl.minimum(tl.maximum(full_start, (all_see + BLOCK_N - 1) // BLOCK_N * BLOCK_N), end)
+        full_end = tl.maximum(full_end, full_start)
     return start, full_start, full_end, end, q_lo, q_hi
 
 
 @triton.jit
-def scores(q, k, offs_n, qk_scale_log2, q_lo, q_hi, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr):
-    """scale * q k^T in log2 units, (BLOCK_M, BLOCK_N); with MASKED, keys outside each
-    query's [q_lo, q_hi] (see ``query_bounds``) are -inf."""
+def soft_cap(s, softcap_log2):
+    """Gemma 2's c tanh(s / c) with s and c both in log2 units (the ratio is unchanged);
+    tanh(x) = 1 - 2 / (e^2x + 1), which saturates to +-1 instead of overflowing."""
+    return softcap_log2 * (1.0 - 2.0 / (tl.exp2(s * (2.0 * LOG2E) / softcap_log2) + 1.0))
+
+
+@triton.jit
+def soft_cap_slope(s, softcap_log2):
+    """d(c tanh(x / c))/dx = 1 - tanh^2, from the capped score s; 0 where s is masked (-inf)."""
+    t = tl.where(s == float("-inf"), 0.0, s / softcap_log2)
+    return 1.0 - t * t
+
+
+@triton.jit
+def scores(
+    q, k, offs_n, qk_scale_log2, q_lo, q_hi, softcap_log2,
+    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """scale * q k^T in log2 units, (BLOCK_M, BLOCK_N), soft-capped with SOFTCAP; with MASKED,
+    keys outside each query's [q_lo, q_hi] (see ``query_bounds``) are -inf; DOCUMENTS (documents
+    or a window) checks q_lo too."""
     s = dot(q, tl.trans(k), None) * qk_scale_log2
+    if SOFTCAP:
+        s = soft_cap(s, softcap_log2)
     if MASKED:
         allowed = offs_n[None, :] <= q_hi[:, None]
         if DOCUMENTS:
@@ -170,8 +204,9 @@ def logsumexp_log2(lse):
 
 @triton.jit
 def query_range(
-    doc_ptr, stride_doc_kind, start_n, k_len, q_len, causal_offset,
-    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    doc_ptr, stride_doc_kind, start_n, k_len, q_len, causal_offset, window,
+    CAUSAL: tl.constexpr, DOCUMENTS: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The query tiles of key block ``start_n``, as (start, full_start, full_stop, stop): the
     tiles in [start, stop) see some of its keys, those in [full_start, full_stop) all of them.
@@ -205,5 +240,11 @@ def query_range(
     start = start // BLOCK_M * BLOCK_M
     if DOCUMENTS:
         full_stop = full_stop // BLOCK_M * BLOCK_M
+    if WINDOW:
+        # No query after start_n + BLOCK_N - 2 - causal_offset + window sees the block's last key;
+        # queries up to start_n - 1 - causal_offset + window see its first (and so all of it).
+        stop = tl.maximum(tl.minimum(stop, start_n + BLOCK_N - 1 - causal_offset + window), 0)
+        all_see = tl.maximum(start_n - causal_offset + window, 0) // BLOCK_M * BLOCK_M
+        full_stop = tl.maximum(tl.minimum(full_stop, all_see), start)
     full_start = tl.minimum((full_start + BLOCK_M - 1) // BLOCK_M * BLOCK_M, full_stop)
     return start, full_start, full_stop, stop

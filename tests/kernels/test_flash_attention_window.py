@@ -18,6 +18,7 @@ import torch
 from attention_reference import DEVICE, NAMES, attention_inputs, attention_reference, torch_attention_same_dtype
 from attention_reference import assert_each_within_torch_error, run_attention
 from helpers import assert_close
+from scratchlm.kernels.flash_attention import flash_attention_with_lse
 from scratchlm.kernels.flash_attention_tiled import flash_attention_tiled, flash_attention_tiled_with_lse
 
 
@@ -25,7 +26,7 @@ def _tiled_with_lse(q, k, v, causal=True, document_ids=None, window=None, softca
     return flash_attention_tiled_with_lse(q, k, v, causal, None, 8, 16, document_ids, window, softcap)
 
 
-WITH_LSE = {"tiled": _tiled_with_lse}
+WITH_LSE = {"triton": flash_attention_with_lse, "tiled": _tiled_with_lse}
 
 # (q shape, Nk, K/V heads, document lengths or None, window, softcap)
 CASES = {
