@@ -117,16 +117,6 @@ class MultiHeadSelfAttention(nn.Module):
         if theta is not None and max_seq_len is None:
             raise ValueError("max_seq_len=None with theta set: expected max_seq_len, the size of the RoPE tables")
         backends = resolve_kernels(kernels, device)
-        if window is not None and backends["attention"] == "triton":
-            raise ValueError(
-                f"sliding_window={window}: the Triton attention kernel has no sliding window yet; "
-                f"expected kernels with attention='reference' or 'torch' for this model"
-            )
-        if softcap is not None and backends["attention"] == "triton":
-            raise ValueError(
-                f"attention_softcap={softcap}: the Triton attention kernel has no soft-capping yet; "
-                f"expected kernels with attention='reference' or 'torch' for this model"
-            )
         self.d_model = d_model
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
