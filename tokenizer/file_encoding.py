@@ -61,7 +61,10 @@ def encode_file(
         raise FileNotFoundError(f"input_path {str(input_path)!r} is not a file")
     input_path = str(input_path)
     dtype = token_dtype(tokenizer.vocab_size)
-    if tokenizer.metaspace is None:
+    if tokenizer.lstrip_tokens or tokenizer.rstrip_tokens:
+        # The byte-range cuts do not know the whitespace these tokens take: one range, the whole file.
+        ranges = [(0, os.path.getsize(input_path))]
+    elif tokenizer.metaspace is None:
         ranges = safe_byte_ranges(input_path, _RANGE_BYTES, tokenizer.special_tokens, tokenizer.pretokenizer)
     else:
         ranges = _sentencepiece_ranges(tokenizer, input_path)

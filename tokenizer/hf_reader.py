@@ -42,7 +42,8 @@ tokenizer.json already says it). The rest is as for byte-level BPE:
 * ``decoder``: ``ByteLevel``.
 * ``added_tokens``: kept whole like special tokens, at their ids, special or
   not; an id must be the one HF itself gives the token when it loads the
-  file. ``lstrip``, ``rstrip`` and ``single_word`` must be false. HF splits
+  file. ``lstrip``/``rstrip`` load as ``lstrip_tokens``/``rstrip_tokens``;
+  ``single_word`` must be false. HF splits
   off the tokens with ``normalized`` false before those with it true; with no
   normalizer that differs from splitting all at once only where a token of
   one kind can overlap one of the other, which is refused. With NFC, every
@@ -131,9 +132,10 @@ def read_hf_tokenizer(path: str | os.PathLike) -> tuple[dict[int, bytes], list, 
         raise source.refuse("model.vocab", model.get("vocab"), "expected an object token -> id")
     added = _added_tokens(document.get("added_tokens", []), model["vocab"], normalizer, source)
     # Checked by _added_tokens: a list of objects. HF's decode skips only the special ones.
-    settings["nonspecial_tokens"] = tuple(
-        entry["content"] for entry in document.get("added_tokens", []) if not entry.get("special", False)
-    )
+    entries = document.get("added_tokens", [])
+    settings["nonspecial_tokens"] = tuple(entry["content"] for entry in entries if not entry.get("special", False))
+    settings["lstrip_tokens"] = tuple(entry["content"] for entry in entries if entry.get("lstrip"))
+    settings["rstrip_tokens"] = tuple(entry["content"] for entry in entries if entry.get("rstrip"))
     vocab = _vocab(model["vocab"], added, source, spelling)
     merges = _merges(model.get("merges"), source, spelling)
     template_bos, template_eos = _post_processor_bos(document.get("post_processor"), "post_processor", source)
@@ -317,9 +319,8 @@ def _added_tokens(entries: Any, model_vocab: dict, normalizer: str | None, sourc
             raise source.refuse(f"{field}.content", content, "expected a non-empty string")
         if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
             raise source.refuse(f"{field}.id", token_id, "expected a non-negative integer")
-        for option in ("lstrip", "rstrip", "single_word"):
-            if entry.get(option):
-                raise source.refuse(f"{field}.{option}", entry[option], f"({content!r}) only false is supported")
+        if entry.get("single_word"):
+            raise source.refuse(f"{field}.single_word", entry["single_word"], f"({content!r}) only false is supported")
         if content in added:
             hf_id = added[content]
         elif content in model_vocab:

@@ -5,7 +5,8 @@ text. Version 2 adds the pre-tokenizer preset, ``ignore_merges``, bos/eos and
 ``add_bos``, and special tokens with their exact ids; ``unk_id`` and
 ``fuse_unk`` appear only when set (what a byte missing from the vocabulary
 becomes), and so do ``normalizer`` (``"nfc"``), ``add_eos`` (true),
-``pad_id`` and ``nonspecial_tokens`` (non-empty). Version 3 is version 2
+``pad_id``, ``nonspecial_tokens``, ``lstrip_tokens`` and ``rstrip_tokens``
+(each when non-empty). Version 3 is version 2
 plus the SentencePiece settings ``metaspace``, ``metaspace_split``,
 ``byte_fallback`` and ``decoder``; it is written only for a tokenizer with
 ``metaspace`` set, so every byte-level tokenizer is still written as version 1 or 2. A tokenizer is written as
@@ -45,6 +46,8 @@ def tokenizer_document(
     add_eos: bool = False,
     pad_id: int | None = None,
     nonspecial_tokens: tuple[str, ...] = (),
+    lstrip_tokens: tuple[str, ...] = (),
+    rstrip_tokens: tuple[str, ...] = (),
     metaspace: str | None = None,
     metaspace_split: bool = False,
     byte_fallback: bool = False,
@@ -65,6 +68,8 @@ def tokenizer_document(
         and not add_eos
         and pad_id is None
         and not nonspecial_tokens
+        and not lstrip_tokens
+        and not rstrip_tokens
         and unk_id is None
         and not fuse_unk
         and normalizer is None
@@ -97,8 +102,11 @@ def tokenizer_document(
             document["add_eos"] = add_eos
         if pad_id is not None:
             document["pad_id"] = pad_id
-        if nonspecial_tokens:
-            document["nonspecial_tokens"] = list(nonspecial_tokens)
+        for key, tokens in (
+            ("nonspecial_tokens", nonspecial_tokens), ("lstrip_tokens", lstrip_tokens), ("rstrip_tokens", rstrip_tokens)
+        ):
+            if tokens:
+                document[key] = list(tokens)
         if metaspace is not None:
             document |= {
                 "metaspace": metaspace,
@@ -141,6 +149,8 @@ def tokenizer_arguments(document: Any, source: str) -> tuple[tuple, dict[str, An
             "add_eos": document.get("add_eos", False),
             "pad_token": document.get("pad_id"),
             "nonspecial_tokens": document.get("nonspecial_tokens", ()),
+            "lstrip_tokens": document.get("lstrip_tokens", ()),
+            "rstrip_tokens": document.get("rstrip_tokens", ()),
         }
         if version == 3:
             kwargs |= {key: document[key] for key in SENTENCEPIECE_KEYS}

@@ -53,6 +53,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import regex
 
 from scratchlm.tokenizer.apply_merges import merge_ids
 from scratchlm.tokenizer.merge_batch import MAX_ID, MAX_PIECE_BYTES, BatchMerger
@@ -78,6 +79,9 @@ _CACHE_MAX_ENTRIES = 1 << 17
 # 6% of a warm encode), hence the sample: at least _SAMPLE_MIN_MISSES of the
 # first _SAMPLE_PIECES must be missing.
 _BATCH_MIN_PIECES = 1 << 16
+# Unicode's White_Space characters: what HF's added tokens strip (Rust's
+# char::is_whitespace); Python's str.isspace also holds U+001C..U+001F, which HF keeps.
+_WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 _SAMPLE_PIECES = 1 << 12
 _SAMPLE_MIN_MISSES = 1 << 6
 # A batch pays for its fixed cost (a few ms of array set-up and rounds) from
@@ -139,6 +143,9 @@ class Tokenizer(TokenizerFiles):
     * ``nonspecial_tokens``: those of ``special_tokens`` that are added tokens
       HF marks ``special: false`` (GGUF: user-defined): kept whole like the
       others, but kept by ``decode(ids, skip_special_tokens=True)``.
+    * ``lstrip_tokens``, ``rstrip_tokens``: those of ``special_tokens`` that
+      take with them (and so drop) all the whitespace before / after them (HF's
+      added-token ``lstrip``/``rstrip``; whitespace as Unicode's White_Space).
     * ``unk_token`` (text or id, kept as ``unk_id``) and ``fuse_unk``: what a
       byte missing from the vocabulary becomes, as above (HF's BPE options of
       those names).
@@ -189,6 +196,8 @@ class Tokenizer(TokenizerFiles):
         add_eos: bool = False,
         pad_token: str | int | None = None,
         nonspecial_tokens: Sequence[str] = (),
+        lstrip_tokens: Sequence[str] = (),
+        rstrip_tokens: Sequence[str] = (),
         metaspace: str | None = None,
         metaspace_split: bool = False,
         byte_fallback: bool = False,
@@ -240,13 +249,14 @@ class Tokenizer(TokenizerFiles):
                     self._token_ids[encoded] = new_id
                 self.special_token_ids[token] = self._token_ids[encoded]
         self.special_tokens: list[str] = list(self.special_token_ids)
-        if isinstance(nonspecial_tokens, (str, bytes)) or not isinstance(nonspecial_tokens, Iterable):
-            raise ValueError(f"nonspecial_tokens must be a list of special_tokens' texts, got {nonspecial_tokens!r}")
-        self.nonspecial_tokens: tuple[str, ...] = tuple(dict.fromkeys(nonspecial_tokens))
-        for token in self.nonspecial_tokens:
-            if token not in self.special_token_ids:
-                raise ValueError(f"nonspecial_tokens holds {token!r}, which is not one of special_tokens")
-        self._special_regex = special_token_regex(self.special_tokens)
+        self.nonspecial_tokens: tuple[str, ...] = self._special_subset("nonspecial_tokens", nonspecial_tokens)
+        self.lstrip_tokens: tuple[str, ...] = self._special_subset("lstrip_tokens", lstrip_tokens)
+        self.rstrip_tokens: tuple[str, ...] = self._special_subset("rstrip_tokens", rstrip_tokens)
+        self._special_regex = (
+            special_token_regex(self.special_tokens)
+            if not (self.lstrip_tokens or self.rstrip_tokens)
+            else _stripping_special_regex(self.special_tokens, self.lstrip_tokens, self.rstrip_tokens)
+        )
 
         self._pretokenizer: PreTokenizer = get_pretokenizer(pretokenizer)
         if not isinstance(ignore_merges, bool):
@@ -289,6 +299,32 @@ class Tokenizer(TokenizerFiles):
 
         self._cache: dict[str, tuple[int, ...]] = {}
         self._batch_merger: BatchMerger | None = None  # built on first use (~20 ms for GPT-2)
+
+    def _special_subset(self, name: str, tokens: Sequence[str]) -> tuple[str, ...]:
+        """``tokens`` checked to be special tokens' texts, without repeats."""
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Iterable):
+            raise ValueError(f"{name} must be a list of special_tokens' texts, got {tokens!r}")
+        subset = tuple(dict.fromkeys(tokens))
+        for token in subset:
+            if token not in self.special_token_ids:
+                raise ValueError(f"{name} holds {token!r}, which is not one of special_tokens")
+        return subset
+
+    def _special_id(self, match: str) -> int:
+        """The id of a special-token match, which may hold the whitespace an lstrip/rstrip token takes with it."""
+        token_id = self.special_token_ids.get(match)
+        if token_id is not None:
+            return token_id
+        left = len(match) - len(match.lstrip(_WHITE_SPACE))
+        right = len(match) - len(match.rstrip(_WHITE_SPACE))
+        for start, end in ((left, len(match)), (0, len(match) - right), (left, len(match) - right)):
+            token = match[start:end]
+            stripped_as_flagged = (start == 0 or token in self.lstrip_tokens) and (
+                end == len(match) or token in self.rstrip_tokens
+            )
+            if token in self.special_token_ids and stripped_as_flagged:
+                return self.special_token_ids[token]
+        raise AssertionError(f"the special-token regex matched {match!r}, which is no special token")
 
     def _add_fixed_special_ids(self, special_tokens: Mapping[str, int]) -> dict[str, int]:
         """Check special tokens given as text -> id, adding to ``vocab`` the ids it lacks."""
@@ -455,7 +491,7 @@ class Tokenizer(TokenizerFiles):
         try:
             for index, part in enumerate(parts):
                 if index % 2:  # odd positions hold the special tokens themselves
-                    ids.append(self.special_token_ids[part])
+                    ids.append(self._special_id(part))
                 elif not part:
                     continue
                 elif sentencepiece is not None:
@@ -523,12 +559,32 @@ class Tokenizer(TokenizerFiles):
                 cut = last_safe_cut(text, self.special_tokens, search_from, self._pretokenizer)
             else:
                 cut = self._sentencepiece.last_stream_cut(text, self.special_tokens, search_from)
+            if cut and not self._cut_keeps_stripped_space(text, cut):
+                cut = 0  # a later round finds a later cut
             if cut == 0:
                 carried = text
                 continue
             yield from self._encode(text[:cut], continuing)
             carried, continuing = text[cut:], self._sentencepiece is not None
         yield from self._encode(carried + "".join(pending), continuing)
+
+    def _cut_keeps_stripped_space(self, text: str, cut: int) -> bool:
+        """Whether cutting ``text`` at ``cut`` leaves whole the whitespace an lstrip/rstrip token would take."""
+        if not (self.lstrip_tokens or self.rstrip_tokens):
+            return True
+        start = end = cut
+        while start > 0 and text[start - 1] in _WHITE_SPACE:
+            start -= 1
+        while end < len(text) and text[end] in _WHITE_SPACE:
+            end += 1
+        if start == end:
+            return True
+        if end == len(text):  # what follows the whitespace is not known yet
+            return False
+        return not (
+            any(text.startswith(token, end) for token in self.lstrip_tokens)
+            or any(text.endswith(token, 0, start) for token in self.rstrip_tokens)
+        )
 
     # ----------------------------------------------------------------- decode
 
@@ -619,3 +675,16 @@ class Tokenizer(TokenizerFiles):
             f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
             f"special_tokens={specials}{settings})"
         )
+
+
+def _stripping_special_regex(
+    special_tokens: Sequence[str], lstrip_tokens: Sequence[str], rstrip_tokens: Sequence[str]
+) -> regex.Pattern:
+    """:func:`special_token_regex` where an lstrip/rstrip token's match takes the whitespace before/after it."""
+    space = "[" + regex.escape(_WHITE_SPACE) + "]*"
+    ordered = sorted(set(special_tokens), key=lambda token: (-len(token), token))
+    alternatives = [
+        (space if token in lstrip_tokens else "") + regex.escape(token) + (space if token in rstrip_tokens else "")
+        for token in ordered
+    ]
+    return regex.compile("(" + "|".join(alternatives) + ")")

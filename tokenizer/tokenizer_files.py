@@ -49,6 +49,8 @@ class TokenizerFiles:
             "add_eos": self.add_eos,
             "pad_token": self.pad_id,
             "nonspecial_tokens": self.nonspecial_tokens,
+            "lstrip_tokens": self.lstrip_tokens,
+            "rstrip_tokens": self.rstrip_tokens,
         }
         return args, kwargs | self._sentencepiece_settings()
 
@@ -80,6 +82,8 @@ class TokenizerFiles:
             add_eos=self.add_eos,
             pad_id=self.pad_id,
             nonspecial_tokens=self.nonspecial_tokens,
+            lstrip_tokens=self.lstrip_tokens,
+            rstrip_tokens=self.rstrip_tokens,
             **self._sentencepiece_settings(),
         )
 
@@ -226,4 +230,6 @@ class TokenizerFiles:
             "fuse_unk": self.fuse_unk,
             "normalizer": self.normalizer,
             "nonspecial_tokens": self.nonspecial_tokens,
+            "lstrip_tokens": self.lstrip_tokens,
+            "rstrip_tokens": self.rstrip_tokens,
         } | self._sentencepiece_settings()

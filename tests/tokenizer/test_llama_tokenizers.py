@@ -187,9 +187,9 @@ def test_refused_fields_are_named_with_their_values(tmp_path, hf_folders, field,
 
 def test_refused_added_tokens_and_templates(tmp_path, hf_folders):
     def strip(document):
-        document["added_tokens"][2]["lstrip"] = True
+        document["added_tokens"][2]["single_word"] = True
 
-    with pytest.raises(ValueError, match=r"added_tokens\[2\]\.lstrip is True; \('<\|user\|>'\) only false"):
+    with pytest.raises(ValueError, match=r"added_tokens\[2\]\.single_word is True; \('<\|user\|>'\) only false"):
         Tokenizer.from_hf(edited_folder(tmp_path / "a", hf_folders["gpt2"], strip))
 
     def renumber(document):

@@ -348,7 +348,7 @@ def test_unsupported_files_are_refused_by_field(folders, tmp_path):
     refused(lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), r"pre_tokenizer is .*expected null")
     refused(lambda d: d.update(decoder={"type": "WordPiece"}), r"decoder is .*ByteFallback")
     refused(lambda d: d["added_tokens"][1].update(normalized=True), r"added_tokens\[1\]\.normalized")
-    refused(lambda d: d["added_tokens"][1].update(lstrip=True), r"added_tokens\[1\]\.lstrip")
+    refused(lambda d: d["added_tokens"][1].update(single_word=True), r"added_tokens\[1\]\.single_word")
     refused(
         lambda d: (d.update(normalizer=None), d.update(pre_tokenizer={"type": "Metaspace", "replacement": "_"})),
         r"pre_tokenizer\.replacement",

@@ -122,3 +122,73 @@ def test_skip_special_tokens_decodes_as_hf(hf_folders, hf_tokenizers, ours, styl
         assert ids == hf.encode(text, add_special_tokens=False).ids
         for skip in (False, True):
             assert tokenizer.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+# ------------------------------------------------------------ lstrip/rstrip
+
+STRIP_TEXTS = [
+    "a  <mask>  b", "x\n\t<mask>y", "a [INST] \n b", "a\u3000<mask>", "a\x1c<mask> b", "[INST] <mask>",
+    f"a [INST]  <mask> b{EOS}  c", "<mask>", "  [INST]", "q [INST]", "no specials here  ", SYNTHETIC[:300] + " <mask> ",
+]
+
+
+@pytest.fixture(scope="module")
+def strip_folder(hf_folders, tmp_path_factory):
+    """The llama3 folder plus an lstrip token (RoBERTa-style ``<mask>``) and an rstrip one (Mistral-style)."""
+    folder = tmp_path_factory.mktemp("strip") / "folder"
+    shutil.copytree(hf_folders["llama3"], folder)
+    hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf.add_special_tokens([
+        tokenizers.AddedToken("<mask>", lstrip=True, normalized=False, special=True),
+        tokenizers.AddedToken("[INST]", rstrip=True, normalized=False, special=True),
+    ])
+    hf.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_lstrip_and_rstrip_tokens_give_hfs_ids(strip_folder, tmp_path, monkeypatch):
+    from scratchlm.tokenizer import encode_file, read_token_file
+    from scratchlm.tokenizer import tokenizer as tokenizer_module
+
+    hf = tokenizers.Tokenizer.from_file(str(strip_folder / "tokenizer.json"))
+    ours = Tokenizer.from_hf(strip_folder)
+    assert (ours.lstrip_tokens, ours.rstrip_tokens) == (("<mask>",), ("[INST]",))
+    for text in STRIP_TEXTS:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+    # Streams cut nowhere inside the whitespace a token takes, whatever the window.
+    whole = "".join(STRIP_TEXTS) * 3
+    expected = hf.encode(whole, add_special_tokens=False).ids
+    monkeypatch.setattr(tokenizer_module, "_STREAM_MIN_CHARS", 7)
+    assert list(ours.encode_iterable(whole[i:i + 5] for i in range(0, len(whole), 5))) == expected
+    (tmp_path / "in.txt").write_text(whole, encoding="utf-8")
+    encode_file(ours, tmp_path / "in.txt", tmp_path / "out.npy")
+    assert read_token_file(tmp_path / "out.npy").tolist() == expected
+    # Saved and exported, the flags stay.
+    assert Tokenizer.load(ours.save(tmp_path / "t.json")).encode(whole) == expected
+    exported = tokenizers.Tokenizer.from_file(str(ours.save_hf(tmp_path / "tokenizer.json")))
+    assert exported.encode(whole, add_special_tokens=False).ids == expected
+
+
+def test_strip_token_lists_must_name_special_tokens():
+    vocab = {i: bytes([i]) for i in range(256)}
+    with pytest.raises(ValueError, match="lstrip_tokens holds '<x>', which is not one of special_tokens"):
+        Tokenizer(vocab, [], ["<y>"], lstrip_tokens=["<x>"])
+    with pytest.raises(ValueError, match="rstrip_tokens must be a list of special_tokens' texts, got '<y>'"):
+        Tokenizer(vocab, [], ["<y>"], rstrip_tokens="<y>")
+
+
+@pytest.mark.parametrize("form", ["llama2-legacy", "metaspace-first", "gemma"])
+def test_strip_tokens_in_sentencepiece_files_give_hfs_ids(tmp_path, form):
+    import sentencepiece_files
+
+    hf = sentencepiece_files.build_hf(*sentencepiece_files.train_vocab(sentencepiece_files.SYNTHETIC), form)
+    hf.add_special_tokens([
+        tokenizers.AddedToken("<mask>", lstrip=True, normalized=False, special=True),
+        tokenizers.AddedToken("[INST]", rstrip=True, normalized=False, special=True),
+    ])
+    ours = Tokenizer.from_hf(sentencepiece_files.write_folder(hf, tmp_path / form))
+    for text in STRIP_TEXTS:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+        ids = hf.encode(text, add_special_tokens=False).ids
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), text
