@@ -47,6 +47,7 @@ setup(
             "transformers",
             # transformers reads GGUF files (the independent check of our GGUF reader) only with accelerate.
             "accelerate",
+            "sentencepiece",  # the SentencePiece-style tokenizers are cross-checked against the real library
         ],
         # `make bench` draws its plot with matplotlib (skipped with a note without it);
         # bench_tokenizer.py compares training with Hugging Face's tokenizers.
