@@ -108,3 +108,28 @@ def test_gguf_written_as_llama_cpp_writes_it_gives_sentencepieces_ids(trained):
         if ours.encode(text) != expected:
             differ.append((text, ours.encode(text), expected))
     assert not differ, f"{name}: {differ[:3]}"
+
+
+def test_tokenizer_json_converted_as_transformers_converts_gives_sentencepieces_ids(trained, tmp_path):
+    """The route of transformers' LlamaConverter: its SentencePieceExtractor's vocab and merges, Llama 2's form."""
+    import sentencepiece_files
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    name, processor, proto = trained
+    (tmp_path / "t.model").write_bytes(proto.SerializeToString())
+    extracted = SentencePieceExtractor(str(tmp_path / "t.model")).extract(BPE)
+    form = "llama2-legacy" if proto.normalizer_spec.add_dummy_prefix else "gemma"
+    hf = sentencepiece_files.build_hf(
+        extracted["vocab"], [list(pair) for pair in extracted["merges"]], form,
+        byte_fallback=proto.trainer_spec.byte_fallback,
+    )
+    # User-defined symbols are added tokens that are not special, as the extractor marks them.
+    hf.add_tokens([token for token in extracted["additional_special_tokens"] if not token.special])
+    ours = Tokenizer.from_hf(sentencepiece_files.write_folder(hf, tmp_path / "folder"))
+    symbols = CONFIGS[name].get("user_defined_symbols", [])
+    for text in TEXTS:
+        theirs = hf.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text) == theirs, text
+        if not any(symbol in text for symbol in symbols):
+            assert theirs == processor.encode(text), text
