@@ -9,8 +9,8 @@ here and apply it; the model itself stays one ``TransformerLM`` whose
     qwen2    qwen2          qwen2                   qkv_bias; sliding windows on the upper layers
     qwen3    qwen3          qwen3                   qk_norm, head_dim; windows as Qwen2
     mistral  mistral        llama (as llama.cpp)    sliding_window on every layer, head_dim
-    gemma2   gemma2         (not read yet)          the Gemma fields below; sliding/full layers alternate
-    gemma3   gemma3_text    (not read yet)          the Gemma fields, qk_norm, local_rope_theta; 5 sliding : 1 full
+    gemma2   gemma2         gemma2                  the Gemma fields below; sliding/full layers alternate
+    gemma3   gemma3_text    gemma3                  the Gemma fields, qk_norm, local_rope_theta; 5 sliding : 1 full
 
 Gemma 2 and 3 (transformers' Gemma2Config, Gemma3TextConfig) set the same
 fields: norm_offset 1 (RMSNorm by 1 + w), post_norms, mlp_activation
@@ -227,11 +227,11 @@ FAMILIES: dict[str, Family] = {
         "mistral", "MistralForCausalLM", "llama", False, False, False, _mistral_window, _mistral_window_fields
     ),
     "gemma2": Family(
-        "gemma2", "Gemma2ForCausalLM", "gemma2", False, False, False, _gemma_window(2), _gemma_window_fields,
+        "gemma2", "Gemma2ForCausalLM", "gemma2", True, False, False, _gemma_window(2), _gemma_window_fields,
         _gemma_fields, _gemma_field_values, "gelu_pytorch_tanh",
     ),  # fmt: skip
     "gemma3_text": Family(
-        "gemma3_text", "Gemma3ForCausalLM", "gemma3", False, False, True, _gemma_window(6), _gemma_window_fields,
+        "gemma3_text", "Gemma3ForCausalLM", "gemma3", True, False, True, _gemma_window(6), _gemma_window_fields,
         _gemma_fields, _gemma_field_values, "gelu_pytorch_tanh", local_rope=True,
     ),  # fmt: skip
 }
@@ -246,13 +246,14 @@ REFUSED_MODEL_TYPES = {
 }
 
 # GGUF general.architecture -> family (Mistral is written as "llama", so it reads as Llama).
-GGUF_FAMILIES = {"llama": FAMILIES["llama"], "qwen2": FAMILIES["qwen2"], "qwen3": FAMILIES["qwen3"]}
+GGUF_FAMILIES = {
+    "llama": FAMILIES["llama"], "qwen2": FAMILIES["qwen2"], "qwen3": FAMILIES["qwen3"],
+    "gemma2": FAMILIES["gemma2"], "gemma3": FAMILIES["gemma3_text"],
+}  # fmt: skip
 REFUSED_GGUF_ARCHITECTURES = {
     "qwen2moe": REFUSED_MODEL_TYPES["qwen2_moe"],
     "qwen3moe": REFUSED_MODEL_TYPES["qwen3_moe"],
     "gemma": REFUSED_MODEL_TYPES["gemma"],
-    "gemma2": "not supported from GGUF yet (the Hugging Face folder is)",
-    "gemma3": "not supported from GGUF yet (the Hugging Face folder is)",
 }
 
 

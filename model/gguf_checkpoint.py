@@ -1,4 +1,4 @@
-"""Reading a llama.cpp GGUF file of architecture "llama" (Llama, Mistral), "qwen2" or "qwen3".
+"""Reading a llama.cpp GGUF file of architecture "llama" (Llama, Mistral), "qwen2", "qwen3", "gemma2" or "gemma3".
 
 A GGUF file is a header of typed key/value metadata (hyper-parameters under
 ``{architecture}.*``, the tokenizer under ``tokenizer.ggml.*``), a table of tensors
@@ -23,6 +23,14 @@ Layout facts (checked by tests against transformers' own GGUF loader):
   attn_output / ffn_norm / ffn_gate / ffn_up / ffn_down, output_norm,
   output (absent when tied to token_embd), rope_freqs (Llama 3.1 scaling,
   see :mod:`scratchlm.model.gguf_rope`).
+- Gemma 2/3 ("gemma2", "gemma3"; NeoX RoPE, rows in HF order): every
+  ``*norm.weight`` is stored as 1 + w (read back as w), post_attention_norm
+  and post_ffw_norm follow attention and the MLP, ffn_norm is HF's
+  pre_feedforward_layernorm; output is absent (tied). What the converter
+  does not write is fixed in llama.cpp's code, and read so here: the
+  sliding/full pattern (2, 6), Gemma 3's local RoPE base (10000) and the
+  attention scale (head_dim ** -0.5, or (d_model / heads) ** -0.5 for the
+  27B models). Soft-caps, the window and Gemma 3's linear scaling are keys.
 
 Memory: pages of the mapping that were read stay in the resident set while
 it is open, so each tensor's pages are given back (madvise DONTNEED) once
@@ -76,6 +84,9 @@ GGUF_LAYER_NAMES = {
     "attn_v.bias": "attn.v_proj.bias",
     "attn_q_norm.weight": "attn.q_norm.weight",
     "attn_k_norm.weight": "attn.k_norm.weight",
+    # Gemma 2/3's norms after attention and after the MLP (their ffn_norm is pre_feedforward_layernorm).
+    "post_attention_norm.weight": "post_attn_norm.weight",
+    "post_ffw_norm.weight": "post_ffn_norm.weight",
 }
 GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "token_embeddings.weight",
@@ -194,11 +205,13 @@ def _config(meta: _Metadata, tensors: dict[str, Any], source: str) -> ModelConfi
     experts = meta.number(f"{arch}.expert_count", required=False, default=0)
     if experts:
         raise PretrainedFormatError(f"{source} has {arch}.expert_count={experts}; expected 0 (a dense model)")
+    gemma = family.name in _GEMMA_PATTERNS
     scaling_type = meta.get(f"{arch}.rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        raise PretrainedFormatError(f"{source} has {arch}.rope.scaling.type={scaling_type!r}; expected none")
+    if scaling_type not in (None, "none") and not (gemma and scaling_type == "linear"):
+        expected = "none or linear" if gemma else "none"
+        raise PretrainedFormatError(f"{source} has {arch}.rope.scaling.type={scaling_type!r}; expected {expected}")
     window = meta.get(f"{arch}.attention.sliding_window")
-    if window is not None:
+    if window is not None and not gemma:
         # llama.cpp's converter writes none for these architectures (its llama/qwen2/qwen3 attend fully).
         raise PretrainedFormatError(
             f"{source} has {arch}.attention.sliding_window={window!r}; expected none for architecture {arch!r}"
@@ -238,6 +251,11 @@ def _config(meta: _Metadata, tensors: dict[str, Any], source: str) -> ModelConfi
             rope_scaling = llama3_scaling_from_factors(factors, theta, head_dim, original, source)
         except ValueError as e:
             raise PretrainedFormatError(str(e)) from e
+    extra: dict[str, Any] = {}
+    if gemma:
+        extra = _gemma_config_fields(meta, family, d_model, heads, head_dim, source)
+        if scaling_type == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": meta.number(f"{arch}.rope.scaling.factor", integer=False)}
     try:
         return ModelConfig(
             vocab_size=vocab,
@@ -254,9 +272,46 @@ def _config(meta: _Metadata, tensors: dict[str, Any], source: str) -> ModelConfi
             head_dim=head_dim,
             qkv_bias=family.qkv_bias,
             qk_norm=family.qk_norm,
+            **extra,
         )
     except ValueError as e:
         raise PretrainedFormatError(f"{source}: {e}") from e
+
+
+# family -> how many layers make one sliding/full round in llama.cpp (its set_swa_pattern: the last of each
+# round attends fully), which its Gemma converters do not write: Gemma 2 alternates, Gemma 3 is 5 : 1.
+_GEMMA_PATTERNS = {"gemma2": 2, "gemma3_text": 6}
+# llama.cpp's own base for Gemma 3's sliding layers (rope_freq_base_train_swa); the file states only the global one.
+_GEMMA3_LOCAL_ROPE_THETA = 10000.0
+# llama.cpp takes the 27B models' attention scale from d_model / heads, the others' from the head dimension; it
+# tells them by depth (Gemma 2 27B: 46 layers, Gemma 3 27B: 62), since the converter writes no query_pre_attn_scalar.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
+def _gemma_config_fields(
+    meta: _Metadata, family: Family, d_model: int, heads: int, head_dim: int, source: str
+) -> dict[str, Any]:
+    """Gemma 2/3's ModelConfig fields from what llama.cpp writes and what it fixes in its code."""
+    arch = family.gguf_architecture
+    layers = meta.number(f"{arch}.block_count")
+    scalar = d_model // heads if layers == _GEMMA_27B_LAYERS[family.name] else head_dim
+    values = {
+        "hidden_size": d_model,
+        "query_pre_attn_scalar": scalar,
+        "attn_logit_softcapping": meta.number(f"{arch}.attn_logit_softcapping", required=False, integer=False),
+        "final_logit_softcapping": meta.number(f"{arch}.final_logit_softcapping", required=False, integer=False),
+        "sliding_window": meta.number(f"{arch}.attention.sliding_window", required=False),
+        "sliding_window_pattern": _GEMMA_PATTERNS[family.name],
+    }
+    try:
+        fields = family.read_fields(values, source)
+        window, window_layers = family.read_window(values, layers, source)
+    except FamilyError as e:
+        raise PretrainedFormatError(str(e)) from e
+    fields.update(sliding_window=window, sliding_window_layers=window_layers)
+    if family.local_rope:
+        fields["local_rope_theta"] = _GEMMA3_LOCAL_ROPE_THETA
+    return fields
 
 
 def _tensor_values(tensor: Any) -> torch.Tensor:
@@ -366,6 +421,9 @@ def read_gguf_file(
     filler = WeightFiller(model, source)
     for ours, (name, _) in plan.items():
         values = _tensor_values(tensors[name])
+        if config.norm_offset and name.endswith("norm.weight"):
+            # llama.cpp's Gemma converters store every norm weight plus 1 (the scale itself); ours is w of (1 + w).
+            values = values.float() - config.norm_offset
         heads = rotary_row_heads(ours, config) if rows_in_hf_order else None
         if heads is not None:
             values = half_split_to_adjacent_rows(values, heads)

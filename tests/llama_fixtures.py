@@ -188,15 +188,27 @@ _GGUF_NAMES = {
     "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
 
+# Gemma 2/3 (tensor_mapping.py): HF's post_attention_layernorm follows attention there.
+_GEMMA_GGUF_NAMES = {
+    **_GGUF_NAMES,
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+
 # HF model_type -> the GGUF architecture llama.cpp's converter writes (Mistral goes out as "llama").
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHITECTURES = {
+    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+}  # fmt: skip
 
 
-def gguf_name(hf_name: str) -> str:
-    if hf_name in _GGUF_NAMES:
-        return _GGUF_NAMES[hf_name]
+def gguf_name(hf_name: str, gemma: bool = False) -> str:
+    names = _GEMMA_GGUF_NAMES if gemma else _GGUF_NAMES
+    if hf_name in names:
+        return names[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
-    return f"blk.{layer}.{_GGUF_NAMES[rest]}"
+    return f"blk.{layer}.{names[rest]}"
 
 
 def add_tokenizer_metadata(writer, tokenizer: Tokenizer) -> None:
@@ -227,14 +239,15 @@ def add_tokenizer_metadata(writer, tokenizer: Tokenizer) -> None:
 
 def write_gguf(model, path: Path, qtype: str = "F32", *, tokenizer: Tokenizer | None = TOKENIZER,
                extra_metadata=None, skip=(), extra_tensors=None) -> Path:  # fmt: skip
-    """``model`` (a transformers Llama, Mistral, Qwen2 or Qwen3 model) as a llama.cpp GGUF file.
+    """``model`` (a transformers Llama, Mistral, Qwen2, Qwen3, Gemma 2 or Gemma 3 text model) as a llama.cpp GGUF file.
 
     As convert_hf_to_gguf.py writes them: Llama and Mistral as architecture
     "llama" with q/k rows permuted to Meta's pairs (LlamaModel), no sliding
     window key, rope.dimension_count; Qwen2 and Qwen3 as "qwen2"/"qwen3"
     (Qwen2Model, Qwen3Model) with rows in HF order, biases and q/k norms under
     their own names, and key_length/value_length when config.json states
-    head_dim (TextModel). ``qtype`` is the ggml type of every matrix ("F32", "F16", "BF16", "Q8_0",
+    head_dim (TextModel); Gemma 2/3 with every norm weight plus 1, the window,
+    Gemma 2's caps and Gemma 3's linear scaling (Gemma2Model, Gemma3Model). ``qtype`` is the ggml type of every matrix ("F32", "F16", "BF16", "Q8_0",
     "Q4_0", ...); 1-D norms stay F32 as llama.cpp keeps them. ``skip`` leaves
     tensors out; ``extra_tensors`` {name: float32 array or (raw bytes, ggml type)} are added;
     ``extra_metadata`` {key: value} overrides or adds llama.* keys.
@@ -253,13 +266,24 @@ def write_gguf(model, path: Path, qtype: str = "F32", *, tokenizer: Tokenizer | 
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if architecture == "llama":
         writer.add_rope_dimension_count(head_dim)
-    if config.model_type in ("qwen3", "mistral"):  # their configs state head_dim
+    gemma = config.model_type in ("gemma2", "gemma3_text")
+    if config.model_type in ("qwen3", "mistral") or gemma:  # their configs state head_dim
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if gemma:  # Gemma2Model / Gemma3Model: the window and the caps; the sliding layers' base is not written
+        writer.add_sliding_window(config.sliding_window)
+        if config.model_type == "gemma2":
+            writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        else:
+            rope = config.rope_parameters["full_attention"]
+            if rope.get("rope_type") == "linear":
+                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                writer.add_rope_scaling_factor(rope["factor"])
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for key, value in (extra_metadata or {}).items():
@@ -278,10 +302,12 @@ def write_gguf(model, path: Path, qtype: str = "F32", *, tokenizer: Tokenizer | 
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        name = gguf_name(hf_name)
+        name = gguf_name(hf_name, gemma)
         if name in skip:
             continue
         data = tensor.detach().float().numpy()
+        if gemma and name.endswith("norm.weight"):
+            data = data + 1  # the converters' norm_shift: llama.cpp multiplies by the stored weight
         if architecture == "llama" and name.endswith("attn_q.weight"):
             data = llama_cpp_permute(data, config.num_attention_heads)
         elif architecture == "llama" and name.endswith("attn_k.weight"):
