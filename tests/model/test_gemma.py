@@ -98,13 +98,12 @@ def test_logits_match_transformers(folders, variant, backend):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_triton_kernels_beside_torch_attention(folders, variant):
-    """The offset norm, GeGLU, RoPE and the capped loss through the Triton kernels (the interpreter here);
-    attention on the torch backend (the Triton attention kernel has no window or softcap yet)."""
+def test_triton_logits_and_loss(folders, variant):
+    """Every op on Triton (the interpreter here): the offset norm, GeGLU, RoPE, the windowed and soft-capped
+    attention and the capped loss; 20 tokens run past the window of 8."""
     hf, folder = folders[variant]
-    kernels = {"rmsnorm": "triton", "geglu": "triton", "rope": "triton", "attention": "torch",
-               "linear_cross_entropy": "triton"}  # fmt: skip
-    model, _ = load_pretrained(folder, kernels=kernels, device="cpu", tokenizer=False)
+    model, _ = load_pretrained(folder, kernels="triton", device="cpu", tokenizer=False)
+    assert set(model.backends.values()) == {"triton"}
     ids = token_ids(seq=20, batch=1)
     assert_close(logits(model, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name=f"{variant} triton")
     targets = token_ids(seq=20, batch=1).roll(1, dims=-1)
@@ -191,13 +190,3 @@ def test_linear_rope_scaling_on_a_llama_matches_transformers(tmp_path):
     assert model.config.rope_scaling == {"rope_type": "linear", "factor": 2.5}
     ids = token_ids()
     assert_close(logits(model, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name="llama linear rope")
-
-
-def test_triton_attention_refuses_soft_capping_at_construction():
-    from scratchlm.model import ModelConfig, TransformerLM
-
-    config = ModelConfig(vocab_size=32, context_length=16, d_model=32, num_layers=1, num_heads=2, d_ff=32,
-                         attention_softcap=3.0)  # fmt: skip
-    with pytest.raises(ValueError, match="attention_softcap=3.0: the Triton attention kernel has no soft-capping"):
-        TransformerLM(config, kernels="triton", device="cpu")
-    TransformerLM(config, kernels={"attention": "torch", "rmsnorm": "triton"}, device="cpu")  # accepted
