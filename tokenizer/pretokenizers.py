@@ -100,6 +100,16 @@ QWEN2_PRETOKENIZE_PATTERN = (
 # piece of its own (a Split on \p{N}, "Isolated").
 DIGITS_PATTERN = r"\p{N}"
 
+# Mistral's "tekken" (Mistral Nemo, Pixtral, Ministral: tokenizer.json's Split
+# pattern; llama.cpp's tekken): Llama 3's shape without contractions, letter
+# runs cut at case changes (camelCase -> "camel", "Case"), marks kept with
+# letters, single digits, and a slash kept after a symbol run's line breaks.
+TEKKEN_PRETOKENIZE_PATTERN = (
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
+    r"""|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
+    r"""|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
 # Digits, then GPT-2's regex on each stretch between digits (SmolLM,
 # StarCoder), found in one pass. GPT-2's alternatives never consume a digit
 # once ` ?\p{N}+` is gone, so no match can cross a digit, and a digit is
@@ -162,6 +172,14 @@ _GPT2_DIGITS_PATTERN_FUSED = (
 # by a space or a line break), so at and after a cut it is found the same
 # way in both halves, and `\p{N}` versus `\p{N}{1,3}` only changes how a
 # digit run is cut inside, where no rule cuts (digits are not whitespace).
+#
+# Tekken takes Llama 3's rules, with rule (b) not cutting before "/": a
+# symbol run's `[\r\n/]*` takes a slash right after its line breaks
+# (".\n/" is one piece). Otherwise the argument is Llama 3's: every letter
+# alternative is led by at most one non-letter, non-digit character other
+# than CR/LF and then needs a letter or mark, so none starts inside a
+# whitespace run before its last character; a letter run's case split falls
+# between letters, never at whitespace; digits are single, as in Qwen2.
 #
 # Digits then GPT-2: text[p] is whitespace and text[p+1] is neither
 # whitespace nor a digit. That is GPT-2's rule inside one stretch between
@@ -237,6 +255,16 @@ PRETOKENIZERS: dict[str, PreTokenizer] = {
             QWEN2_PRETOKENIZE_PATTERN,
             r"[^\S\r\n](?=\S)|(?<=[\r\n])\S",
             rb"[\t\x0b\x0c ](?=[\x21-\x7e])|(?<=[\r\n])(?:[\x21-\x7e\xc3-\xdf\xe4-\xf4]|\xe3[\x81-\xbf])",
+            chars_before=1,
+        ),
+        _preset(
+            "tekken",
+            "Mistral's tekken regex (HF Split, then ByteLevel without a regex; Mistral Nemo, Pixtral; llama.cpp's "
+            "tekken)",
+            [TEKKEN_PRETOKENIZE_PATTERN],
+            TEKKEN_PRETOKENIZE_PATTERN,
+            r"[^\S\r\n](?=\S)|(?<=[\r\n])[^\s/]",
+            rb"[\t\x0b\x0c ](?=[\x21-\x7e])|(?<=[\r\n])(?:[\x21-\x2e\x30-\x7e\xc3-\xdf\xe4-\xf4]|\xe3[\x81-\xbf])",
             chars_before=1,
         ),
         _preset(

@@ -69,11 +69,11 @@ def hf_pieces(hf_tokenizer, text: str) -> list[str]:
 
 
 def test_presets_and_lookup():
-    assert PRESETS == ["gpt2", "gpt2-digits", "llama3", "qwen2"]
+    assert PRESETS == ["gpt2", "gpt2-digits", "llama3", "qwen2", "tekken"]
     assert get_pretokenizer("llama3") is PRETOKENIZERS["llama3"]
     assert find_pretokenizer(PRETOKENIZERS["gpt2-digits"].splits).name == "gpt2-digits"
     assert find_pretokenizer(["x"]) is None
-    with pytest.raises(ValueError, match=r"pretokenizer must be one of \['gpt2', 'gpt2-digits', 'llama3', 'qwen2'\], got 'bert'"):
+    with pytest.raises(ValueError, match=r"pretokenizer must be one of \['gpt2', 'gpt2-digits', 'llama3', 'qwen2', 'tekken'\], got 'bert'"):
         get_pretokenizer("bert")
 
 
