@@ -36,6 +36,8 @@ CASES = {
     "window-and-cap-cache": ((1, 2, 9, 64), 41, None, None, 16, 3.0),
     "gqa-documents": ((2, 4, 35, 32), 35, 2, [10, 17, 8], 7, 2.0),
     "more-queries-than-keys": ((1, 1, 30, 32), 19, None, None, 23, None),
+    "head-dim-128": ((1, 2, 19, 128), 19, 1, None, 6, 2.5),
+    "head-dim-256": ((1, 1, 18, 256), 21, None, None, 9, 4.0),
 }
 
 
