@@ -480,3 +480,93 @@ def bench_attention_documents(benchmark, provider: str, shape: tuple[int, int, i
             **fields,
         },
     )
+
+
+# Sliding-window attention (Mistral, Gemma): (batch, heads, N, head_dim, window), batch x N = TOKENS.
+WINDOW_SHAPES = pick_shapes(full=[(1, 16, 16384, 128, 4096)], smoke=[(1, 2, 256, 64, 64)])
+WINDOW_PROVIDERS = ("flex_window", "triton_causal_full", "triton_window")
+
+
+def window_pairs(n: int, window: int) -> int:
+    """(query, key) pairs a causal window of ``window`` keys leaves in one N-token row."""
+    return sum(min(i + 1, window) for i in range(n))
+
+
+def window_provider(provider: str, n: int, window: int) -> tuple[Callable[..., torch.Tensor], str]:
+    """op(q, k, v) and the row's note; skips with the reason where the provider cannot run."""
+    if provider in ("triton_window", "triton_causal_full"):
+        require_provider("triton")
+        flash_attention = import_kernel("flash_attention", "flash_attention")
+        if provider == "triton_causal_full":
+            return lambda q, k, v: flash_attention(q, k, v, causal=True), "full causal: every causal pair"
+        note = f"window={window}: key tiles outside every query's window are skipped"
+        return lambda q, k, v: flash_attention(q, k, v, causal=True, window=window), note
+    if not ON_CUDA:
+        pytest.skip("flex_window: no CUDA device; compiled FlexAttention would time Inductor's CPU code")
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        pytest.skip(f"flex_window: torch {torch.__version__} has no torch.nn.attention.flex_attention")
+
+    def sliding_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    block_mask = create_block_mask(sliding_causal, None, None, n, n, device=DEVICE)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    note = f"torch.compile(flex_attention) with the causal window-{window} mask_mod, BlockMask built once"
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask), note
+
+
+@pytest.mark.parametrize("shape", WINDOW_SHAPES, ids=lambda s: f"{shape_id(s[:4])}-w{s[4]}")
+@pytest.mark.parametrize("provider", WINDOW_PROVIDERS)
+def bench_attention_window(benchmark, provider: str, shape: tuple[int, int, int, int, int]) -> None:
+    batch, heads, n, head_dim, window = shape
+    op, note = window_provider(provider, n, window)
+    dtype = dtype_under_test()
+    q, k, v = (
+        torch.randn(batch, heads, n, head_dim, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3)
+    )
+    step = forward_backward_step(op, (q, k, v), (q, k, v), (torch.randn_like(q),))
+    run_or_skip(provider, step)
+    pairs = batch * window_pairs(n, window)
+    measure(
+        benchmark,
+        step,
+        op="attention_window",
+        provider=provider,
+        mode="fwd_bwd",
+        shape=shape,
+        shape_label=f"{batch} x {heads} x {n} x {head_dim}, window {window}",
+        flops=document_attention_flops(heads, head_dim, pairs, "fwd_bwd"),
+        dtype=dtype,
+        note=note,
+        extra={"batch": batch, "heads": heads, "seq_len": n, "head_dim": head_dim, "window": window,
+               "visible_pairs": pairs},  # fmt: skip
+    )
+
+
+# Head dim 256 (Gemma): the forward against PyTorch's FlashAttention-2 backend.
+HEAD_DIM_256_SHAPES = pick_shapes(full=[(4, 8, 4096, 256)], smoke=[(1, 2, 128, 256)])
+
+
+@pytest.mark.parametrize("shape", HEAD_DIM_256_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("provider", ("sdpa_flash_256", "triton_256"))
+def bench_attention_head_dim_256(benchmark, provider: str, shape: tuple[int, int, int, int]) -> None:
+    batch, heads, n, head_dim = shape
+    op = attention_provider("sdpa_flash" if provider == "sdpa_flash_256" else "triton", shape)
+    dtype = dtype_under_test()
+    q, k, v = (torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(3))
+    step = forward_step(op, (q, k, v))
+    run_or_skip("sdpa_flash" if provider == "sdpa_flash_256" else provider, step)
+    measure(
+        benchmark,
+        step,
+        op="attention_head_dim_256",
+        provider=provider,
+        mode="fwd",
+        shape=shape,
+        shape_label=f"{batch} x {heads} x {n} x {head_dim}",
+        flops=attention_flops(batch, heads, n, head_dim, "fwd"),
+        dtype=dtype,
+        extra={"batch": batch, "heads": heads, "seq_len": n, "head_dim": head_dim, "causal": True},
+    )
