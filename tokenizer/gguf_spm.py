@@ -253,7 +253,9 @@ def gguf_spm_arguments(
         text: token_id for token_id, (text, token_type) in enumerate(zip(tokens, types))
         if token_type in KEPT_WHOLE_TYPES
     }
-    merges = [(left.encode("utf-8"), right.encode("utf-8")) for left, right in spm_merges(tokens, scores)]
+    text_merges = spm_merges(tokens, scores)
+    merges = [(left.encode("utf-8"), right.encode("utf-8")) for left, right in text_merges]
+    score_ranks = spm_score_ranks(tokens, scores, text_merges)
 
     ids: dict[str, int | None] = {}
     for name in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
@@ -287,6 +289,8 @@ def gguf_spm_arguments(
         ),
         "unk_token": ids["unknown_token_id"],
         "fuse_unk": True,
+        # Only where scores tie does a rank differ from the merge's position in the list.
+        "merge_ranks": None if len(set(score_ranks)) == len(score_ranks) else score_ranks,
     }
     return vocab, merges, special_tokens, settings
 

@@ -6,7 +6,8 @@ text. Version 2 adds the pre-tokenizer preset, ``ignore_merges``, bos/eos and
 ``fuse_unk`` appear only when set (what a byte missing from the vocabulary
 becomes), and so do ``normalizer`` (``"nfc"``), ``add_eos`` (true),
 ``pad_id``, ``nonspecial_tokens``, ``lstrip_tokens`` and ``rstrip_tokens``
-(each when non-empty). Version 3 is version 2
+(each when non-empty), and ``merge_ranks`` (SentencePiece merges of tied
+rank, when set). Version 3 is version 2
 plus the SentencePiece settings ``metaspace``, ``metaspace_split``,
 ``byte_fallback`` and ``decoder``; it is written only for a tokenizer with
 ``metaspace`` set, so every byte-level tokenizer is still written as version 1 or 2. A tokenizer is written as
@@ -48,6 +49,7 @@ def tokenizer_document(
     nonspecial_tokens: tuple[str, ...] = (),
     lstrip_tokens: tuple[str, ...] = (),
     rstrip_tokens: tuple[str, ...] = (),
+    merge_ranks: list[int] | None = None,
     metaspace: str | None = None,
     metaspace_split: bool = False,
     byte_fallback: bool = False,
@@ -107,6 +109,8 @@ def tokenizer_document(
         ):
             if tokens:
                 document[key] = list(tokens)
+        if merge_ranks is not None:
+            document["merge_ranks"] = list(merge_ranks)
         if metaspace is not None:
             document |= {
                 "metaspace": metaspace,
@@ -151,6 +155,7 @@ def tokenizer_arguments(document: Any, source: str) -> tuple[tuple, dict[str, An
             "nonspecial_tokens": document.get("nonspecial_tokens", ()),
             "lstrip_tokens": document.get("lstrip_tokens", ()),
             "rstrip_tokens": document.get("rstrip_tokens", ()),
+            "merge_ranks": document.get("merge_ranks"),
         }
         if version == 3:
             kwargs |= {key: document[key] for key in SENTENCEPIECE_KEYS}

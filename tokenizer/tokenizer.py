@@ -143,6 +143,10 @@ class Tokenizer(TokenizerFiles):
     * ``nonspecial_tokens``: those of ``special_tokens`` that are added tokens
       HF marks ``special: false`` (GGUF: user-defined): kept whole like the
       others, but kept by ``decode(ids, skip_special_tokens=True)``.
+    * ``merge_ranks``: with ``metaspace`` only, each merge's rank, non-decreasing
+      along ``merges``; merges of equal rank tie, and the leftmost pair among
+      them merges first (llama.cpp's SentencePiece rule for equal scores; GGUF
+      ``llama`` vocabularies with tied scores). None (the default): rank = position.
     * ``lstrip_tokens``, ``rstrip_tokens``: those of ``special_tokens`` that
       take with them (and so drop) all the whitespace before / after them (HF's
       added-token ``lstrip``/``rstrip``; whitespace as Unicode's White_Space).
@@ -198,6 +202,7 @@ class Tokenizer(TokenizerFiles):
         nonspecial_tokens: Sequence[str] = (),
         lstrip_tokens: Sequence[str] = (),
         rstrip_tokens: Sequence[str] = (),
+        merge_ranks: Sequence[int] | None = None,
         metaspace: str | None = None,
         metaspace_split: bool = False,
         byte_fallback: bool = False,
@@ -228,6 +233,8 @@ class Tokenizer(TokenizerFiles):
         # (left id, right id) -> (rank, merged id): what encoding consults.
         self.merges: list[tuple[bytes, bytes]] = []
         self._merge_ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        merges = list(merges)
+        self.merge_ranks: list[int] | None = _checked_merge_ranks(merge_ranks, len(merges), metaspace)
         for rank, (left, right) in enumerate(merges):
             ids = (self._token_ids.get(left), self._token_ids.get(right), self._token_ids.get(left + right))
             if None in ids:
@@ -235,7 +242,8 @@ class Tokenizer(TokenizerFiles):
                     f"merges[{rank}] = {(left, right)!r} needs {left!r}, {right!r} and {left + right!r} in vocab"
                 )
             self.merges.append((left, right))
-            self._merge_ranks.setdefault((ids[0], ids[1]), (rank, ids[2]))
+            shared_rank = rank if self.merge_ranks is None else self.merge_ranks[rank]
+            self._merge_ranks.setdefault((ids[0], ids[1]), (shared_rank, ids[2]))
 
         self.special_token_ids: dict[str, int] = fixed_special_ids
         if not isinstance(special_tokens, Mapping):
@@ -688,3 +696,23 @@ def _stripping_special_regex(
         for token in ordered
     ]
     return regex.compile("(" + "|".join(alternatives) + ")")
+
+
+def _checked_merge_ranks(merge_ranks: Sequence[int] | None, count: int, metaspace: str | None) -> list[int] | None:
+    """``merge_ranks`` as a list, checked (None stays None); see the ``Tokenizer`` docstring."""
+    if merge_ranks is None:
+        return None
+    if metaspace is None:
+        raise ValueError("merge_ranks is only supported with SentencePiece-style BPE (metaspace set)")
+    if isinstance(merge_ranks, (str, bytes)) or not isinstance(merge_ranks, Iterable):
+        raise ValueError(f"merge_ranks must be a list of ints, got {merge_ranks!r}")
+    ranks = list(merge_ranks)
+    if len(ranks) != count:
+        raise ValueError(f"merge_ranks must hold one rank per merge ({count}), got {len(ranks)}")
+    for index, rank in enumerate(ranks):
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise ValueError(f"merge_ranks[{index}] must be a non-negative int, got {rank!r}")
+        if index and rank < ranks[index - 1]:
+            raise ValueError(f"merge_ranks must not decrease along merges, but merge_ranks[{index}] = {rank} < "
+                             f"merge_ranks[{index - 1}] = {ranks[index - 1]}")
+    return ranks

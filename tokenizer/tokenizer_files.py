@@ -51,6 +51,7 @@ class TokenizerFiles:
             "nonspecial_tokens": self.nonspecial_tokens,
             "lstrip_tokens": self.lstrip_tokens,
             "rstrip_tokens": self.rstrip_tokens,
+            "merge_ranks": self.merge_ranks,
         }
         return args, kwargs | self._sentencepiece_settings()
 
@@ -84,6 +85,7 @@ class TokenizerFiles:
             nonspecial_tokens=self.nonspecial_tokens,
             lstrip_tokens=self.lstrip_tokens,
             rstrip_tokens=self.rstrip_tokens,
+            merge_ranks=self.merge_ranks,
             **self._sentencepiece_settings(),
         )
 
@@ -206,6 +208,10 @@ class TokenizerFiles:
 
         It holds the pre-tokenizer, ``ignore_merges`` and, when ``add_bos`` or
         ``add_eos``, a post-processor that adds ``bos_id`` / ``eos_id``; :meth:`from_hf` reads it back.
+        HF's BPE cannot tie two merges: with ``merge_ranks`` set, the merges
+        are written in list order, and HF's ids differ from these wherever two
+        tied merges compete in a word (HF takes the one listed first, this
+        tokenizer and llama.cpp the leftmost).
         """
         return save_hf_tokenizer(path, self.vocab, self.merges, self.special_token_ids, **self._hf_settings(),
                                  eos_id=self.eos_id, add_eos=self.add_eos)
