@@ -75,3 +75,18 @@ def test_tekken_file_gives_hfs_ids(tekken_folder, tmp_path):
     exported = tokenizers.Tokenizer.from_file(str(ours.save_hf(tmp_path / "tokenizer.json")))
     assert exported.encode(text[:20000]).ids == hf.encode(text[:20000]).ids
     assert Tokenizer.load(ours.save(tmp_path / "t.json")).encode(text[:20000]) == ours.encode(text[:20000])
+
+
+def test_cli_tokenize_reads_a_tekken_folder_and_file(tekken_folder, tmp_path):
+    import numpy as np
+
+    from scratchlm.cli import main
+
+    hf = tokenizers.Tokenizer.from_file(str(tekken_folder / "tokenizer.json"))
+    text = (tekken_folder / "corpus.txt").read_text(encoding="utf-8")[:5000]
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    for index, source in enumerate((tekken_folder, tekken_folder / "tokenizer.json")):
+        output = tmp_path / f"out{index}.npy"
+        argv = ["tokenize", "--tokenizer", str(source), "--input", str(tmp_path / "in.txt"), "--output", str(output)]
+        assert main(argv) == 0
+        assert np.load(output).tolist() == hf.encode(text, add_special_tokens=False).ids

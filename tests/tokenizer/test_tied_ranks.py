@@ -67,3 +67,21 @@ def test_bad_merge_ranks_are_named():
         Tokenizer(vocab, merges, metaspace="never", merge_ranks=[1, 0])
     with pytest.raises(ValueError, match=r"merge_ranks\[0\] must be a non-negative int, got -1"):
         Tokenizer(vocab, merges, metaspace="never", merge_ranks=[-1, 0])
+
+
+def test_cli_tokenize_reads_a_tied_gguf_file(tmp_path):
+    """``scratchlm tokenize --tokenizer x.gguf`` with a SentencePiece GGUF: llama.cpp's ids."""
+    import numpy as np
+
+    from scratchlm.cli import main
+
+    from hf_trained_tokenizers import write_gguf_metadata
+
+    fields, tokens, scores, types = tied_fields(random.Random(7), "abc\u2581", 14)
+    path = write_gguf_metadata({key.rsplit(".", 1)[1]: value for key, value in fields.items()}, tmp_path / "t.gguf",
+                               "llama")
+    text = "abc cab  bca\nx " * 50
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    argv = ["tokenize", "--tokenizer", str(path), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "o.npy")]
+    assert main(argv) == 0
+    assert np.load(tmp_path / "o.npy").tolist() == llama_cpp_tokenize(text, tokens, scores, types)
