@@ -81,7 +81,9 @@ _CACHE_MAX_ENTRIES = 1 << 17
 _BATCH_MIN_PIECES = 1 << 16
 # Unicode's White_Space characters: what HF's added tokens strip (Rust's
 # char::is_whitespace); Python's str.isspace also holds U+001C..U+001F, which HF keeps.
-_WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+_WHITE_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
 _SAMPLE_PIECES = 1 << 12
 _SAMPLE_MIN_MISSES = 1 << 6
 # A batch pays for its fixed cost (a few ms of array set-up and rounds) from

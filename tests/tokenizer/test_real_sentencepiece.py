@@ -28,8 +28,12 @@ from scratchlm.tokenizer import Tokenizer
 
 from sentencepiece_files import SYNTHETIC
 
-spm = pytest.importorskip("sentencepiece", reason="the real sentencepiece library is not installed (pip install sentencepiece)")
-model_pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2", reason="sentencepiece's model proto needs protobuf")
+spm = pytest.importorskip(
+    "sentencepiece", reason="the real sentencepiece library is not installed (pip install sentencepiece)"
+)
+model_pb2 = pytest.importorskip(
+    "sentencepiece.sentencepiece_model_pb2", reason="sentencepiece's model proto needs protobuf"
+)
 
 # llama.cpp's SentencePieceTokenTypes
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
