@@ -126,29 +126,20 @@ def geglu_bwd(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -> tuple[torch
 
 
 class SwiGLUFunction(torch.autograd.Function):
+    """silu(a) * b, or gelu_tanh(a) * b with ``gelu_tanh``: the one Function of both gates."""
+
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
         a, b = a.contiguous(), b.contiguous()
         ctx.save_for_backward(a, b)
-        return swiglu_fwd(a, b)
+        ctx.gelu_tanh = gelu_tanh
+        return (geglu_fwd if gelu_tanh else swiglu_fwd)(a, b)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         a, b = ctx.saved_tensors
-        return swiglu_bwd(a, b, dy.contiguous())
-
-
-class GeGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a, b = a.contiguous(), b.contiguous()
-        ctx.save_for_backward(a, b)
-        return geglu_fwd(a, b)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = ctx.saved_tensors
-        return geglu_bwd(a, b, dy.contiguous())
+        da, db = (geglu_bwd if ctx.gelu_tanh else swiglu_bwd)(a, b, dy.contiguous())
+        return da, db, None
 
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -175,4 +166,4 @@ def geglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     The same arguments and kernels as ``swiglu``, with the GeLU gate.
     """
     _check(a, b)
-    return GeGLUFunction.apply(a, b)
+    return SwiGLUFunction.apply(a, b, True)

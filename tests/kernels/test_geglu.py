@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import test_swiglu as swiglu_tests
 from helpers import assert_close, assert_within_torch_error
 from scratchlm.kernels import geglu
 
@@ -20,21 +21,17 @@ LARGE_SHAPES = [pytest.param((2, 4096, 16384), marks=on_cuda_only)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
 def _reference(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype):
     """F.gelu(a, approximate="tanh") * b and its gradients by PyTorch autograd in ``dtype``."""
-    a = a.detach().to(dtype).requires_grad_()
-    b = b.detach().to(dtype).requires_grad_()
-    y = F.gelu(a, approximate="tanh") * b
-    y.backward(dy.to(dtype))
-    return y.detach(), a.grad, b.grad
+    return swiglu_tests._reference(a, b, dy, dtype, gate=gelu_tanh)
 
 
 def _run_kernel(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor):
-    a = a.detach().clone().requires_grad_()
-    b = b.detach().clone().requires_grad_()
-    y = geglu(a, b)
-    y.backward(dy)
-    return y.detach(), a.grad, b.grad
+    return swiglu_tests._run_kernel(a, b, dy, op=geglu)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

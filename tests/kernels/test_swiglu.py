@@ -18,19 +18,19 @@ LARGE_SHAPES = [pytest.param((4096, 11008), marks=on_cuda_only), pytest.param((2
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _reference(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype):
-    """silu(a) * b and its gradients computed by PyTorch autograd in ``dtype``."""
+def _reference(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype, gate=F.silu):
+    """gate(a) * b (silu: SwiGLU) and its gradients computed by PyTorch autograd in ``dtype``."""
     a = a.detach().to(dtype).requires_grad_()
     b = b.detach().to(dtype).requires_grad_()
-    y = F.silu(a) * b
+    y = gate(a) * b
     y.backward(dy.to(dtype))
     return y.detach(), a.grad, b.grad
 
 
-def _run_kernel(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor):
+def _run_kernel(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor, op=swiglu):
     a = a.detach().clone().requires_grad_()
     b = b.detach().clone().requires_grad_()
-    y = swiglu(a, b)
+    y = op(a, b)
     y.backward(dy)
     return y.detach(), a.grad, b.grad
 
