@@ -106,3 +106,38 @@ def bench_rmsnorm(benchmark, provider: str, shape: tuple[int, int], mode: str) -
         bytes_moved=bytes_moved(rows, hidden, x.element_size(), mode),
         dtype=dtype,
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "liger"])
+def bench_rmsnorm_offset(benchmark, provider: str, shape: tuple[int, int], mode: str) -> None:
+    """Gemma's norm, x / rms(x) * (1 + weight): the same bytes as the plain norm, one more add per weight."""
+    plain = rmsnorm_provider(provider)
+
+    def op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return plain(x, weight, eps, offset=1.0)
+
+    dtype = dtype_under_test()
+    rows, hidden = shape
+    x = torch.randn(rows, hidden, device=DEVICE, dtype=dtype)
+    weight = 0.1 * torch.randn(hidden, device=DEVICE, dtype=dtype)
+    if mode == "fwd":
+        step = forward_step(op, (x, weight, EPS))
+    else:
+        x.requires_grad_(True)
+        weight.requires_grad_(True)
+        dy = torch.randn_like(x)
+        step = forward_backward_step(op, (x, weight, EPS), (x, weight), (dy,))
+    measure(
+        benchmark,
+        step,
+        op="rmsnorm",
+        provider=provider,
+        mode=mode,
+        shape=shape,
+        shape_label=f"{rows} x {hidden}, offset 1",
+        bytes_moved=bytes_moved(rows, hidden, x.element_size(), mode),
+        dtype=dtype,
+        extra={"offset": 1.0},
+    )
