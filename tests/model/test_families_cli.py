@@ -66,8 +66,9 @@ def test_generate_and_convert_both_ways(model_type, tmp_path, capsys):
     assert _greedy_text(capsys, tmp_path / "exported") == expected
 
 
-def test_fine_tune_a_qwen2_with_windows_resume_and_export(tmp_path):
-    hf = hf_model("qwen2", seed=22, **MODELS["qwen2"])
+def _fine_tune(tmp_path, model_type: str, seed: int, checkpoint_interval: int):
+    """train --init_from a tiny HF model for 4 steps (torch kernels); the run folder, its val loss checked to fall."""
+    hf = hf_model(model_type, seed=seed, **MODELS[model_type])
     folder = save_hf_folder(hf, tmp_path / "hf")
     ids = np.array(TOKENIZER.encode(SAMPLE_TEXT * 30), dtype=np.uint16)
     np.save(tmp_path / "ids.npy", ids)
@@ -75,52 +76,42 @@ def test_fine_tune_a_qwen2_with_windows_resume_and_export(tmp_path):
         "train", "--init_from", str(folder),
         "--train_data_path", str(tmp_path / "ids.npy"), "--val_data_path", str(tmp_path / "ids.npy"),
         "--context_length", "24", "--batch_size", "4", "--total_iters", "4", "--learning_rate", "3e-3",
-        "--eval_interval", "2", "--eval_batches", "2", "--checkpoint_interval", "2", "--output_dir", str(tmp_path / "run"),
-        "--device", "cpu", "--kernels", "torch",
+        "--eval_interval", "2", "--eval_batches", "2", "--checkpoint_interval", str(checkpoint_interval),
+        "--output_dir", str(tmp_path / "run"), "--device", "cpu", "--kernels", "torch",
     ]  # fmt: skip
     assert main(args) == 0
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert val_losses[-1] < val_losses[0]
-    stored = read_checkpoint(run / "checkpoint_00000004.pt")["model_config"]
-    assert (stored["qkv_bias"], stored["sliding_window"], stored["sliding_window_layers"]) == (True, 4, [1, 2])
-    assert main(["train", "--config", str(run / "train_config.json"), "--resume", "--total_iters", "6"]) == 0
+    return run
+
+
+def _export_and_compare(run, tmp_path, name: str):
+    """convert the run to an HF folder; transformers' model of it (returned) gives the run's logits."""
     exported = tmp_path / "exported"
     assert main(["convert", str(run), str(exported)]) == 0
     ours, tokenizer = load_pretrained(run, kernels="reference", device="cpu")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
-    assert theirs.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
     prompt = torch.tensor([tokenizer.encode(SAMPLE_TEXT)[:20]])
     with torch.no_grad():
-        assert_close(theirs(prompt).logits, ours(prompt), atol=1e-4, rtol=1e-4, name="fine-tuned logits")
+        assert_close(theirs(prompt).logits, ours(prompt), atol=1e-4, rtol=1e-4, name=name)
+    return theirs
+
+
+def test_fine_tune_a_qwen2_with_windows_resume_and_export(tmp_path):
+    run = _fine_tune(tmp_path, "qwen2", seed=22, checkpoint_interval=2)
+    stored = read_checkpoint(run / "checkpoint_00000004.pt")["model_config"]
+    assert (stored["qkv_bias"], stored["sliding_window"], stored["sliding_window_layers"]) == (True, 4, [1, 2])
+    assert main(["train", "--config", str(run / "train_config.json"), "--resume", "--total_iters", "6"]) == 0
+    theirs = _export_and_compare(run, tmp_path, "fine-tuned logits")
+    assert theirs.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
 
 
 def test_fine_tune_a_gemma2_and_export(tmp_path):
     """--init_from a Gemma 2: the capped loss trains it, the checkpoint keeps its fields, export gives transformers it."""
-    hf = hf_model("gemma2", seed=23, **MODELS["gemma2"])
-    folder = save_hf_folder(hf, tmp_path / "hf")
-    ids = np.array(TOKENIZER.encode(SAMPLE_TEXT * 30), dtype=np.uint16)
-    np.save(tmp_path / "ids.npy", ids)
-    args = [
-        "train", "--init_from", str(folder),
-        "--train_data_path", str(tmp_path / "ids.npy"), "--val_data_path", str(tmp_path / "ids.npy"),
-        "--context_length", "24", "--batch_size", "4", "--total_iters", "4", "--learning_rate", "3e-3",
-        "--eval_interval", "2", "--eval_batches", "2", "--checkpoint_interval", "4", "--output_dir", str(tmp_path / "run"),
-        "--device", "cpu", "--kernels", "torch",
-    ]  # fmt: skip
-    assert main(args) == 0
-    run = tmp_path / "run"
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
-    assert val_losses[-1] < val_losses[0]
+    run = _fine_tune(tmp_path, "gemma2", seed=23, checkpoint_interval=4)
     stored = read_checkpoint(run / "checkpoint_00000004.pt")["model_config"]
     assert (stored["final_softcap"], stored["norm_offset"], stored["mlp_activation"]) == (8.0, 1.0, "gelu_tanh")
-    exported = tmp_path / "exported"
-    assert main(["convert", str(run), str(exported)]) == 0
-    ours, tokenizer = load_pretrained(run, kernels="reference", device="cpu")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
+    theirs = _export_and_compare(run, tmp_path, "fine-tuned Gemma 2 logits")
     assert theirs.config.model_type == "gemma2" and theirs.config.final_logit_softcapping == 8.0
-    prompt = torch.tensor([tokenizer.encode(SAMPLE_TEXT)[:20]])
-    with torch.no_grad():
-        assert_close(theirs(prompt).logits, ours(prompt), atol=1e-4, rtol=1e-4, name="fine-tuned Gemma 2 logits")
