@@ -16,21 +16,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from bench_swiglu import bytes_moved
-from common import (
-    DEVICE,
-    MODES,
-    PROVIDERS,
-    compiled,
-    dtype_under_test,
-    forward_backward_step,
-    forward_step,
-    import_kernel,
-    measure,
-    pick_shapes,
-    require_provider,
-    shape_id,
-)
+from bench_swiglu import measure_gate
+from common import MODES, PROVIDERS, compiled, import_kernel, pick_shapes, require_provider, shape_id
 
 # 4096 rows by Gemma 3's d_ff: 270M (2048), 1B (6912), 4B (10240), 12B (15360).
 SHAPES = pick_shapes(
@@ -63,26 +50,4 @@ def geglu_provider(provider: str) -> tuple[Callable[[torch.Tensor, torch.Tensor]
 @pytest.mark.parametrize("provider", PROVIDERS)
 def bench_geglu(benchmark, provider: str, shape: tuple[int, int], mode: str) -> None:
     op, note = geglu_provider(provider)
-    dtype = dtype_under_test()
-    rows, d_ff = shape
-    a = torch.randn(rows, d_ff, device=DEVICE, dtype=dtype)
-    b = torch.randn(rows, d_ff, device=DEVICE, dtype=dtype)
-    if mode == "fwd":
-        step = forward_step(op, (a, b))
-    else:
-        a.requires_grad_(True)
-        b.requires_grad_(True)
-        dy = torch.randn(rows, d_ff, device=DEVICE, dtype=dtype)
-        step = forward_backward_step(op, (a, b), (a, b), (dy,))
-    measure(
-        benchmark,
-        step,
-        op="geglu",
-        provider=provider,
-        mode=mode,
-        shape=shape,
-        shape_label=f"{rows} x {d_ff}",
-        bytes_moved=bytes_moved(rows, d_ff, a.element_size(), mode),
-        dtype=dtype,
-        note=note if mode == "fwd_bwd" else "",
-    )
+    measure_gate(benchmark, "geglu", op, note, provider, shape, mode)

@@ -66,11 +66,8 @@ def swiglu_provider(provider: str) -> tuple[Callable[[torch.Tensor, torch.Tensor
     return liger_swiglu, "backward overwrites its inputs a, b in place"
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("provider", PROVIDERS)
-def bench_swiglu(benchmark, provider: str, shape: tuple[int, int], mode: str) -> None:
-    op, note = swiglu_provider(provider)
+def measure_gate(benchmark, op_name: str, op, note: str, provider: str, shape: tuple[int, int], mode: str) -> None:
+    """Time one gated-MLP middle op(a, b) (SwiGLU, GeGLU) on rows x d_ff inputs, forward or forward+backward."""
     dtype = dtype_under_test()
     rows, d_ff = shape
     a = torch.randn(rows, d_ff, device=DEVICE, dtype=dtype)
@@ -85,7 +82,7 @@ def bench_swiglu(benchmark, provider: str, shape: tuple[int, int], mode: str) ->
     measure(
         benchmark,
         step,
-        op="swiglu",
+        op=op_name,
         provider=provider,
         mode=mode,
         shape=shape,
@@ -94,3 +91,11 @@ def bench_swiglu(benchmark, provider: str, shape: tuple[int, int], mode: str) ->
         dtype=dtype,
         note=note if mode == "fwd_bwd" else "",
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def bench_swiglu(benchmark, provider: str, shape: tuple[int, int], mode: str) -> None:
+    op, note = swiglu_provider(provider)
+    measure_gate(benchmark, "swiglu", op, note, provider, shape, mode)
