@@ -79,15 +79,12 @@ def rmsnorm_provider(provider: str) -> Callable[[torch.Tensor, torch.Tensor, flo
     return liger
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("provider", PROVIDERS)
-def bench_rmsnorm(benchmark, provider: str, shape: tuple[int, int], mode: str) -> None:
-    op = rmsnorm_provider(provider)
+def _measure_norm(benchmark, op, provider: str, shape: tuple[int, int], mode: str, offset: float) -> None:
+    """Time op(x, weight, EPS) with weights around 1 - offset (the scale offset + weight stays near 1)."""
     dtype = dtype_under_test()
     rows, hidden = shape
     x = torch.randn(rows, hidden, device=DEVICE, dtype=dtype)
-    weight = 1.0 + 0.1 * torch.randn(hidden, device=DEVICE, dtype=dtype)
+    weight = (1.0 - offset) + 0.1 * torch.randn(hidden, device=DEVICE, dtype=dtype)
     if mode == "fwd":
         step = forward_step(op, (x, weight, EPS))
     else:
@@ -102,10 +99,18 @@ def bench_rmsnorm(benchmark, provider: str, shape: tuple[int, int], mode: str) -
         provider=provider,
         mode=mode,
         shape=shape,
-        shape_label=f"{rows} x {hidden}",
+        shape_label=f"{rows} x {hidden}" + (f", offset {offset:g}" if offset else ""),
         bytes_moved=bytes_moved(rows, hidden, x.element_size(), mode),
         dtype=dtype,
+        extra={"offset": offset} if offset else None,
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def bench_rmsnorm(benchmark, provider: str, shape: tuple[int, int], mode: str) -> None:
+    _measure_norm(benchmark, rmsnorm_provider(provider), provider, shape, mode, offset=0.0)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -118,26 +123,4 @@ def bench_rmsnorm_offset(benchmark, provider: str, shape: tuple[int, int], mode:
     def op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return plain(x, weight, eps, offset=1.0)
 
-    dtype = dtype_under_test()
-    rows, hidden = shape
-    x = torch.randn(rows, hidden, device=DEVICE, dtype=dtype)
-    weight = 0.1 * torch.randn(hidden, device=DEVICE, dtype=dtype)
-    if mode == "fwd":
-        step = forward_step(op, (x, weight, EPS))
-    else:
-        x.requires_grad_(True)
-        weight.requires_grad_(True)
-        dy = torch.randn_like(x)
-        step = forward_backward_step(op, (x, weight, EPS), (x, weight), (dy,))
-    measure(
-        benchmark,
-        step,
-        op="rmsnorm",
-        provider=provider,
-        mode=mode,
-        shape=shape,
-        shape_label=f"{rows} x {hidden}, offset 1",
-        bytes_moved=bytes_moved(rows, hidden, x.element_size(), mode),
-        dtype=dtype,
-        extra={"offset": 1.0},
-    )
+    _measure_norm(benchmark, op, provider, shape, mode, offset=1.0)
