@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -72,10 +73,19 @@ def ours(folders) -> dict[str, Tokenizer]:
 
 
 def _chars_with_missing_bytes(tokenizer: Tokenizer) -> list[str]:
-    """Characters whose UTF-8 holds a byte the vocabulary lacks (C0, C1 and F5..FF are in no UTF-8 text)."""
+    """Characters whose UTF-8 holds a byte the vocabulary lacks (C0, C1 and F5..FF are in no UTF-8 text).
+
+    Only characters assigned in Python's Unicode (14.0 here): the regex module
+    and HF's Oniguruma class newer code points by different Unicode versions
+    (U+058B is a letter to one and unassigned to the other), the known gap
+    test_pretokenizers documents.
+    """
     missing = set(tokenizer.missing_bytes)
     candidates = [*range(0x00, 0x3000), *range(0x4E00, 0x4F00), *range(0x1F600, 0x1F650)]
-    return [chr(c) for c in candidates if not 0xD800 <= c < 0xE000 and missing & set(chr(c).encode("utf-8"))]
+    return [
+        chr(c) for c in candidates
+        if unicodedata.category(chr(c)) not in ("Cn", "Cs") and missing & set(chr(c).encode("utf-8"))
+    ]
 
 
 def test_the_fixtures_lack_bytes_inside_and_outside_ascii(ours):
