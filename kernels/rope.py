@@ -1,26 +1,41 @@
-"""Rotary position embedding (RoPE, RoFormer), fused: rotate adjacent feature pairs.
+"""Rotary position embedding (RoPE), fused: rotate feature pairs in either of two layouts.
 
 For each row of x (one position of one sequence of one head) and each pair
 i < d/2, with c = cos[pos, i] and s = sin[pos, i] (the angle pos * theta^(-2i/d),
-tabulated by the caller):
+tabulated by the caller), the layout says which two features form pair i:
 
-    out[2i]     = x[2i] * c - x[2i+1] * s
-    out[2i+1]   = x[2i] * s + x[2i+1] * c
+    "pairs" (RoFormer, this project's model): (x[2i], x[2i+1])
+        out[2i]       = x[2i] * c - x[2i+1] * s
+        out[2i+1]     = x[2i] * s + x[2i+1] * c
+    "halves" (Hugging Face's ``rotate_half``, Llama checkpoints): (x[i], x[i+d/2])
+        out[i]        = x[i] * c - x[i+d/2] * s
+        out[i+d/2]    = x[i] * s + x[i+d/2] * c
 
-that is out = R(angle) x for each pair, R a 2-D rotation matrix.
+that is out = R(angle) x for each pair, R a 2-D rotation matrix. Hugging Face
+writes the halves form as x * cos_full + rotate_half(x) * sin_full with
+rotate_half(x) = (-x[d/2:], x[:d/2]) and tables repeated to width d; the
+repeat holds nothing new, so cos/sin here are (..., seq, d/2) in both layouts
+(a caller holding Hugging Face's tables passes cos[..., :d/2]).
+
+One kernel serves both layouts: the rotation of a pair is the same math, only
+the offsets of its two members differ (2i and 2i+1, or i and i+d/2). The
+``HALVES`` constexpr picks the offsets at compile time, so each layout is its
+own compiled kernel with no runtime branch. Everything below holds pair by
+pair, so it holds for either layout.
 
 Backward: the map is linear in x with matrix R(angle), so dx = R(angle)^T dy,
 and R^T = R(-angle) for a rotation. The backward pass is therefore the same
-kernel run on dy with sin negated (the ``INVERSE`` constexpr), not a second
-copy of the math. cos and sin are constants of the position (tables built
-once by the model) and get no gradient.
+kernel run on dy with sin negated (the ``INVERSE`` constexpr), in the same
+layout, not a second copy of the math. cos and sin are constants of the
+position (tables built once by the model) and get no gradient.
 
 Memory trick: x is not saved for backward (dx needs only dy and the tables),
 so the forward keeps nothing alive but the cos/sin tables the model holds
-anyway. Each program reads its rows of x once, as two stride-2 loads (even and
-odd elements) that together cover every cache line exactly once, so splitting
-the pairs costs no extra memory traffic; the tables, d/2 values per position,
-are shared by every head and batch row and stay in cache.
+anyway. Each program reads its rows of x once, as two loads that together
+cover every cache line exactly once: stride-2 loads (even and odd elements)
+for pairs, two contiguous half rows for halves, so splitting the pairs costs
+no extra memory traffic in either layout; the tables, d/2 values per
+position, are shared by every head and batch row and stay in cache.
 """
 
 from __future__ import annotations
@@ -38,6 +53,8 @@ TILE_PAIRS = 1024
 # Pairs per step of the loop over a row; longer rows (d > 2048) take several steps.
 MAX_BLOCK_PAIRS = 1024
 NUM_WARPS = 4
+# The ways of grouping a head's features into rotated pairs (see the module docstring).
+LAYOUTS = ("pairs", "halves")
 
 
 @triton.jit
@@ -55,6 +72,7 @@ def _rope_kernel(
     seq_len,
     n_pairs,
     INVERSE: tl.constexpr,
+    HALVES: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_PAIRS: tl.constexpr,
 ):
@@ -70,16 +88,21 @@ def _rope_kernel(
     for start in range(0, n_pairs, BLOCK_PAIRS):
         pairs = start + tl.arange(0, BLOCK_PAIRS)  # (BLOCK_PAIRS,)
         mask = row_mask[:, None] & (pairs < n_pairs)[None, :]
-        even = x_row[:, None] + 2 * pairs[None, :]  # offsets of x[2i]; x[2i+1] is the next element
-        x0 = tl.load(x_ptr + even, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptr + even + 1, mask=mask, other=0.0).to(tl.float32)
+        if HALVES:
+            first = x_row[:, None] + pairs[None, :]  # offsets of x[i]; x[i+d/2] is half a row on
+            second = first + n_pairs
+        else:
+            first = x_row[:, None] + 2 * pairs[None, :]  # offsets of x[2i]; x[2i+1] is the next element
+            second = first + 1
+        x0 = tl.load(x_ptr + first, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + second, mask=mask, other=0.0).to(tl.float32)
         table = table_row[:, None] + pairs[None, :]
         cos = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
         if INVERSE:
             sin = -sin
-        tl.store(out_ptr + even, (x0 * cos - x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + even + 1, (x0 * sin + x1 * cos).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + first, (x0 * cos - x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + second, (x0 * sin + x1 * cos).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_settings(n_pairs: int) -> tuple[int, int]:
@@ -101,11 +124,14 @@ def _table_as_4d(table: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
     return full.flatten(0, -4)
 
 
-@kernel_op("rope", fake=lambda x, cos, sin, inverse: torch.empty_like(x))
-def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+@kernel_op("rope", fake=lambda x, cos, sin, inverse, halves=False: torch.empty_like(x))
+def rope_rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool, halves: bool = False
+) -> torch.Tensor:
     """Rotate the pairs of contiguous x (..., seq, d) by the angles in cos/sin (..., seq, d/2).
 
     With ``inverse`` the rotation is by minus those angles (the backward pass).
+    Pairs are (x[2i], x[2i+1]), or (x[i], x[i+d/2]) with ``halves``.
     """
     out = torch.empty_like(x)
     if x.numel() == 0:
@@ -131,6 +157,7 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: 
         seq_len,
         n_pairs,
         INVERSE=inverse,
+        HALVES=halves,
         BLOCK_ROWS=block_rows,
         BLOCK_PAIRS=block_pairs,
         num_warps=NUM_WARPS,
@@ -140,31 +167,41 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: 
 
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves: bool) -> torch.Tensor:
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
-        return rope_rotate(x.contiguous(), cos, sin, False)
+        ctx.halves = halves
+        return rope_rotate(x.contiguous(), cos, sin, False, halves)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         cos, sin = ctx.saved_tensors
-        # dx = R(-angle) dy; the tables are constants and get no gradient.
-        return rope_rotate(dy.contiguous(), cos, sin, True), None, None
+        # dx = R(-angle) dy in the same layout; the tables are constants and get no gradient.
+        return rope_rotate(dy.contiguous(), cos, sin, True, ctx.halves), None, None, None
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x by the angles whose cos/sin are given.
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: str = "pairs") -> torch.Tensor:
+    """Rotate the feature pairs of x by the angles whose cos/sin are given.
+
+    ``layout``: "pairs" rotates adjacent pairs (x[2i], x[2i+1]) (RoFormer,
+    this project's model); "halves" rotates (x[i], x[i+d/2]), Hugging Face's
+    ``rotate_half`` (Llama and most checkpoints on the Hub).
 
     The "rope" op's kernel (``scratchlm.model.backends``); ``apply_rope`` is
     its former name, the same function.
 
-    ``x``: (..., seq, d) with d even, float32, bfloat16 or float16, any layout.
+    ``x``: (..., seq, d) with d even, float32, bfloat16 or float16, any strides.
     ``cos``, ``sin``: one shape, (seq, d/2), or (..., seq, d/2) with leading
     dims broadcastable to x's (e.g. (batch, 1, seq, d/2) for x (batch, heads,
-    seq, d)); float32 or x's dtype; x's device. Computes in float32 and
-    returns a contiguous tensor of x's shape and dtype. Gradients flow to x
-    only: cos and sin are treated as constants.
+    seq, d)); float32 or x's dtype; x's device. Both layouts take the same
+    d/2 angles: Hugging Face's tables, (..., seq, d) with the angles written
+    twice, are passed as cos[..., :d/2] and sin[..., :d/2]. Computes in
+    float32 and returns a contiguous tensor of x's shape and dtype. Gradients
+    flow to x only: cos and sin are treated as constants. An unknown
+    ``layout`` raises ValueError.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a RoPE layout; expected one of {LAYOUTS}")
     check_float_tensor("x", x)
     check_float_tensor("cos", cos)
     check_float_tensor("sin", sin)
@@ -189,7 +226,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
             f"cos has shape {tuple(cos.shape)}; expected ({seq_len}, {n_pairs}) = (seq, d/2) for x of shape "
             f"{tuple(x.shape)}, optionally with leading dims broadcastable to {tuple(leading)}"
         )
-    return RoPEFunction.apply(x, cos, sin)
+    return RoPEFunction.apply(x, cos, sin, layout == "halves")
 
 
 apply_rope = rope  # the former name, kept for code that uses it

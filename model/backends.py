@@ -6,7 +6,9 @@ Six ops are swappable, each with one signature shared by every backend:
                                           x (..., d), weight (d,); scales by offset + weight (Gemma: 1 + w)
     swiglu(a, b) -> silu(a) * b           same shapes
     geglu(a, b) -> gelu_tanh(a) * b       same shapes (Gemma's MLP)
-    rope(x, cos, sin) -> x rotated        x (..., seq, d), cos/sin (..., seq, d/2)
+    rope(x, cos, sin, *, layout="pairs") -> x rotated
+                                          x (..., seq, d), cos/sin (..., seq, d/2); layout "pairs" rotates
+                                          (x[2i], x[2i+1]), "halves" (x[i], x[i+d/2]) (HF's rotate_half)
     attention(q, k, v, document_ids=None, *, scale=None, window=None, softcap=None) -> out
                                           causal; q (..., heads, q_seq, d), k/v (..., kv_heads, k_seq, d);
                                           document_ids (..., k_seq) keeps attention inside each document;
@@ -133,16 +135,22 @@ def _torch_geglu(a: Tensor, b: Tensor) -> Tensor:
     return F.gelu(a, approximate="tanh") * b
 
 
-def _torch_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _torch_rope(x: Tensor, cos: Tensor, sin: Tensor, *, layout: str = "pairs") -> Tensor:
     # PyTorch has no RoPE op. This form avoids the strided even/odd slices of
     # the reference: x * cos + swap_pairs(x) * sin, where swap_pairs maps each
-    # pair (x0, x1) to (-x1, x0) and cos/sin are repeated to full width.
+    # pair (x0, x1) to (-x1, x0) and cos/sin are repeated to full width. The
+    # pair members sit on a new last axis (pairs) or a new axis before the
+    # d/2 pairs (halves: Hugging Face's x * cos + rotate_half(x) * sin).
+    if layout not in ("pairs", "halves"):
+        raise ValueError(f"layout={layout!r} is not a RoPE layout; expected one of ('pairs', 'halves')")
     dtype = functional.compute_dtype(x.dtype)
-    pairs = x.to(dtype).unflatten(-1, (-1, 2))  # (..., seq, d/2, 2)
-    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1)  # (..., seq, d/2, 2)
-    cos = cos.to(dtype).unsqueeze(-1)  # (..., seq, d/2, 1)
-    sin = sin.to(dtype).unsqueeze(-1)
-    return (pairs * cos + swapped * sin).flatten(-2).to(x.dtype)
+    split, member_axis = ((-1, 2), -1) if layout == "pairs" else ((2, -1), -2)
+    grouped = x.to(dtype).unflatten(-1, split)  # (..., seq, d/2, 2) or (..., seq, 2, d/2)
+    x0, x1 = grouped.unbind(member_axis)
+    swapped = torch.stack((-x1, x0), dim=member_axis)
+    cos = cos.to(dtype).unsqueeze(member_axis)  # (..., seq, d/2, 1) or (..., seq, 1, d/2)
+    sin = sin.to(dtype).unsqueeze(member_axis)
+    return (grouped * cos + swapped * sin).flatten(-2).to(x.dtype)
 
 
 def _torch_attention(

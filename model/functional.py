@@ -232,17 +232,27 @@ def geglu(a: Tensor, b: Tensor) -> Tensor:
     return gelu_tanh(a) * b
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent feature pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given.
+def rope(x: Tensor, cos: Tensor, sin: Tensor, *, layout: str = "pairs") -> Tensor:
+    """Rotate feature pairs of x by the angle whose cos/sin are given.
 
     Shapes: x (..., seq, d); cos and sin broadcastable to (..., seq, d/2).
-    Pair i becomes (x0 cos - x1 sin, x0 sin + x1 cos), a 2-D rotation.
+    ``layout`` "pairs" rotates adjacent pairs (x0, x1) = (x[2i], x[2i+1]);
+    "halves" rotates (x0, x1) = (x[i], x[i+d/2]), Hugging Face's
+    ``rotate_half``. Either way pair i becomes (x0 cos - x1 sin, x0 sin + x1 cos),
+    a 2-D rotation.
     """
+    if layout not in ("pairs", "halves"):
+        raise ValueError(f"layout={layout!r} is not a RoPE layout; expected one of ('pairs', 'halves')")
     dtype = compute_dtype(x.dtype)
-    x_even = x[..., 0::2].to(dtype)  # (..., seq, d/2)
-    x_odd = x[..., 1::2].to(dtype)
     cos = cos.to(dtype)
     sin = sin.to(dtype)
+    if layout == "halves":
+        half = x.shape[-1] // 2
+        x_first = x[..., :half].to(dtype)  # (..., seq, d/2)
+        x_second = x[..., half:].to(dtype)
+        return torch.cat((x_first * cos - x_second * sin, x_first * sin + x_second * cos), dim=-1).to(x.dtype)
+    x_even = x[..., 0::2].to(dtype)  # (..., seq, d/2)
+    x_odd = x[..., 1::2].to(dtype)
     rotated_even = x_even * cos - x_odd * sin
     rotated_odd = x_even * sin + x_odd * cos
     # Interleave back: stacking on a new last dim then flattening puts pair i at 2i, 2i+1.
