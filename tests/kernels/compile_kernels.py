@@ -196,9 +196,11 @@ def _row_jobs(op: str, capability: int, dtype: str) -> list[dict]:
                 jobs.append(_job(name, kernel, settings, dtype, capability, module.NUM_WARPS, 2))
     elif op == "rope":
         block_rows, block_pairs = module._launch_settings(64)
-        for inverse in (False, True):
-            settings = {"INVERSE": inverse, "BLOCK_ROWS": block_rows, "BLOCK_PAIRS": block_pairs}
-            jobs.append(_job(name, "_rope_kernel", settings, dtype, capability, module.NUM_WARPS, 2))
+        for halves in (False, True):  # adjacent pairs, Hugging Face's half rotation
+            for inverse in (False, True):
+                settings = {"INVERSE": inverse, "HALVES": halves, "BLOCK_ROWS": block_rows,
+                            "BLOCK_PAIRS": block_pairs}  # fmt: skip
+                jobs.append(_job(name, "_rope_kernel", settings, dtype, capability, module.NUM_WARPS, 2))
     elif op == "linear_cross_entropy":
         s = module.launch_settings(size)
         blocks = {"BLOCK_M": s.block_m, "BLOCK_V": s.block_v, "BLOCK_D": s.block_d}

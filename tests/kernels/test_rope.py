@@ -1,18 +1,25 @@
-"""The fused RoPE kernel against a float64 complex-number reference, forward and backward.
+"""The fused RoPE kernel against float64 references, forward and backward, in both layouts.
 
-The reference treats each pair (x[2i], x[2i+1]) as the complex number
-x[2i] + i x[2i+1] and multiplies it by cos + i sin = exp(i angle): the same
-rotation written a different way from the kernel's, so a shared mistake in
-the pairing or a sign is not reproduced by the check.
+For adjacent pairs the reference treats each pair (x[2i], x[2i+1]) as the
+complex number x[2i] + i x[2i+1] and multiplies it by cos + i sin =
+exp(i angle): the same rotation written a different way from the kernel's, so
+a shared mistake in the pairing or a sign is not reproduced by the check.
+For the half layout (x[i], x[i+d/2]) the reference is Hugging Face's formula,
+x * cos_full + rotate_half(x) * sin_full with tables repeated to width d, and
+``transformers``' own ``apply_rotary_pos_emb`` is checked too. Every backend
+of the "rope" op (reference, torch, triton) is run through ``get_op``.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 
 from helpers import assert_close, assert_within_torch_error
 from scratchlm.kernels.rope import apply_rope
+from scratchlm.model.backends import get_op
 from scratchlm.model.layers import RotaryPositionEmbedding
 
 CUDA = torch.cuda.is_available()
@@ -27,7 +34,12 @@ LARGE_SHAPES = [
     pytest.param((1, 8, 8192, 128), marks=on_cuda_only),
     pytest.param((2, 16, 2048, 256), marks=on_cuda_only),
 ]
+# The half layout at head dims 2, 6, 64 and 130 (not powers of two) and a row
+# of 2050 pairs, whose partner x[i+d/2] lies a loop step or more away.
+HALVES_SHAPES = [(1, 1, 1, 2), (2, 3, 17, 6), (2, 4, 113, 64), (3, 5, 130), (1, 3, 4100)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["pairs", "halves"]
+BACKENDS = ["reference", "torch", "triton"]
 THETA = 10000.0
 
 
@@ -40,43 +52,62 @@ def _tables(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> tuple
     return torch.cos(angles).to(DEVICE, dtype), torch.sin(angles).to(DEVICE, dtype)
 
 
-def _reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dy: torch.Tensor):
-    """Output and dx in float64 by complex multiplication, dx by autograd."""
+def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's formula, x * cos_full + rotate_half(x) * sin_full, in x's dtype.
+
+    rotate_half(x) = (-x[d/2:], x[:d/2]); the full tables repeat the d/2
+    angles twice, as Hugging Face's rotary embedding builds them.
+    """
+    half = x.shape[-1] // 2
+    rotate_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * torch.cat((cos, cos), dim=-1) + rotate_half * torch.cat((sin, sin), dim=-1)
+
+
+def _reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dy: torch.Tensor, layout: str = "pairs"):
+    """Output and dx in float64, dx by autograd: complex multiplication for pairs, Hugging Face's formula for halves."""
     x64 = x.detach().to(torch.float64).contiguous().requires_grad_()
-    pairs = torch.view_as_complex(x64.unflatten(-1, (-1, 2)))  # (..., seq, d/2) complex
-    rotation = torch.complex(cos.to(torch.float64), sin.to(torch.float64))
-    out = torch.view_as_real(pairs * rotation).flatten(-2)
+    cos64, sin64 = cos.to(torch.float64), sin.to(torch.float64)
+    if layout == "halves":
+        out = _rotate_halves(x64, cos64, sin64)
+    else:
+        pairs = torch.view_as_complex(x64.unflatten(-1, (-1, 2)))  # (..., seq, d/2) complex
+        out = torch.view_as_real(pairs * torch.complex(cos64, sin64)).flatten(-2)
     out.backward(dy.to(torch.float64))
     return out.detach(), x64.grad
 
 
-def _torch_same_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dy: torch.Tensor):
+def _torch_same_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dy: torch.Tensor, layout: str = "pairs"):
     """The rotation formula evaluated by PyTorch entirely in x's dtype, and its autograd dx."""
     x = x.detach().clone().requires_grad_()
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    even, odd = x[..., 0::2], x[..., 1::2]
-    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    if layout == "halves":
+        out = _rotate_halves(x, cos, sin)
+    else:
+        even, odd = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
     out.backward(dy)
     return out.detach(), x.grad
 
 
-def _run_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dy: torch.Tensor):
+def _run_kernel(x, cos, sin, dy, layout: str = "pairs", op=apply_rope):
+    """Output and dx of ``op`` (the kernel unless given) in ``layout``."""
     x = x.detach().clone().requires_grad_()
-    out = apply_rope(x, cos, sin)
+    out = op(x, cos, sin, layout=layout)
     out.backward(dy)
     return out.detach(), x.grad
 
 
-def _check(got, x, cos, sin, dy, *, atol: float = 1e-6, rtol: float = 1e-5) -> None:
-    want = _reference(x, cos, sin, dy)
+def _check(got, x, cos, sin, dy, *, layout: str = "pairs", atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    want = _reference(x, cos, sin, dy, layout)
     assert all(g.dtype == x.dtype and g.shape == x.shape for g in got)
     if x.dtype == torch.float32:
         for g, w, name in zip(got, want, ("out", "dx")):
-            assert_close(g, w, atol=atol, rtol=rtol, name=name)
+            assert_close(g, w, atol=atol, rtol=rtol, name=f"{name} {layout}")
     else:
-        same_dtype = _torch_same_dtype(x, cos, sin, dy)
+        same_dtype = _torch_same_dtype(x, cos, sin, dy, layout)
         for g, t, w, name in zip(got, same_dtype, want, ("out", "dx")):
-            assert_within_torch_error(g, t, w, name=f"{name} {x.dtype}")
+            assert_within_torch_error(g, t, w, name=f"{name} {layout} {x.dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,14 +119,94 @@ def test_matches_float64_reference(shape, dtype):
     _check(_run_kernel(x, cos, sin, dy), x, cos, sin, dy)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [*HALVES_SHAPES, *LARGE_SHAPES])
+def test_halves_matches_float64_reference(shape, dtype):
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    dy = torch.randn(shape, device=DEVICE, dtype=dtype)
+    cos, sin = _tables((shape[-2], shape[-1] // 2))
+    _check(_run_kernel(x, cos, sin, dy, "halves"), x, cos, sin, dy, layout="halves")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_tables_in_the_input_dtype(dtype):
+def test_tables_in_the_input_dtype(dtype, layout):
     x = torch.randn(2, 3, 17, 8, device=DEVICE, dtype=dtype)
     dy = torch.randn(2, 3, 17, 8, device=DEVICE, dtype=dtype)
     cos, sin = _tables((17, 4), dtype)
-    _check(_run_kernel(x, cos, sin, dy), x, cos, sin, dy)
+    _check(_run_kernel(x, cos, sin, dy, layout), x, cos, sin, dy, layout=layout)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [2, 6, 64, 130])
+def test_halves_matches_transformers_apply_rotary_pos_emb(head_dim, dtype):
+    """Hugging Face's Llama RoPE itself: its rotary embedding builds the duplicated (batch, seq, d)
+    tables in x's dtype, ``apply_rotary_pos_emb`` rotates q and k (fewer k heads, as with GQA);
+    the kernel gets the first half of the same tables."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    batch, seq = 2, 13
+    config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim, rope_theta=THETA)
+    q = torch.randn(batch, 3, seq, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, 1, seq, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    positions = torch.randint(0, 4096, (batch, seq), device=DEVICE)
+    cos_full, sin_full = LlamaRotaryEmbedding(config).to(DEVICE)(q, positions)  # (batch, seq, head_dim)
+    half = head_dim // 2
+    # The tables hold each angle twice, so their first half is all the kernel needs.
+    assert torch.equal(cos_full[..., half:], cos_full[..., :half])
+    assert torch.equal(sin_full[..., half:], sin_full[..., :half])
+    cos, sin = cos_full[:, None, :, :half], sin_full[:, None, :, :half]  # (batch, 1, seq, d/2)
+
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos_full, sin_full)
+    torch.autograd.backward((q_hf, k_hf), (dq, dk))
+    hf = {"q": (q_hf.detach(), q.grad), "k": (k_hf.detach(), k.grad)}
+    for name, x, dy in (("q", q, dq), ("k", k, dk)):
+        got = _run_kernel(x, cos, sin, dy, "halves")
+        want = _reference(x, cos, sin, dy, "halves")
+        for g, h, w, part in zip(got, hf[name], want, ("out", "dx")):
+            label = f"{part} of {name} vs transformers, head_dim {head_dim}"
+            if dtype == torch.float32:
+                assert_close(g, h, atol=1e-5, rtol=1e-5, name=label)
+            else:
+                # transformers computes in x's dtype: it is PyTorch's own error in the three-way rule.
+                assert_within_torch_error(g, h, w, name=f"{label} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_of_the_op(backend, layout, dtype):
+    """Each backend through ``get_op``, with per-sequence tables broadcast over the heads."""
+    op = get_op("rope", backend)
+    x = torch.randn(2, 3, 17, 130, device=DEVICE, dtype=dtype)
+    dy = torch.randn(2, 3, 17, 130, device=DEVICE, dtype=dtype)
+    cos, sin = _tables((2, 1, 17, 65))
+    _check(_run_kernel(x, cos, sin, dy, layout, op), x, cos, sin, dy, layout=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_plain_pytorch_backends_pass_gradcheck(backend, layout):
+    op = get_op("rope", backend)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.to(torch.float64) for t in _tables((2, 1, 5, 3)))
+    assert torch.autograd.gradcheck(lambda x: op(x, cos, sin, layout=layout), (x,))
+
+
+def test_halves_is_pairs_with_the_features_permuted():
+    """Rotating (x[i], x[i+d/2]) is rotating adjacent pairs after interleaving the two halves, exactly:
+    the same products in the same order, only read from other places."""
+    x = torch.randn(2, 3, 17, 130, device=DEVICE)
+    cos, sin = _tables((17, 65))
+    interleave = torch.arange(130, device=DEVICE).view(2, 65).t().flatten()  # 0, 65, 1, 66, ...
+    halves = apply_rope(x, cos, sin, layout="halves")
+    pairs = apply_rope(x[..., interleave], cos, sin)
+    assert torch.equal(halves[..., interleave], pairs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
     "x_shape, table_shape",
     [
@@ -107,11 +218,11 @@ def test_tables_in_the_input_dtype(dtype):
         ((2, 2, 3, 5, 8), (2, 1, 1, 5, 4)),  # leading dims that cannot be merged into one
     ],
 )
-def test_broadcast_tables(x_shape, table_shape):
+def test_broadcast_tables(x_shape, table_shape, layout):
     x = torch.randn(x_shape, device=DEVICE)
     dy = torch.randn(x_shape, device=DEVICE)
     cos, sin = _tables(table_shape)
-    _check(_run_kernel(x, cos, sin, dy), x, cos, sin, dy)
+    _check(_run_kernel(x, cos, sin, dy, layout), x, cos, sin, dy, layout=layout)
 
 
 def test_matches_the_model_rope_layer():
@@ -122,24 +233,26 @@ def test_matches_the_model_rope_layer():
     assert_close(got, rope(x, positions), atol=1e-6, rtol=1e-5, name="out vs RotaryPositionEmbedding")
 
 
-def test_non_contiguous_view_and_inputs_untouched():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous_view_and_inputs_untouched(layout):
     base = torch.randn(2, 17, 3, 8, device=DEVICE)  # (batch, seq, heads, d) as a projection yields
     x = base.transpose(1, 2)  # (batch, heads, seq, d), not contiguous
     cos, sin = _tables((17, 4))
     dy = torch.randn(2, 3, 17, 8, device=DEVICE)
     before = (x.clone(), cos.clone(), sin.clone(), dy.clone())
-    got = _run_kernel(x, cos, sin, dy)
-    _check(got, x, cos, sin, dy)
+    got = _run_kernel(x, cos, sin, dy, layout)
+    _check(got, x, cos, sin, dy, layout=layout)
     assert all(torch.equal(a, b) for a, b in zip((x, cos, sin, dy), before))
 
 
-def test_backward_is_the_inverse_rotation():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_is_the_inverse_rotation(layout):
     x = torch.randn(2, 3, 17, 8, device=DEVICE)
     dy = torch.randn(2, 3, 17, 8, device=DEVICE)
     cos, sin = _tables((17, 4))
-    _, dx = _run_kernel(x, cos, sin, dy)
-    assert torch.equal(dx, apply_rope(dy, cos, -sin))
-    round_trip = apply_rope(apply_rope(x, cos, sin), cos, -sin)
+    _, dx = _run_kernel(x, cos, sin, dy, layout)
+    assert torch.equal(dx, apply_rope(dy, cos, -sin, layout=layout))
+    round_trip = apply_rope(apply_rope(x, cos, sin, layout=layout), cos, -sin, layout=layout)
     assert_close(round_trip, x, atol=1e-6, rtol=1e-5, name="rotate then rotate back")
 
 
@@ -152,21 +265,25 @@ def test_tables_get_no_gradient():
     assert x.grad is not None and cos.grad is None and sin.grad is None
 
 
-def test_empty_input():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_input(layout):
     x = torch.randn(2, 0, 8, device=DEVICE, requires_grad=True)
     cos, sin = _tables((0, 4))
-    out = apply_rope(x, cos, sin)
+    out = apply_rope(x, cos, sin, layout=layout)
     out.sum().backward()
     assert out.shape == (2, 0, 8) and x.grad.shape == (2, 0, 8)
 
 
-def test_traced_by_torch_compile_without_graph_breaks():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_traced_by_torch_compile_without_graph_breaks(layout):
     backend = "inductor" if CUDA else "aot_eager"
-    compiled = torch.compile(lambda x, c, s: (apply_rope(x, c, s) * 2).sum(), fullgraph=True, backend=backend)
+    compiled = torch.compile(
+        lambda x, c, s: (apply_rope(x, c, s, layout=layout) * 2).sum(), fullgraph=True, backend=backend
+    )
     x = torch.randn(2, 3, 17, 8, device=DEVICE, requires_grad=True)
     cos, sin = _tables((2, 1, 17, 4))
     compiled(x, cos, sin).backward()
-    eager_out, eager_dx = _run_kernel(x, cos, sin, torch.full_like(x, 2.0))
+    eager_out, eager_dx = _run_kernel(x, cos, sin, torch.full_like(x, 2.0), layout)
     assert_close(x.grad, eager_dx, atol=1e-6, rtol=1e-6, name="dx under compile")
     assert_close(compiled(x, cos, sin), (eager_out * 2).sum(), atol=1e-4, rtol=1e-6, name="out under compile")
 
@@ -205,6 +322,16 @@ def _float(*shape: int, dtype: torch.dtype = torch.float32, device: str = DEVICE
 def test_bad_input_is_refused(x, cos, sin, error, match):
     with pytest.raises(error, match=match):
         apply_rope(x, cos, sin)
+
+
+@pytest.mark.parametrize("layout", ["half", "Halves", "interleaved", None])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_layout_is_refused(backend, layout):
+    op = get_op("rope", backend)
+    x, cos, sin = _float(2, 5, 8), _float(5, 4), _float(5, 4)
+    expected = rf"layout={re.escape(repr(layout))} is not a RoPE layout; expected one of \('pairs', 'halves'\)"
+    with pytest.raises(ValueError, match=expected):
+        op(x, cos, sin, layout=layout)
 
 
 @on_cuda_only
