@@ -1,9 +1,13 @@
-"""RoPE: rotate adjacent feature pairs (x[2i], x[2i+1]) of q or k by per-position angles.
+"""RoPE: rotate feature pairs of q or k by per-position angles, in both layouts.
 
-Shapes are (batch, seq, heads, head_dim); the tensor itself is laid out
-(batch, heads, seq, head_dim), as attention holds it and as
-``rope(x, cos, sin)`` takes it (x (..., seq, d), cos/sin (seq, d/2)).
-The cos/sin tables are in the input dtype, as in a model cast to bfloat16.
+Layout "pairs" rotates adjacent pairs (x[2i], x[2i+1]) (this project's
+model), "halves" rotates (x[i], x[i+d/2]) (Hugging Face's ``rotate_half``,
+what ``apply_kernels`` runs on a transformers model); the halves cases carry
+", halves" in their shape label. Shapes are (batch, seq, heads, head_dim); the
+tensor itself is laid out (batch, heads, seq, head_dim), as attention holds
+it and as ``rope(x, cos, sin, layout=...)`` takes it (x (..., seq, d),
+cos/sin (seq, d/2) in both layouts). The cos/sin tables are in the input
+dtype, as in a model cast to bfloat16.
 
 Bytes each mode must move (n = batch*heads*seq*head_dim elements of size s;
 tables of t bytes per element, cos + sin = seq * head_dim * t together):
@@ -15,16 +19,17 @@ tables of t bytes per element, cos + sin = seq * head_dim * t together):
 The backward is the inverse rotation (angle -theta), so it moves what the
 forward moves.
 
-Liger-Kernel is a speed reference only: its RoPE rotates the half-split
-pairs (x[i], x[i + d/2]), Hugging Face's convention, not adjacent pairs, so its
-output is a different function. It also takes q and k together; here the heads
-are split half to q and half to k, the same number of elements in total, and
-its tables are full width (seq, head_dim), twice ours, which this byte count
-leaves out.
+Liger-Kernel rotates the half-split pairs (x[i], x[i + d/2]), Hugging Face's
+convention: in the halves cases it computes the same function as ours, in the
+pairs cases a different one (a speed reference only). It takes q and k
+together; here the heads are split half to q and half to k, the same number
+of elements in total, and its tables are full width (seq, head_dim), twice
+ours, which this byte count leaves out.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -46,6 +51,7 @@ from common import (
 )
 
 THETA = 10000.0
+LAYOUTS = ("pairs", "halves")
 # (batch, seq, heads, head_dim): 8192 tokens of 32 heads of 128 (Llama-2 7B),
 # from many short sequences to one long one.
 SHAPES = pick_shapes(
@@ -81,8 +87,8 @@ def liger_case(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str)
     return liger_rope, args, (q, k), (torch.randn_like(q), torch.randn_like(k))
 
 
-def rope_provider(provider: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """op(x, cos, sin) for one provider; None for Liger, whose call differs (``liger_case``)."""
+def rope_provider(provider: str) -> Callable[..., torch.Tensor] | None:
+    """op(x, cos, sin, layout=...) for one provider; None for Liger, whose call differs (``liger_case``)."""
     from scratchlm.model import functional
     from scratchlm.model.backends import get_op
 
@@ -98,10 +104,11 @@ def rope_provider(provider: str) -> Callable[[torch.Tensor, torch.Tensor, torch.
     return None
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def bench_rope(benchmark, provider: str, shape: tuple[int, int, int, int], mode: str) -> None:
+def bench_rope(benchmark, provider: str, shape: tuple[int, int, int, int], mode: str, layout: str) -> None:
     op = rope_provider(provider)
     dtype = dtype_under_test()
     batch, seq, heads, head_dim = shape
@@ -110,8 +117,10 @@ def bench_rope(benchmark, provider: str, shape: tuple[int, int, int, int], mode:
     note = ""
     if provider == "liger":
         op, args, wrt, grad_outputs = liger_case(x, cos, sin, mode)
-        note = "half-split pairs (x[i], x[i+d/2]), a different function: speed reference only"
+        if layout == "pairs":
+            note = "pairs cases: Liger rotates (x[i], x[i+d/2]), a different function: speed reference only"
     else:
+        op = functools.partial(op, layout=layout)
         x.requires_grad_(mode == "fwd_bwd")
         args, wrt, grad_outputs = (x, cos, sin), (x,), (torch.randn_like(x),)
     step = forward_step(op, args) if mode == "fwd" else forward_backward_step(op, args, wrt, grad_outputs)
@@ -122,8 +131,9 @@ def bench_rope(benchmark, provider: str, shape: tuple[int, int, int, int], mode:
         provider=provider,
         mode=mode,
         shape=shape,
-        shape_label=f"{batch} x {seq} x {heads} x {head_dim}",
+        shape_label=f"{batch} x {seq} x {heads} x {head_dim}" + (", halves" if layout == "halves" else ""),
         bytes_moved=bytes_moved(shape, x.element_size(), cos.element_size(), mode),
         dtype=dtype,
         note=note,
+        extra={"layout": layout},
     )
