@@ -11,6 +11,7 @@ here and apply it; the model itself stays one ``TransformerLM`` whose
     mistral  mistral        llama (as llama.cpp)    sliding_window on every layer, head_dim
     gemma2   gemma2         gemma2                  the Gemma fields below; sliding/full layers alternate
     gemma3   gemma3_text    gemma3                  the Gemma fields, qk_norm, local_rope_theta; 5 sliding : 1 full
+             gemma3         (none: HF folders only)  its language model alone (see MULTIMODAL below)
 
 Gemma 2 and 3 (transformers' Gemma2Config, Gemma3TextConfig) set the same
 fields: norm_offset 1 (RMSNorm by 1 + w), post_norms, mlp_activation
@@ -21,7 +22,17 @@ final_logit_softcapping (Gemma 3: null). Their sliding layers are those
 (Gemma 2: 2, Gemma 3: 6). Gemma 3's sliding layers turn by their own RoPE
 base (``rope_parameters["sliding_attention"]``, or rope_local_base_freq in
 transformers < 5), unscaled; its full layers by rope_theta with any "linear"
-rope scaling.
+rope scaling. A field Gemma 3's config.json leaves out takes the value
+transformers' Gemma3TextConfig gives it (``Family.hf_defaults``).
+
+Gemma 3 with a vision tower (model_type "gemma3",
+Gemma3ForConditionalGeneration) is read as its language model: the config
+under ``text_config``, the tensors under ``language_model.model.`` (the
+names transformers writes, 5.x as 4.50 did) or ``model.language_model.``
+(its in-memory names since 4.52, which some saved folders carry; it reads
+both), the lm_head tied to the embedding unless the config unties it.
+The vision tower's and projector's tensors are skipped by name: their
+headers are read, their data never.
 
 Weight names are shared (a bias or q/k norm tensor has one name in every
 family that has it); a family only decides which of them a model holds,
@@ -45,7 +56,7 @@ so does this reader.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from scratchlm.model.config import ModelConfig
@@ -73,6 +84,31 @@ class Family:
     write_fields: Callable[[ModelConfig], dict[str, Any]] = lambda cfg: {}
     hidden_act: str = "silu"  # the HF name of the MLP gate's activation
     local_rope: bool = False  # sliding layers have their own RoPE base (Gemma 3)
+    # config.json field -> the value transformers' config class gives it when absent (where not Llama's)
+    hf_defaults: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Multimodal:
+    """An HF model_type holding a family's language model beside other towers; scratchlm reads the text part alone."""
+
+    name: str  # the HF model_type
+    hf_architecture: str  # config.json "architectures"
+    description: str  # what the model is, for messages
+    text: Family  # the language model's family; its config is config.json's "text_config"
+    text_prefixes: tuple[str, ...]  # where the language model's "model." tensors are stored (any one of these)
+    head_names: tuple[str, ...]  # where its lm_head.weight is stored, when it is
+    skipped_prefixes: tuple[str, ...]  # the other towers' tensors: never loaded
+    shared_fields: tuple[str, ...]  # top-level config.json fields that govern the language model too
+
+    def text_tensor_name(self, hf_name: str) -> str | None:
+        """The language model's own name for a stored tensor (None: another tower's; unknown names unchanged)."""
+        if hf_name.startswith(self.skipped_prefixes):
+            return None
+        if hf_name in self.head_names:
+            return "lm_head.weight"
+        prefix = next((prefix for prefix in self.text_prefixes if hf_name.startswith(prefix)), None)
+        return hf_name if prefix is None else "model." + hf_name.removeprefix(prefix)
 
 
 def _refuse(source: str, field: str, value: Any, expected: str) -> FamilyError:
@@ -217,6 +253,15 @@ def _gemma_field_values(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+# transformers' Gemma3TextConfig defaults (5.x; 4.5x the same), in config.json's field names; the RoPE bases are its
+# default_theta, read as transformers < 5 spelled them (rope_parameters, when present, say otherwise).
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+}  # fmt: skip
+
 # ------------------------------------------------------------------ the table
 
 FAMILIES: dict[str, Family] = {
@@ -233,8 +278,22 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": Family(
         "gemma3_text", "Gemma3ForCausalLM", "gemma3", True, False, True, _gemma_window(6), _gemma_window_fields,
         _gemma_fields, _gemma_field_values, "gelu_pytorch_tanh", local_rope=True,
+        hf_defaults=_GEMMA3_TEXT_DEFAULTS,
     ),  # fmt: skip
 }
+
+# model_type -> a language model read out of a multi-modal folder.
+MULTIMODAL: dict[str, Multimodal] = {
+    "gemma3": Multimodal(
+        "gemma3", "Gemma3ForConditionalGeneration", "Gemma 3 with a vision tower", FAMILIES["gemma3_text"],
+        text_prefixes=("language_model.model.", "model.language_model."),
+        head_names=("lm_head.weight", "language_model.lm_head.weight"),
+        skipped_prefixes=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                          "model.multi_modal_projector."),
+        # transformers 5 ties the lm_head by the top-level flag; a quantised folder states it at the top.
+        shared_fields=("tie_word_embeddings", "quantization_config"),
+    ),
+}  # fmt: skip
 
 # model_types refused by name, with why: known families scratchlm does not (yet) build.
 REFUSED_MODEL_TYPES = {
@@ -242,7 +301,6 @@ REFUSED_MODEL_TYPES = {
     "qwen3_moe": "a mixture-of-experts model (experts are not supported)",
     "mixtral": "a mixture-of-experts model (experts are not supported)",
     "gemma": "Gemma 1, not supported (Gemma 2 and Gemma 3 are)",
-    "gemma3": "Gemma 3 with its vision tower; save its language model alone (model_type gemma3_text)",
 }
 
 # GGUF general.architecture -> family (Mistral is written as "llama", so it reads as Llama).
@@ -263,7 +321,12 @@ def hf_family(model_type: Any, source: str) -> Family:
         return FAMILIES[model_type]
     if isinstance(model_type, str) and model_type in REFUSED_MODEL_TYPES:
         raise _refuse(source, "model_type", model_type, f"that is {REFUSED_MODEL_TYPES[model_type]}")
-    raise _refuse(source, "model_type", model_type, f"expected one of {sorted(FAMILIES)}")
+    raise _refuse(source, "model_type", model_type, f"expected one of {sorted([*FAMILIES, *MULTIMODAL])}")
+
+
+def hf_multimodal(model_type: Any) -> Multimodal | None:
+    """The multi-modal spec of a config.json's model_type, None when it names a text model (or nothing known)."""
+    return MULTIMODAL.get(model_type) if isinstance(model_type, str) else None
 
 
 def gguf_family(architecture: Any, source: str) -> Family:

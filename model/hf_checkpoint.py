@@ -1,4 +1,4 @@
-"""Reading a Hugging Face folder (Llama, Qwen2/2.5, Qwen3, Mistral): config.json plus safetensors weights.
+"""Reading a Hugging Face folder (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3): config.json plus safetensors weights.
 
     folder/config.json                      hyper-parameters; model_type picks the family (model/families.py)
     folder/model.safetensors                the weights, or shards listed in
@@ -6,7 +6,9 @@
     folder/tokenizer.json                   optional; read by scratchlm.tokenizer
 
 Everything that can be refused is refused from config.json and the
-safetensors headers, before a single weight is read. Pickle files
+safetensors headers, before a single weight is read. A multi-modal folder
+(Gemma 3 with its vision tower) is read as its language model: the other
+towers' tensors are named in the headers and never read. Pickle files
 (pytorch_model.bin) are never opened: loading one can run arbitrary code.
 
 Memory: safetensors memory-maps its file, and pages of a mapping that were
@@ -39,7 +41,7 @@ from scratchlm.model.weight_loading import (
     half_split_to_adjacent_rows,
     rotary_row_heads,
 )
-from scratchlm.model.families import FamilyError, family_name, hf_family
+from scratchlm.model.families import FamilyError, Multimodal, family_name, hf_family, hf_multimodal
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -199,14 +201,39 @@ def _rope_from_hf(values: dict, source: str) -> tuple[float, dict | None, float 
     return theta, llama3, local_theta
 
 
+def _text_config(values: dict, multimodal: Multimodal, source: str) -> dict:
+    """The language model's config.json values inside a multi-modal config: its ``text_config``, with the
+    top-level fields that govern it (transformers 5 ties the lm_head by the top-level tie_word_embeddings)."""
+    kind = f"model_type {multimodal.name!r} ({multimodal.description})"
+    architectures = values.get("architectures")
+    if architectures is not None and architectures != [multimodal.hf_architecture]:
+        raise _refuse(source, "architectures", architectures, f"{kind} expects [{multimodal.hf_architecture!r}]")
+    text = values.get("text_config")
+    if not isinstance(text, dict):
+        expected = f"{kind} holds its language model's config there, as an object"
+        raise _refuse(source, "text_config", text, expected)
+    model_type = text.get("model_type", multimodal.text.name)
+    if model_type != multimodal.text.name:
+        raise _refuse(source, "text_config.model_type", model_type, f"expected {multimodal.text.name!r}")
+    shared = {name: values[name] for name in multimodal.shared_fields if name in values}
+    return {**text, "model_type": multimodal.text.name, **shared}
+
+
 def config_from_hf(values: Any, source: str) -> ModelConfig:
-    """A ModelConfig from config.json contents (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3), or a refusal naming field and value."""
+    """A ModelConfig from config.json contents (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3), or a refusal naming field and value.
+
+    A multi-modal config (Gemma 3's) gives its language model's.
+    """
     if not isinstance(values, dict):
         raise PretrainedFormatError(f"{source} holds {type(values).__name__}; expected a JSON object")
+    multimodal = hf_multimodal(values.get("model_type"))
+    if multimodal is not None:
+        return config_from_hf(_text_config(values, multimodal, source), f"the text_config of {source}")
     try:
         family = hf_family(values.get("model_type"), source)
     except FamilyError as e:
         raise PretrainedFormatError(str(e)) from e
+    values = {**family.hf_defaults, **values}
     architectures = values.get("architectures")
     if architectures is not None and architectures != [family.hf_architecture]:
         raise _refuse(source, "architectures", architectures, f"expected [{family.hf_architecture!r}]")
@@ -314,19 +341,23 @@ def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def _plan(
-    folder: Path, config: ModelConfig
+    folder: Path, config: ModelConfig, multimodal: Multimodal | None = None
 ) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[str, tuple[int, ...]]], torch.dtype, tuple[Path, str] | None]:
     """Where each weight is ({ours: (file, HF name)}), the plan check_plan reads, the file's float dtype,
-    and where a tied model stores an lm_head.weight of its own (None if it stores none)."""
+    and where a tied model stores an lm_head.weight of its own (None if it stores none).
+
+    ``multimodal``: the folder holds that language model beside other towers, whose tensors are passed over.
+    """
     locations: dict[str, tuple[Path, str]] = {}
     tied_copy: tuple[Path, str] | None = None
     plan: dict[str, tuple[str, tuple[int, ...]]] = {}
     dtypes: dict[str, str] = {}
     for path in _shard_files(folder):
         for hf_name, (dtype, shape) in _read_header(path).items():
-            if _IGNORED.fullmatch(hf_name):
+            text_name = hf_name if multimodal is None else multimodal.text_tensor_name(hf_name)
+            if text_name is None or _IGNORED.fullmatch(text_name):
                 continue
-            ours = hf_to_scratchlm_name(hf_name, config.post_norms)
+            ours = hf_to_scratchlm_name(text_name, config.post_norms)
             if ours is None:
                 raise PretrainedFormatError(
                     f"{str(path)!r} has tensor {hf_name!r}, which a {family_name(config)} model does not have"
@@ -392,8 +423,9 @@ def load_hf_folder(
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_FILE}")
-    config = config_from_hf(read_json(config_path), repr(str(config_path)))
-    locations, _, file_dtype, tied_copy = _plan(folder, config)
+    values = read_json(config_path)
+    config = config_from_hf(values, repr(str(config_path)))
+    locations, _, file_dtype, tied_copy = _plan(folder, config, hf_multimodal(values.get("model_type")))
     if tied_copy is not None:
         _warn_if_tied_copy_differs(folder, locations["token_embeddings.weight"], tied_copy)
 

@@ -2,6 +2,7 @@
 
     model, tokenizer = load_pretrained("Llama-3.2-1B/")            # Hugging Face folder
     model, tokenizer = load_pretrained("Qwen3-0.6B/")              # ... of any known family (model/families.py)
+    model, tokenizer = load_pretrained("gemma-3-4b-it/")           # ... the language model beside a vision tower
     model, tokenizer = load_pretrained("llama-3.2-1b.Q4_0.gguf")   # llama.cpp GGUF file (llama, qwen2, qwen3)
     model, tokenizer = load_pretrained("runs/tinystories/")        # scratchlm run (newest checkpoint)
 
