@@ -204,6 +204,20 @@ def test_export_writes_a_gemma3_text_folder_transformers_loads(gemma3, tmp_path)
     assert read_pretrained_config(exported) == model.config == read_pretrained_config(folder)
 
 
+def test_a_terse_gemma3_text_config_takes_the_same_defaults(gemma3, tmp_path):
+    """The defaults belong to the gemma3_text family, not only to text_config: the exported folder with its config
+    cut to MINIMAL_TEXT_CONFIG is the same model to transformers' Gemma3ForCausalLM and to scratchlm."""
+    hf, folder = gemma3
+    model, _ = load_pretrained(folder, kernels="reference", device="cpu", tokenizer=False)
+    terse = export_hf(model, None, tmp_path / "terse")
+    (terse / "config.json").write_text(json.dumps({**MINIMAL_TEXT_CONFIG, "architectures": ["Gemma3ForCausalLM"]}))
+    assert read_pretrained_config(terse) == model.config
+    theirs = transformers.Gemma3ForCausalLM.from_pretrained(terse, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()  # fmt: skip
+    ids = token_ids()
+    assert_close(logits(theirs, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name="transformers, terse gemma3_text")
+
+
 def test_cli_generate_reads_the_folder_and_its_tokenizer(gemma3, capsys):
     hf, folder = gemma3
     prompt = "the theory of th"
