@@ -48,6 +48,7 @@ setup(
             # transformers reads GGUF files (the independent check of our GGUF reader) only with accelerate.
             "accelerate",
             "sentencepiece",  # the SentencePiece-style tokenizers are cross-checked against the real library
+            "peft",  # apply_kernels is tested with LoRA adapters on the patched projections
         ],
         # `make bench` draws its plot with matplotlib (skipped with a note without it);
         # bench_tokenizer.py compares training with Hugging Face's tokenizers.

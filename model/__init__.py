@@ -14,6 +14,7 @@ from scratchlm.model.config import PRESETS, ModelConfig
 from scratchlm.model.functional import document_ids_from_eos, scaled_dot_product_attention, silu, softmax
 from scratchlm.model.generation import decode, generate_ids, sample_next_token, stream
 from scratchlm.model.hf_export import export_hf
+from scratchlm.model.hf_kernels import apply_kernels
 from scratchlm.model.layers import Embedding, Linear, RMSNorm, RotaryPositionEmbedding, SwiGLU
 from scratchlm.model.pretrained import load_pretrained
 from scratchlm.model.transformer import TransformerBlock, TransformerLM
@@ -39,6 +40,7 @@ __all__ = [
     "SwiGLU",
     "TransformerBlock",
     "TransformerLM",
+    "apply_kernels",
     "decode",
     "document_ids_from_eos",
     "export_hf",
