@@ -22,8 +22,12 @@ timed). TFLOP/s counts the three matmuls, 6 N d V FLOPs.
 Shapes: "quick" (the default on the CPU) is N=8192, d=256, V=50257 in
 float32, the shape of the memory goal (the chunked backend's peak <= 5% of
 the reference's); "full" (the default on CUDA) is N = 8192 and 16384 at
-d=768, V=50257, and on CUDA also d=4096, V=128256, in bf16 on CUDA. Results
-go to benchmarks/results/linear_cross_entropy.json, and a table is printed.
+d=768, V=50257, and on CUDA also d=4096, V=128256, in bf16 on CUDA. Each
+shape set also runs its first shape at each d with Gemma 2's final
+soft-cap (logits z become 30 tanh(z / 30) before the cross-entropy), whose
+tanh and its derivative every provider adds to the same matmuls; the
+ratios compare rows of the same shape and cap. Results go to
+benchmarks/results/linear_cross_entropy.json, and a table is printed.
 """
 
 from __future__ import annotations
@@ -43,17 +47,22 @@ import torch
 ON_CUDA = torch.cuda.is_available()
 PROVIDERS = ("reference", "reference-compiled", "torch", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GEMMA2_FINAL_SOFTCAP = 30.0  # Gemma 2's final_logit_softcapping
 
 
-def shapes_for(kind: str) -> list[tuple[int, int, int, str]]:
-    """(N, d, V, dtype) rows of one shape set."""
+def shapes_for(kind: str) -> list[tuple[int, int, int, str, float | None]]:
+    """(N, d, V, dtype, final soft-cap or None) rows of one shape set: each d's first shape also with the cap."""
     if kind == "quick":
-        return [(8192, 256, 50257, "float32")]
-    dtype = "bfloat16" if ON_CUDA else "float32"
-    rows = [(8192, 768, 50257, dtype), (16384, 768, 50257, dtype)]
-    if ON_CUDA:
-        rows += [(8192, 4096, 128256, "bfloat16"), (16384, 4096, 128256, "bfloat16")]
-    return rows
+        rows = [(8192, 256, 50257, "float32")]
+    else:
+        dtype = "bfloat16" if ON_CUDA else "float32"
+        rows = [(8192, 768, 50257, dtype), (16384, 768, 50257, dtype)]
+        if ON_CUDA:
+            rows += [(8192, 4096, 128256, "bfloat16"), (16384, 4096, 128256, "bfloat16")]
+    first_at_each_d: dict[int, tuple[int, int, int, str]] = {}
+    for row in rows:
+        first_at_each_d.setdefault(row[1], row)
+    return [(*row, None) for row in rows] + [(*row, GEMMA2_FINAL_SOFTCAP) for row in first_at_each_d.values()]
 
 
 # ---------------------------------------------------------------- one measurement (in a child process)
@@ -70,8 +79,10 @@ def linear_cross_entropy_function(provider: str):
     return get_op("linear_cross_entropy", provider)
 
 
-def measure_one(provider: str, n: int, d: int, vocab: int, dtype_name: str, repeats: int) -> dict:
-    """Time and peak memory of forward + backward of one provider at one shape, in this process."""
+def measure_one(
+    provider: str, n: int, d: int, vocab: int, dtype_name: str, softcap: float | None, repeats: int
+) -> dict:
+    """Time and peak memory of forward + backward of one provider at one shape (and cap), in this process."""
     sys.path.insert(0, str(Path(__file__).parent))
     from process_memory import peak_memory_mib, reset_peak_memory, resident_mib
 
@@ -88,7 +99,7 @@ def measure_one(provider: str, n: int, d: int, vocab: int, dtype_name: str, repe
         if ON_CUDA:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        loss = loss_fn(hidden, weight, targets)
+        loss = loss_fn(hidden, weight, targets, softcap=softcap)
         loss.backward()
         if ON_CUDA:
             torch.cuda.synchronize()
@@ -98,7 +109,7 @@ def measure_one(provider: str, n: int, d: int, vocab: int, dtype_name: str, repe
     if provider == "reference-compiled" or ON_CUDA:
         step()
     else:
-        loss_fn(hidden[:64], weight, targets[:64]).backward()
+        loss_fn(hidden[:64], weight, targets[:64], softcap=softcap).backward()
     hidden.grad = weight.grad = None
 
     # Peak memory over one run, above what the inputs hold.
@@ -121,6 +132,7 @@ def measure_one(provider: str, n: int, d: int, vocab: int, dtype_name: str, repe
         "d": d,
         "vocab": vocab,
         "dtype": dtype_name,
+        "softcap": softcap,
         "loss": loss_value,
         "ms": 1000 * seconds,
         "tflops": 6 * n * d * vocab / seconds / 1e12,
@@ -131,10 +143,11 @@ def measure_one(provider: str, n: int, d: int, vocab: int, dtype_name: str, repe
 # ---------------------------------------------------------------- the driver
 
 
-def run_child(provider: str, shape: tuple[int, int, int, str], repeats: int, timeout: float) -> dict:
-    n, d, vocab, dtype = shape
-    command = [sys.executable, __file__, "--worker", provider, str(n), str(d), str(vocab), dtype, "--repeats", str(repeats)]
-    row = {"provider": provider, "n": n, "d": d, "vocab": vocab, "dtype": dtype}
+def run_child(provider: str, shape: tuple[int, int, int, str, float | None], repeats: int, timeout: float) -> dict:
+    n, d, vocab, dtype, softcap = shape
+    command = [sys.executable, __file__, "--worker", provider, str(n), str(d), str(vocab), dtype, str(softcap),
+               "--repeats", str(repeats)]  # fmt: skip
+    row = {"provider": provider, "n": n, "d": d, "vocab": vocab, "dtype": dtype, "softcap": softcap}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -145,13 +158,15 @@ def run_child(provider: str, shape: tuple[int, int, int, str], repeats: int, tim
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _case(row: dict) -> tuple:
+    return row["n"], row["d"], row["vocab"], row["dtype"], row.get("softcap")
+
+
 def add_ratios(results: list[dict]) -> None:
-    """Each row's time and peak as a fraction of the eager reference at the same shape."""
-    reference = {
-        (r["n"], r["d"], r["vocab"], r["dtype"]): r for r in results if r["provider"] == "reference" and "error" not in r
-    }
+    """Each row's time and peak as a fraction of the eager reference at the same shape and cap."""
+    reference = {_case(r): r for r in results if r["provider"] == "reference" and "error" not in r}
     for row in results:
-        base = reference.get((row["n"], row["d"], row["vocab"], row["dtype"]))
+        base = reference.get(_case(row))
         if base is None or "error" in row:
             continue
         row["time_vs_reference"] = row["ms"] / base["ms"]
@@ -161,11 +176,12 @@ def add_ratios(results: list[dict]) -> None:
 def format_table(results: list[dict], device_name: str) -> str:
     lines = [
         f"linear_cross_entropy forward+backward on {device_name}",
-        "| provider | N | d | V | dtype | ms | TFLOP/s | peak MiB | time / ref | peak % of ref |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| provider | N | d | V | dtype | soft-cap | ms | TFLOP/s | peak MiB | time / ref | peak % of ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        shape = f"| {r['provider']} | {r['n']} | {r['d']} | {r['vocab']} | {r['dtype']} |"
+        cap = "" if r.get("softcap") is None else f"{r['softcap']:g}"
+        shape = f"| {r['provider']} | {r['n']} | {r['d']} | {r['vocab']} | {r['dtype']} | {cap} |"
         if "error" in r:
             lines.append(f"{shape} error: {r['error'][:80]} | | | | |")
             continue
@@ -187,12 +203,14 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement process")
     default_out = Path(__file__).parent / "results" / "linear_cross_entropy.json"
     parser.add_argument("--out", type=Path, default=default_out, help="JSON file")
-    parser.add_argument("--worker", nargs=5, metavar=("PROVIDER", "N", "D", "V", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=6, metavar=("PROVIDER", "N", "D", "V", "DTYPE", "SOFTCAP"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
 
     if args.worker:
-        provider, n, d, vocab, dtype = args.worker
-        print(json.dumps(measure_one(provider, int(n), int(d), int(vocab), dtype, args.repeats)), flush=True)
+        provider, n, d, vocab, dtype, softcap = args.worker
+        cap = None if softcap == "None" else float(softcap)
+        print(json.dumps(measure_one(provider, int(n), int(d), int(vocab), dtype, cap, args.repeats)), flush=True)
         return 0
 
     providers = args.providers or [p for p in PROVIDERS if ON_CUDA or p != "triton"]
