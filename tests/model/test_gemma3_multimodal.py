@@ -75,9 +75,11 @@ def gemma3_vision_model():
 
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
-    """(transformers model, the folder it saved with the tiny tokenizer)."""
+    """(transformers model, the folder it saved with the tiny tokenizer), in shards as large checkpoints come."""
     model = gemma3_vision_model()
-    return model, save_hf_folder(model, tmp_path_factory.mktemp("gemma3"))
+    folder = save_hf_folder(model, tmp_path_factory.mktemp("gemma3"), max_shard_size="60KB")
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    return model, folder
 
 
 def token_ids(seq: int = SEQ, batch: int = 2) -> torch.Tensor:
@@ -94,6 +96,20 @@ def copy_folder(folder, to):
     to.mkdir()
     for path in folder.iterdir():
         (to / path.name).write_bytes(path.read_bytes())
+    return to
+
+
+def stored_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's shards, by its stored name."""
+    return {name: tensor for path in folder.glob("*.safetensors") for name, tensor in
+            safetensors_torch.load_file(path).items()}  # fmt: skip
+
+
+def one_file_folder(folder, to, tensors: dict[str, torch.Tensor]):
+    """``folder``'s config.json beside one model.safetensors holding ``tensors``."""
+    to.mkdir()
+    (to / "config.json").write_bytes((folder / "config.json").read_bytes())
+    safetensors_torch.save_file(tensors, to / "model.safetensors", metadata={"format": "pt"})
     return to
 
 
@@ -136,8 +152,7 @@ def test_in_memory_tensor_names_load_too(gemma3, tmp_path):
     """model.language_model.* / model.vision_tower.* (transformers' module names since 4.52) as well as the
     language_model.model.* it writes: transformers reads both, and so does scratchlm."""
     hf, folder = gemma3
-    renamed = copy_folder(folder, tmp_path / "renamed")
-    stored = safetensors_torch.load_file(folder / "model.safetensors")
+    stored = stored_tensors(folder)
     assert any(name.startswith("language_model.model.") for name in stored)
 
     def in_memory(name: str) -> str:
@@ -145,8 +160,7 @@ def test_in_memory_tensor_names_load_too(gemma3, tmp_path):
             return "model.language_model." + name.removeprefix("language_model.model.")
         return "model." + name  # vision_tower.*, multi_modal_projector.*
 
-    safetensors_torch.save_file({in_memory(k): v for k, v in stored.items()}, renamed / "model.safetensors",
-                                metadata={"format": "pt"})  # fmt: skip
+    renamed = one_file_folder(folder, tmp_path / "renamed", {in_memory(k): v for k, v in stored.items()})
     theirs = transformers.Gemma3ForConditionalGeneration.from_pretrained(
         renamed, dtype=torch.float32, attn_implementation="eager"
     ).eval()
@@ -184,7 +198,7 @@ def test_the_vision_tensors_are_never_read(gemma3, monkeypatch):
 
     monkeypatch.setattr(safetensors, "safe_open", Recording)
     load_pretrained(folder, kernels="reference", device="cpu", tokenizer=False)
-    stored = set(safetensors_torch.load_file(folder / "model.safetensors"))
+    stored = set(stored_tensors(folder))
     assert sorted(read) == sorted(name for name in stored if name.startswith("language_model.model."))
     assert any(name.startswith("vision_tower.") for name in stored)
     assert any(name.startswith("multi_modal_projector.") for name in stored)
@@ -253,9 +267,7 @@ def test_refusals_name_the_field(gemma3, tmp_path, edit, match):
 
 def test_a_tensor_of_neither_part_is_refused_by_name(gemma3, tmp_path):
     _, folder = gemma3
-    broken = copy_folder(folder, tmp_path / "broken")
-    stored = safetensors_torch.load_file(folder / "model.safetensors")
-    stored["language_model.model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2, 2)
-    safetensors_torch.save_file(stored, broken / "model.safetensors", metadata={"format": "pt"})
+    extra = {"language_model.model.layers.0.mlp.extra_proj.weight": torch.zeros(2, 2)}
+    broken = one_file_folder(folder, tmp_path / "broken", {**stored_tensors(folder), **extra})
     with pytest.raises(PretrainedFormatError, match=r"'language_model\.model\.layers\.0\.mlp\.extra_proj\.weight'"):
         load_pretrained(broken, device="cpu", tokenizer=False)
