@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch as safetensors_torch
 import torch
 from helpers import assert_close
 from llama_fixtures import TINY_LLAMA, TOKENIZER, VOCAB_SIZE, hf_greedy, save_hf_folder
@@ -23,7 +24,6 @@ from scratchlm.model import PretrainedFormatError, export_hf, load_pretrained
 from scratchlm.model.pretrained import read_pretrained_config
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the reference models")
-safetensors_torch = pytest.importorskip("safetensors.torch", reason="the renamed folder is written with safetensors")
 
 ATOL, RTOL = 1e-4, 1e-4
 WINDOW, SEQ = 8, 40
