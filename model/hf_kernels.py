@@ -54,9 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchlm.model.backends import KernelsSpec, OpBackends, get_op, resolve_kernels
-
-ATTENTION_NAME = "scratchlm"
+from scratchlm.model.backends import KernelsSpec, get_op, resolve_kernels
+from scratchlm.model.hf_attention import ATTENTION_NAME, attention_interfaces, register_attention
 
 # The gate op for each MLP activation name transformers' configs use.
 _GATES = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_tanh": "geglu"}
@@ -104,9 +103,11 @@ def apply_kernels(model: nn.Module, kernels: KernelsSpec = "auto") -> nn.Module:
     ``model``: one of ``SUPPORTED_MODELS`` (a PEFT model wrapping one is
     accepted: its base model is patched). ``kernels``: as for
     ``TransformerLM(kernels=...)``, one choice for every op or a dict per op,
-    resolved for the device of the model's parameters. Applying again replaces
-    the previous choice. Raises ValueError (``KernelsUnavailableError`` for
-    Triton where it cannot run) before changing anything.
+    resolved for the device of the model's parameters; the resolved op ->
+    backend choice is kept as ``scratchlm_backends`` on the patched model.
+    Applying again replaces the previous choice. Raises ValueError
+    (``KernelsUnavailableError`` for Triton where it cannot run) before
+    changing anything.
     """
     target = _unwrap_peft(model)
     family = _family_of(target)
@@ -117,7 +118,7 @@ def apply_kernels(model: nn.Module, kernels: KernelsSpec = "auto") -> nn.Module:
     _check_config(text_model.config, family, type(target).__name__)
     plan = _patch_plan(text_model, family)
     ops = {op: get_op(op, backend, device) for op, backend in backends.items()}
-    _register_attention()
+    register_attention()
 
     # Nothing below raises: the model is either patched whole or (above) untouched.
     _own_config(target)
@@ -165,7 +166,8 @@ def _check_config(config, family: _Family, model_name: str) -> None:
     dropout = getattr(config, "attention_dropout", 0.0) or 0.0
     if dropout != 0.0:
         raise ValueError(
-            f"{model_name} has config.attention_dropout={dropout!r}; scratchlm's attention has no dropout (expected 0.0)"
+            f"{model_name} has config.attention_dropout={dropout!r}; "
+            "scratchlm's attention has no dropout (expected 0.0)"
         )
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError(
@@ -266,7 +268,7 @@ def _attention_forward(
         key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
 
     fallback = sys.modules[type(self).__module__].eager_attention_forward
-    attention = _attention_interfaces().get_interface(self.config._attn_implementation, fallback)
+    attention = attention_interfaces().get_interface(self.config._attn_implementation, fallback)
     extra = {"softcap": self.attn_logit_softcapping} if self.scratchlm_family.attention_softcap else {}
     window = getattr(self.config if self.scratchlm_family.window_from_config else self, "sliding_window", None)
     out, weights = attention(
@@ -286,108 +288,6 @@ def _patch_attention(module: nn.Module, family: _Family, ops: dict[str, Callable
 
 
 _PATCHERS = {"norm": _patch_norm, "mlp": _patch_mlp, "attention": _patch_attention}
-
-
-# --- the attention function registered with transformers ---------------------------------------
-
-
-def _attention_interfaces():
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS
-
-
-def _register_attention() -> None:
-    """Register ``scratchlm_attention`` and its mask format under ``ATTENTION_NAME`` (global, idempotent).
-
-    The mask format is flash-attention's: create_causal_mask hands over the 2-D
-    padding mask (None when nothing is padded), never a 4-D one.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-
-    AttentionInterface.register(ATTENTION_NAME, scratchlm_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
-
-
-def scratchlm_attention(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    position_ids: Tensor | None = None,
-    cu_seq_lens_k: Tensor | None = None,
-    **kwargs,
-) -> tuple[Tensor, None]:
-    """transformers' attention-function interface on scratchlm's "attention" op.
-
-    query (batch, heads, q_seq, d), key/value (batch, kv_heads, k_seq, d) ->
-    (batch, q_seq, heads, d) and no attention weights, as flash attention
-    returns them. The op is the module's ``scratchlm_attention`` (set by
-    ``apply_kernels``; the "auto" backend on a module it did not patch).
-    """
-    if dropout:
-        raise ValueError(f"dropout={dropout!r}: scratchlm's attention has no dropout; expected 0.0")
-    attend = getattr(module, "scratchlm_attention", None) or get_op("attention", "auto", query.device)
-    document_ids = _document_ids(attention_mask, position_ids, cu_seq_lens_k, query, key)
-    options = {"document_ids": document_ids, "scale": scaling, "window": sliding_window, "softcap": softcap}
-    out = attend(query, key, value, **{name: value for name, value in options.items() if value is not None})
-    return out.transpose(1, 2), None
-
-
-def _document_ids(
-    attention_mask: Tensor | None, position_ids: Tensor | None, cu_seq_lens_k: Tensor | None, query: Tensor, key: Tensor
-) -> Tensor | None:
-    """int32 (batch, k_seq) document ids for the attention op, or None for plain causal rows.
-
-    - a 2-D padding mask (1 = token): its runs are documents, so the real tokens
-      (one run: left or right padding) see only each other; the padding
-      positions form their own documents, whose outputs nothing reads;
-    - ``cu_seq_lens_k`` (flattened packed rows, as HF's flash path takes them):
-      document i spans positions cu[i] .. cu[i+1] - 1;
-    - packed ``position_ids`` without a cache (q_seq == k_seq): a new document
-      wherever a position is not its predecessor + 1, the rule transformers'
-      own masks use (``find_packed_sequence_indices``).
-    """
-    batch, k_len = key.shape[0], key.shape[-2]
-    if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape != (batch, k_len):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; scratchlm's attention expects the 2-D "
-                f"padding mask ({batch}, {k_len}) (custom 4-D masks need another attention implementation)"
-            )
-        mask = attention_mask.bool()
-        if not torch.compiler.is_compiling():
-            # A row may start with padding and end with padding, but hold one run of tokens.
-            runs = mask[:, 0].int() + (mask[:, 1:] & ~mask[:, :-1]).sum(-1)
-            if bool((runs > 1).any()):
-                raise ValueError(
-                    "attention_mask has padding between tokens of one row; scratchlm's attention expects left or "
-                    "right padding (one run of 1s per row)"
-                )
-        changes = (mask[:, 1:] != mask[:, :-1]).to(torch.int32).cumsum(-1, dtype=torch.int32)
-        return F.pad(changes, (1, 0))
-    if cu_seq_lens_k is not None:
-        if batch != 1:
-            raise ValueError(
-                f"cu_seq_lens_k is given for a batch of {batch} rows; expected the flattened (1, tokens) layout"
-            )
-        positions = torch.arange(k_len, device=key.device)
-        ids = torch.searchsorted(cu_seq_lens_k[1:].to(key.device, torch.int64), positions, right=True)
-        return ids.to(torch.int32).unsqueeze(0)
-    if position_ids is None or position_ids.shape[-1] != k_len or query.shape[-2] != k_len:
-        return None
-    positions = position_ids.expand(batch, -1)
-    starts = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1
-    ids = starts.to(torch.int32).cumsum(-1, dtype=torch.int32)
-    if not torch.compiler.is_compiling() and not bool(ids[:, -1].any()):
-        return None  # one document per row: the plain causal path
-    return ids
 
 
 # --- the loss ---------------------------------------------------------------------------------
@@ -476,7 +376,3 @@ def _refuse_images(arguments: dict) -> None:
     if token_type_ids is not None and bool(token_type_ids.any()):
         raise ValueError("token_type_ids marks image tokens; apply_kernels patches Gemma 3's text path only")
 
-
-def patched_backends(model: nn.Module) -> OpBackends | None:
-    """The op -> backend choice ``apply_kernels`` applied to ``model`` (or its PEFT base), None if unpatched."""
-    return getattr(_unwrap_peft(model), "scratchlm_backends", None)

@@ -17,15 +17,19 @@ _COMMON = dict(
     num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
 )  # fmt: skip
 
+# Qwen: layer 0 full attention, layer 1 windowed.
+_QWEN_WINDOW = dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+
 # family -> (config class, model class, config fields beyond _COMMON)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _QWEN_WINDOW),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _QWEN_WINDOW),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
     "gemma2": (
         "Gemma2Config", "Gemma2ForCausalLM",
-        dict(sliding_window=WINDOW, attn_logit_softcapping=20.0, final_logit_softcapping=10.0, query_pre_attn_scalar=24),
+        dict(sliding_window=WINDOW, attn_logit_softcapping=20.0, final_logit_softcapping=10.0,
+             query_pre_attn_scalar=24),
     ),
     "gemma3": (
         "Gemma3TextConfig", "Gemma3ForCausalLM",

@@ -83,6 +83,7 @@ def test_the_patch_is_per_instance() -> None:
     # Built from one config object, yet the unpatched model keeps transformers' attention and forwards.
     assert reference.config._attn_implementation == "eager"
     assert patched.config._attn_implementation == ATTENTION_NAME
+    assert patched.scratchlm_backends["attention"] == "torch" and not hasattr(reference, "scratchlm_backends")
     assert all(m.config is patched.config for m in patched.modules() if "config" in m.__dict__)
     assert "forward" not in reference.model.layers[0].self_attn.__dict__
     assert "forward" not in reference.__dict__
@@ -94,3 +95,27 @@ def test_the_patch_is_per_instance() -> None:
     batch = tiny.padded_batch()
     assert reference(**batch).logits is not None
     assert patched(**batch).logits is None
+
+
+def _step_outputs(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Loss, logits and every gradient."""
+    loss, grads = _loss_and_grads(model, batch)
+    return {"loss": loss, "logits": _logits(model, batch), **grads}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_error_within_twice_transformers_own(dtype: torch.dtype) -> None:
+    # The three-way rule: against float64 transformers, the patched model's error in a 16-bit dtype is at
+    # most twice transformers' own error in that dtype (relative norms, per output and gradient).
+    exact = tiny.model("gemma2").double()
+    own = tiny.twin(exact, "gemma2").to(dtype)
+    patched = apply_kernels(tiny.twin(exact, "gemma2").to(dtype), kernels="torch")
+    # Packed rows, not padded ones: transformers' float64 eager attention turns fully masked padding rows into NaN.
+    batch = tiny.packed_batch()
+    expected = _step_outputs(exact, batch)
+    own_outputs, patched_outputs = _step_outputs(own, batch), _step_outputs(patched, batch)
+    for name, value in expected.items():
+        scale = value.norm().clamp_min(1e-12)
+        own_error = (own_outputs[name].double() - value).norm() / scale
+        patched_error = (patched_outputs[name].double() - value).norm() / scale
+        assert patched_error <= 2 * own_error + 1e-6, f"{name}: {patched_error:.3g} vs transformers' {own_error:.3g}"

@@ -173,7 +173,7 @@ def _assert_untouched(model: torch.nn.Module, before: tuple) -> None:
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)), "GPT2LMHeadModel"),
+        (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)), "GPT2LMHead"),
         (lambda: transformers.LlamaModel(tiny.config("llama")), "LlamaModel"),
         (lambda: tiny.model("llama", hidden_act="gelu"), "hidden_act='gelu'"),
         (lambda: tiny.model("mistral", attention_dropout=0.1), "attention_dropout=0.1"),
