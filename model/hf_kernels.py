@@ -15,9 +15,10 @@ model in the process, keep Hugging Face's code):
   ``layout="halves"`` (HF's ``rotate_half``, the first d/2 angles of HF's
   tables) and the attention is the function registered with
   ``AttentionInterface`` under ``ATTENTION_NAME``, which the instance's own
-  config selects. That function runs the ``attention`` op (FlashAttention-2
-  on "triton"): causal, grouped-query, sliding windows, soft-capping, and
-  packed or padded rows turned into ``document_ids`` (see ``_document_ids``);
+  config selects (``scratchlm.model.hf_attention``). That function runs the
+  ``attention`` op (FlashAttention-2 on "triton"): causal, grouped-query,
+  sliding windows, soft-capping, and packed or padded rows turned into
+  ``document_ids``;
 - the ``...ForCausalLM`` forward: with ``labels`` while training, the
   ``linear_cross_entropy`` op computes the loss from the final hidden states
   and the lm_head weight, so the (tokens x vocab) logits never exist; HF's
