@@ -40,7 +40,9 @@ test-gpu: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),$(READY))
 # bench_tokenizer.py is a plain script: tokenizer speed vs tiktoken and HF tokenizers;
 # bench_train.py too: training tokens/s, MFU and memory per kernel backend, eager and compiled;
 # bench_linear_cross_entropy.py: time and peak memory of the linear_cross_entropy op (lm_head +
-# cross-entropy) per backend.
+# cross-entropy) per backend;
+# bench_hf.py: a training step of Llama-3- and Gemma-3-shaped transformers models, unpatched vs
+# scratchlm.model.apply_kernels (tokens/s, peak memory).
 BENCH_RESULTS := benchmarks/results
 BENCH_PYTEST := -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' --benchmark-only
 BENCH_FILES := --json $(BENCH_RESULTS)/kernels.json --skips $(BENCH_RESULTS)/skipped.json
@@ -55,6 +57,7 @@ bench: $(BENCH_READY)
 	$(BIN)/python benchmarks/bench_tokenizer.py --out $(BENCH_RESULTS)/tokenizer.json
 	$(BIN)/python benchmarks/bench_train.py --out $(BENCH_RESULTS)/train.json
 	$(BIN)/python benchmarks/bench_linear_cross_entropy.py --out $(BENCH_RESULTS)/linear_cross_entropy.json
+	$(BIN)/python -P benchmarks/bench_hf.py --out $(BENCH_RESULTS)/hf.json
 
 # The kernel tests (interpreter and sm_90 compilation) under Triton 3.6, the oldest Triton of the
 # GPU images we run on, in a venv of their own beside .venv; `make test` (CI's budget) leaves them out.
