@@ -117,6 +117,7 @@ def apply_kernels(model: nn.Module, kernels: KernelsSpec = "auto") -> nn.Module:
     backends = resolve_kernels(kernels, device)
     text_model = _text_model(target)
     _check_config(text_model.config, family, type(target).__name__)
+    _check_rotary(text_model, type(target).__name__)
     plan = _patch_plan(text_model, family)
     ops = {op: get_op(op, backend, device) for op, backend in backends.items()}
     register_attention()
@@ -176,6 +177,18 @@ def _check_config(config, family: _Family, model_name: str) -> None:
         )
     if not getattr(config, "is_causal", True):
         raise ValueError(f"{model_name} has config.is_causal=False; scratchlm's attention is causal only")
+
+
+def _check_rotary(text_model: nn.Module, model_name: str) -> None:
+    """Refuse RoPE tables that rotate only part of each head: the rope op rotates whole heads."""
+    config = text_model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for name, inv_freq in text_model.rotary_emb.named_buffers():
+        if name.endswith("inv_freq") and 2 * inv_freq.numel() != head_dim:
+            raise ValueError(
+                f"{model_name}'s rotary_emb.{name} holds {inv_freq.numel()} frequencies for head_dim {head_dim}; "
+                f"apply_kernels rotates whole heads (expected {head_dim // 2})"
+            )
 
 
 def _patch_plan(text_model: nn.Module, family: _Family) -> list[tuple[str, nn.Module]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -157,6 +159,19 @@ def test_gemma3_multimodal_language_model() -> None:
         patched(**batch, pixel_values=torch.zeros(2, 3, 28, 28))
 
 
+def test_save_pretrained_and_deepcopy(tmp_path) -> None:
+    # The checkpoint is transformers' own (same keys, no trace of the patch); a copy is patched on its own.
+    patched = apply_kernels(tiny.model("llama"), kernels="torch")
+    patched.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config._attn_implementation != ATTENTION_NAME
+    assert all(torch.equal(value, patched.state_dict()[name]) for name, value in loaded.state_dict().items())
+    copied = copy.deepcopy(patched)
+    assert copied.forward.__self__ is copied and copied.model.layers[0].mlp.forward.__self__ is copied.model.layers[0].mlp
+    batch = tiny.padded_batch()
+    _assert_same(_grads(copied, batch), _grads(patched, batch))
+
+
 def _snapshot(model: torch.nn.Module) -> tuple:
     forwards = tuple(m.__dict__.get("forward") for m in model.modules())
     state = {name: value.clone() for name, value in model.state_dict().items()}
@@ -170,6 +185,13 @@ def _assert_untouched(model: torch.nn.Module, before: tuple) -> None:
     assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
 
 
+def _partial_rotary_llama() -> torch.nn.Module:
+    # No supported family rotates part of a head today; a table of 4 of 8 frequencies stands in for one.
+    model = tiny.model("llama")
+    model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq[:4]
+    return model
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
@@ -178,6 +200,7 @@ def _assert_untouched(model: torch.nn.Module, before: tuple) -> None:
         (lambda: tiny.model("llama", hidden_act="gelu"), "hidden_act='gelu'"),
         (lambda: tiny.model("mistral", attention_dropout=0.1), "attention_dropout=0.1"),
         (lambda: tiny.model("gemma3", use_bidirectional_attention=True), "use_bidirectional_attention"),
+        (_partial_rotary_llama, "holds 4 frequencies for head_dim 16"),
     ],
 )
 def test_refusals_leave_the_model_untouched(build, message: str) -> None:
