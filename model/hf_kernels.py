@@ -127,7 +127,7 @@ def apply_kernels(model: nn.Module, kernels: KernelsSpec = "auto") -> nn.Module:
     text_model.config._attn_implementation = ATTENTION_NAME
     for kind, module in plan:
         _PATCHERS[kind](module, family, ops)
-    _patch_causal_lm(target, family, ops)
+    _patch_causal_lm(target, ops)
     target.scratchlm_backends = backends
     return model
 
@@ -307,7 +307,7 @@ _PATCHERS = {"norm": _patch_norm, "mlp": _patch_mlp, "attention": _patch_attenti
 # --- the loss ---------------------------------------------------------------------------------
 
 
-def _patch_causal_lm(model: nn.Module, family: _Family, ops: dict[str, Callable]) -> None:
+def _patch_causal_lm(model: nn.Module, ops: dict[str, Callable]) -> None:
     original = type(model).forward
     # Positional argument names of HF's forward, read once (a signature bind in forward would break torch.compile).
     names = [

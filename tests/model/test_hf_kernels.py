@@ -60,6 +60,17 @@ def test_torch_backend_matches_transformers(family: str, case: str) -> None:
     _assert_same_logits(reference, patched, batch)
 
 
+@pytest.mark.parametrize(("family", "case"), [("gemma2", "padded"), ("qwen3", "packed")])
+def test_reference_backend_matches_transformers(family: str, case: str) -> None:
+    # "auto" on the CPU: the written-out reference ops.
+    reference = tiny.model(family)
+    patched = apply_kernels(tiny.twin(reference, family), kernels="reference")
+    assert set(patched.scratchlm_backends.values()) == {"reference"}
+    batch = BATCHES[case]()
+    _assert_same_training_step(reference, patched, batch)
+    _assert_same_logits(reference, patched, batch)
+
+
 # The interpreter runs a training step in ~15 s, so each family difference is covered once: GQA, padding,
 # soft-capped attention and logits, windows, 1 + w norms and GeGLU (Gemma 2); SwiGLU, q/k norms and windows
 # on packed rows (Qwen3); two RoPE tables and windows on packed rows (Gemma 3).
