@@ -36,6 +36,23 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
 
 
+def check_padding(attention_mask: Tensor | None) -> None:
+    """Refuse a 2-D padding mask with padding between tokens: documents cannot express its holes.
+
+    Called once per model forward (it reads the mask on the host), not per layer.
+    """
+    if attention_mask is None or attention_mask.dim() != 2 or torch.compiler.is_compiling():
+        return
+    mask = attention_mask.bool()
+    # A row may start with padding and end with padding, but hold one run of tokens.
+    runs = mask[:, 0].int() + (mask[:, 1:] & ~mask[:, :-1]).sum(-1)
+    if bool((runs > 1).any()):
+        raise ValueError(
+            "attention_mask has padding between tokens of one row; scratchlm's attention expects left or "
+            "right padding (one run of 1s per row)"
+        )
+
+
 def scratchlm_attention(
     module: nn.Module,
     query: Tensor,
@@ -72,7 +89,7 @@ def _document_ids(
     """int32 (batch, k_seq) document ids for the attention op, or None for plain causal rows.
 
     - a 2-D padding mask (1 = token): its runs are documents, so the real tokens
-      (one run: left or right padding) see only each other; the padding
+      (one run: left or right padding, see ``check_padding``) see only each other; the padding
       positions form their own documents, whose outputs nothing reads;
     - ``cu_seq_lens_k`` (flattened packed rows, as HF's flash path takes them):
       document i spans positions cu[i] .. cu[i+1] - 1;
@@ -88,14 +105,6 @@ def _document_ids(
                 f"padding mask ({batch}, {k_len}) (custom 4-D masks need another attention implementation)"
             )
         mask = attention_mask.bool()
-        if not torch.compiler.is_compiling():
-            # A row may start with padding and end with padding, but hold one run of tokens.
-            runs = mask[:, 0].int() + (mask[:, 1:] & ~mask[:, :-1]).sum(-1)
-            if bool((runs > 1).any()):
-                raise ValueError(
-                    "attention_mask has padding between tokens of one row; scratchlm's attention expects left or "
-                    "right padding (one run of 1s per row)"
-                )
         changes = (mask[:, 1:] != mask[:, :-1]).to(torch.int32).cumsum(-1, dtype=torch.int32)
         return F.pad(changes, (1, 0))
     if cu_seq_lens_k is not None:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scratchlm.model.backends import KernelsSpec, get_op, resolve_kernels
-from scratchlm.model.hf_attention import ATTENTION_NAME, attention_interfaces, register_attention
+from scratchlm.model.hf_attention import ATTENTION_NAME, attention_interfaces, check_padding, register_attention
 
 # The gate op for each MLP activation name transformers' configs use.
 _GATES = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_tanh": "geglu"}
@@ -322,6 +322,7 @@ def _patch_causal_lm(model: nn.Module, ops: dict[str, Callable]) -> None:
         arguments = dict(zip(names, args))
         arguments.update(kwargs)
         _refuse_images(arguments)
+        check_padding(arguments.get("attention_mask"))
         labels = arguments.get("labels")
         logits_to_keep = arguments.get("logits_to_keep", 0)
         fused = (
