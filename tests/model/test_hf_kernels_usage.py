@@ -167,7 +167,8 @@ def test_save_pretrained_and_deepcopy(tmp_path) -> None:
     assert loaded.config._attn_implementation != ATTENTION_NAME
     assert all(torch.equal(value, patched.state_dict()[name]) for name, value in loaded.state_dict().items())
     copied = copy.deepcopy(patched)
-    assert copied.forward.__self__ is copied and copied.model.layers[0].mlp.forward.__self__ is copied.model.layers[0].mlp
+    mlp = copied.model.layers[0].mlp
+    assert copied.forward.__self__ is copied and mlp.forward.__self__ is mlp
     batch = tiny.padded_batch()
     _assert_same(_grads(copied, batch), _grads(patched, batch))
 
