@@ -106,6 +106,14 @@ def test_the_patch_is_per_instance() -> None:
     batch = tiny.padded_batch()
     assert reference(**batch).logits is not None
     assert patched(**batch).logits is None
+    # In eval mode labels take transformers' logits path on the patched modules: logits and loss both.
+    reference.eval()
+    patched.eval()
+    with torch.no_grad():
+        expected, got = reference(**batch), patched(**batch)
+    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=ATOL)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got.logits[real], expected.logits[real], atol=ATOL, rtol=ATOL)
 
 
 def _step_outputs(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:

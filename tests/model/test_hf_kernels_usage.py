@@ -92,10 +92,11 @@ def test_gradient_checkpointing() -> None:
     _assert_same(_grads(patched, batch), expected)
 
 
-def test_generate_uses_the_logits_path_and_the_cache() -> None:
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_generate_uses_the_logits_path_and_the_cache(family: str) -> None:
     # Left-padded prompts, then one token at a time through the KV cache (windowed layers included).
-    reference = tiny.model("qwen2")
-    patched = apply_kernels(tiny.twin(reference, "qwen2"), kernels="torch")
+    reference = tiny.model(family)
+    patched = apply_kernels(tiny.twin(reference, family), kernels="torch")
     prompts = tiny.padded_batch()
     attention_mask = prompts["attention_mask"].clone()
     attention_mask[1] = 1  # generate pads on the left
