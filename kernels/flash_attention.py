@@ -49,13 +49,13 @@ INTERPRETER_BLOCKS = (16, 16)  # (BLOCK_M, BLOCK_N)
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_autotuner(block_d: int, element_size: int, capability: int, shared_memory: int):
+def _forward_autotuner(block_d: int, element_size: int, capability: int, shared_memory: int, windowed: bool):
     # One autotuner per (padded head dim, dtype size): its configs are pruned
     # ahead of time, so torch.compile sees a plain configs + key autotune.
     # The key holds power-of-two length buckets, not the lengths: decoding
     # with a growing KV cache must not re-tune at every new key length.
     return triton.autotune(
-        configs=forward_configs(block_d, element_size, capability, shared_memory),
+        configs=forward_configs(block_d, element_size, capability, shared_memory, windowed),
         key=["q_len_bucket", "k_len_bucket", "head_dim", "CAUSAL", "DOCUMENTS", "WINDOW", "SOFTCAP"],
     )(flash_attention_fwd_kernel)
 
@@ -120,7 +120,9 @@ def flash_attention_fwd(
         kernel, settings = flash_attention_fwd_kernel, {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
     else:
         device = q.device.index or 0
-        kernel = _forward_autotuner(block_d, q.element_size(), device_capability(device), shared_memory_per_block(device))
+        capability, shared_memory = device_capability(device), shared_memory_per_block(device)
+        windowed = window is not None or softcap is not None
+        kernel = _forward_autotuner(block_d, q.element_size(), capability, shared_memory, windowed)
         settings = {}
 
     def grid(meta):
@@ -175,7 +177,8 @@ def flash_attention_bwd(
         s = {"BLOCK_M": INTERPRETER_BLOCKS[0], "BLOCK_N": INTERPRETER_BLOCKS[1], "num_warps": 4, "num_stages": 1}
     else:
         device = q.device.index or 0
-        s = backward_settings(block_d, q.element_size(), device_capability(device), shared_memory_per_block(device))
+        s = backward_settings(block_d, q.element_size(), device_capability(device), shared_memory_per_block(device),
+                              window is not None or softcap is not None)  # fmt: skip
     block_m, block_n = s["BLOCK_M"], s["BLOCK_N"]
     launch_options = {"num_warps": s["num_warps"], "num_stages": s["num_stages"]}
     delta = torch.empty_like(lse)

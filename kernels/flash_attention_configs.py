@@ -29,11 +29,17 @@ What decides each choice:
   known generation below it (a B300, sm_103, runs B200's tiles; anything
   below sm_80 runs A100's), still pruned by its own shared memory.
 
+* **Windows and soft-capping.** A sliding window adds a lower bound per
+  row and soft-capping a tanh per score: a few registers more, so attention
+  with either takes windowed tables (``windowed=True``): each generation's
+  own less the forward tiles that spill there, and a smaller backward tile
+  where its usual one spills.
+
 ``tests/kernels/test_gpu_compilation.py`` compiles every listed candidate
 and backward setting for sm_80, sm_89, sm_90, sm_100 and sm_120 at head dims
-64 and 128 and fails on any spill; ``kernels/NOTES.md`` keeps the register
-figures behind the tables. Head dim 256 has smaller tiles of its own, not
-yet held to the no-spill rule.
+64, 128 and 256, plain, with documents and with a window and soft-capping,
+and fails on any spill; ``kernels/NOTES.md`` keeps the register figures
+behind the tables.
 """
 
 from __future__ import annotations
@@ -65,6 +71,9 @@ class Generation(NamedTuple):
     # Per (head-dim class, element size): the forward's candidates and the backward's setting.
     forward: dict[tuple[int, int], tuple[Tile, ...]]
     backward: dict[tuple[int, int], Tile]
+    # The same with a sliding window or soft-capping, where they differ (see WINDOWED_*).
+    windowed_forward: dict[tuple[int, int], tuple[Tile, ...]]
+    windowed_backward: dict[tuple[int, int], Tile]
 
 
 # float32 and head dim 256: the same on every generation (no tensor cores / few tiles fit at all).
@@ -74,11 +83,25 @@ FLOAT32_FORWARD = {
     (128, 4): (Tile(16, 32, 8, 1),),
 }
 FLOAT32_BACKWARD = {(64, 4): Tile(32, 32, 8, 1), (128, 4): Tile(16, 16, 8, 1)}
+# Head dim 256: 64 x 64 forward tiles spill (144 bytes on sm_90), and float32 fits only 16 query rows.
 HEAD_DIM_256_FORWARD = {
-    (256, 2): (Tile(64, 32, 8, 1), Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
-    (256, 4): (Tile(32, 32, 8, 1),),
+    (256, 2): (Tile(64, 32, 8, 1), Tile(64, 32, 8, 2)),
+    (256, 4): (Tile(16, 32, 8, 1),),
 }
-HEAD_DIM_256_BACKWARD = {(256, 2): Tile(32, 32, 8, 1), (256, 4): Tile(16, 32, 8, 1)}
+HEAD_DIM_256_BACKWARD = {(256, 2): Tile(32, 32, 8, 1), (256, 4): Tile(16, 16, 8, 1)}
+
+# A sliding window adds a lower bound per row, soft-capping a tanh per score and its slope in the
+# backward: a few registers more, which some tuned tiles lack. With either, float32 and head dim
+# 256 take these smaller tiles on every generation, and each generation drops the 16-bit forward
+# tiles that spill there (its windowed tables in GENERATIONS).
+WINDOWED_FORWARD = {(64, 4): (Tile(16, 32, 8, 1),), (128, 4): (Tile(16, 16, 8, 1),)}
+WINDOWED_BACKWARD = {(64, 4): Tile(16, 16, 8, 1), (256, 2): Tile(16, 32, 8, 1)}
+
+
+def _without(table: dict, key: tuple[int, int], *spilling: Tile) -> dict:
+    """``table``'s entry for ``key`` less the ``spilling`` tiles."""
+    return {key: tuple(t for t in table[key] if t not in spilling)}
+
 
 # mma.sync generations hold whole operand tiles in registers: 8 warps from 64 x 64 tiles up.
 MMA_SYNC_FORWARD = {
@@ -123,20 +146,35 @@ BLACKWELL_FORWARD = {
 BLACKWELL_BACKWARD = {(64, 2): Tile(128, 64, 8, 2), (128, 2): Tile(64, 64, 8, 2)}
 
 
-def _generation(capability, gpus, shared_memory, tensor_cores, forward, backward) -> Generation:
-    forward = {**forward, **FLOAT32_FORWARD, **HEAD_DIM_256_FORWARD}
-    return Generation(capability, gpus, shared_memory, tensor_cores, forward,
-                      {**backward, **FLOAT32_BACKWARD, **HEAD_DIM_256_BACKWARD})  # fmt: skip
+def _generation(capability, gpus, shared_memory, tensor_cores, forward, backward,
+                windowed_forward=None, windowed_backward=None) -> Generation:  # fmt: skip
+    # The shared tables first: a generation's own entry overrides them.
+    forward = {**FLOAT32_FORWARD, **HEAD_DIM_256_FORWARD, **forward}
+    backward = {**FLOAT32_BACKWARD, **HEAD_DIM_256_BACKWARD, **backward}
+    return Generation(capability, gpus, shared_memory, tensor_cores, forward, backward,
+                      {**WINDOWED_FORWARD, **(windowed_forward or {})},
+                      {**WINDOWED_BACKWARD, **(windowed_backward or {})})  # fmt: skip
 
 
 GENERATIONS = (
-    _generation(80, "A100, A30", 166912, "mma.sync", MMA_SYNC_FORWARD, MMA_SYNC_BACKWARD),
-    _generation(86, "RTX 30, A10, A40, L4, L40, RTX 40 (sm_86, sm_89)", 101376, "mma.sync", MMA_SYNC_FORWARD,
-                MMA_SYNC_BACKWARD),  # fmt: skip
-    _generation(90, "H100, H200, GH200", 232448, "wgmma", HOPPER_FORWARD, HOPPER_BACKWARD),
-    _generation(100, "B200, GB200, B300", 232448, "tcgen05", BLACKWELL_FORWARD, BLACKWELL_BACKWARD),
+    # float32 at head dim 256: A100's dQ spills 16 bytes with 16 x 16 tiles, the others' dK/dV with 16 x 32.
+    _generation(80, "A100, A30", 166912, "mma.sync", MMA_SYNC_FORWARD,
+                {**MMA_SYNC_BACKWARD, (256, 4): Tile(16, 32, 8, 1)},
+                _without(MMA_SYNC_FORWARD, (64, 2), Tile(64, 32, 4, 3))),
+    # Head dim 256 on sm_89: float32's 16-row forward tiles spill 16 to 32 bytes, the 16-bit dQ 24 with 32 x 32.
+    _generation(86, "RTX 30, A10, A40, L4, L40, RTX 40 (sm_86, sm_89)", 101376, "mma.sync",
+                {**MMA_SYNC_FORWARD, (256, 4): (Tile(32, 16, 8, 1),)},
+                {**MMA_SYNC_BACKWARD, (256, 2): Tile(16, 32, 8, 1)},
+                _without(MMA_SYNC_FORWARD, (64, 2), Tile(64, 32, 4, 3), Tile(64, 64, 4, 3)),
+                {(64, 2): Tile(32, 64, 8, 2)}),
+    _generation(90, "H100, H200, GH200", 232448, "wgmma", HOPPER_FORWARD, HOPPER_BACKWARD,
+                _without(HOPPER_FORWARD, (128, 2), Tile(128, 64, 8, 2), Tile(128, 128, 8, 2)),
+                {(128, 2): Tile(64, 32, 8, 2)}),
+    _generation(100, "B200, GB200, B300", 232448, "tcgen05", BLACKWELL_FORWARD, BLACKWELL_BACKWARD,
+                {**_without(BLACKWELL_FORWARD, (64, 2), Tile(64, 64, 4, 2), Tile(64, 64, 4, 3)),
+                 **_without(BLACKWELL_FORWARD, (128, 2), Tile(64, 64, 8, 3), Tile(64, 128, 8, 3))}),
     _generation(120, "RTX 50, RTX PRO 6000 Blackwell", 101376, "mma.sync", MMA_SYNC_FORWARD, MMA_SYNC_BACKWARD),
-)
+)  # fmt: skip
 # The targets the compile test checks, one per generation (sm_89 stands for sm_86 too: same tables,
 # same shared memory, same instruction set).
 COMPILE_TARGETS = (80, 89, 90, 100, 120)
@@ -160,12 +198,15 @@ def forward_shared_bytes(tile: Tile, block_d: int, element_size: int) -> int:
     return (tile.block_m + 2 * tile.block_n * tile.num_stages) * block_d * element_size
 
 
-def forward_configs(block_d: int, element_size: int, capability: int, shared_memory: int | None = None):
+def forward_configs(block_d: int, element_size: int, capability: int, shared_memory: int | None = None,
+                    windowed: bool = False):  # fmt: skip
     """The forward's autotuning candidates (triton.Config) for one padded head dim and dtype size on a
-    GPU of ``capability``, pruned to ``shared_memory`` bytes a program (the generation's by default)."""
+    GPU of ``capability``, pruned to ``shared_memory`` bytes a program (the generation's by default);
+    ``windowed``: for attention with a sliding window or soft-capping."""
     g = generation(capability)
     shared_memory = g.shared_memory if shared_memory is None else shared_memory
-    tiles = g.forward[(_head_dim_class(block_d), element_size)]
+    key = (_head_dim_class(block_d), element_size)
+    tiles = g.windowed_forward[key] if windowed and key in g.windowed_forward else g.forward[key]
     fitting = [t for t in tiles if forward_shared_bytes(t, block_d, element_size) <= shared_memory]
     # Nothing fits only on a GPU with less shared memory than any generation here: one unpipelined tile.
     fitting = fitting or [Tile(32 if element_size == 4 else 64, 32, 8, 1)]
@@ -181,18 +222,21 @@ def backward_shared_bytes(block_m: int, block_n: int, num_stages: int, block_d: 
     return (2 * block_m * num_stages + 2 * (block_m + block_n)) * block_d * element_size
 
 
-def backward_settings(block_d: int, element_size: int, capability: int, shared_memory: int | None = None) -> dict:
+def backward_settings(block_d: int, element_size: int, capability: int, shared_memory: int | None = None,
+                      windowed: bool = False) -> dict:  # fmt: skip
     """Fixed backward launch settings by padded head dim and dtype size on a GPU of ``capability``.
 
     The backward holds two float32 accumulators of (block, BLOCK_D) per
     program (dK and dV, or dQ next to q and dO), about twice the forward's
     register state, so it cannot reuse the forward's tuned blocks. Where the
     generation's tile would not fit ``shared_memory``: fewer stages, then
-    smaller blocks.
+    smaller blocks. ``windowed``: for attention with a sliding window or soft-capping.
     """
     g = generation(capability)
     shared_memory = g.shared_memory if shared_memory is None else shared_memory
-    block_m, block_n, num_warps, num_stages = g.backward[(_head_dim_class(block_d), element_size)]
+    key = (_head_dim_class(block_d), element_size)
+    block_m, block_n, num_warps, num_stages = (g.windowed_backward if windowed and key in g.windowed_backward
+                                               else g.backward)[key]  # fmt: skip
     while backward_shared_bytes(block_m, block_n, num_stages, block_d, element_size) > shared_memory:
         if num_stages > 1:
             num_stages -= 1

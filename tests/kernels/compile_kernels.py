@@ -133,32 +133,52 @@ def run_job(job: dict) -> dict:
     return {**job, **describe(fn, compiled), "seconds": round(time.perf_counter() - start, 1)}
 
 
+# Attention's variants by what they add to a row's state: documents (per-key bounds), a sliding
+# window with soft-capping (a lower bound per row, a tanh per score), all of it, or none.
+VARIANTS = {
+    "plain": {"DOCUMENTS": False, "WINDOW": False, "SOFTCAP": False},
+    "documents": {"DOCUMENTS": True, "WINDOW": False, "SOFTCAP": False},
+    "window+softcap": {"DOCUMENTS": False, "WINDOW": True, "SOFTCAP": True},
+    "documents+window+softcap": {"DOCUMENTS": True, "WINDOW": True, "SOFTCAP": True},
+}
+# With --all also the window alone and soft-capping alone.
+MORE_VARIANTS = {
+    "window": {"DOCUMENTS": False, "WINDOW": True, "SOFTCAP": False},
+    "softcap": {"DOCUMENTS": False, "WINDOW": False, "SOFTCAP": True},
+}
+# Without --all, the variants whose every forward candidate is compiled (the others: the largest).
+EVERY_CANDIDATE = ("documents", "window+softcap")
+
+
 def attention_jobs(capability: int, dtype: str, everything: bool) -> list[dict]:
-    """Each backward setting and every forward config the autotuner may try, at head dims 64 and
-    128, plain and with documents, as the launch policy picks them for ``capability``. (A sliding
-    window with soft-capping, and head dim 256, still spill at some settings: kernels/NOTES.md.)
+    """Each backward setting and every forward config the autotuner may try, at head dims 64, 128
+    and 256, in each variant (VARIANTS), as the launch policy picks them for ``capability`` (a
+    window or soft-capping takes its windowed tables).
 
     Unless ``everything``, a representative subset (make test's time): every forward candidate
-    with documents (the same loop plus a document table to load and compare: the most registers),
-    and only the largest tile plain; fp16 (compiled as bf16 is, but for its conversions) only
-    the largest tile and the backward."""
+    with documents and with a window and soft-capping (the most registers, each its own way), the
+    largest tile otherwise; fp16 (compiled as bf16 is, but for its conversions) only the largest
+    tile and the backward."""
     policy = importlib.import_module("scratchlm.kernels.flash_attention_configs")
     size = 4 if dtype == "fp32" else 2
+    variants = {**VARIANTS, **MORE_VARIANTS} if everything else VARIANTS
     jobs = []
-    for block_d in (64, 128):
-        configs = policy.forward_configs(block_d, size, capability)
-        largest = max(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
-        for documents in (False, True):
-            constants = {"CAUSAL": True, "DOCUMENTS": documents, "WINDOW": False, "BOUNDED": documents,
-                         "SOFTCAP": False, "BLOCK_D": block_d, "EVEN_D": True}  # fmt: skip
-            every = everything or (documents and dtype != "fp16")
+    for block_d in (64, 128, 256):
+        for variant, flags in variants.items():
+            windowed = flags["WINDOW"] or flags["SOFTCAP"]
+            configs = policy.forward_configs(block_d, size, capability, windowed=windowed)
+            largest = max(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+            constants = {"CAUSAL": True, **flags, "BOUNDED": flags["DOCUMENTS"] or flags["WINDOW"],
+                         "BLOCK_D": block_d, "EVEN_D": True}  # fmt: skip
+            every = everything or (variant in EVERY_CANDIDATE and dtype != "fp16")
             for c in configs if every else [largest]:
                 jobs.append(_job(ATTENTION, "flash_attention_fwd_kernel", {**constants, **c.kwargs}, dtype,
                                  capability, c.num_warps, c.num_stages))  # fmt: skip
-            s = policy.backward_settings(block_d, size, capability)
+            s = policy.backward_settings(block_d, size, capability, windowed=windowed)
             backward = {**constants, "BLOCK_M": s["BLOCK_M"], "BLOCK_N": s["BLOCK_N"]}
             for kernel in ("flash_attention_bwd_dkdv_kernel", "flash_attention_bwd_dq_kernel"):
                 jobs.append(_job(ATTENTION, kernel, backward, dtype, capability, s["num_warps"], s["num_stages"]))
+        s = policy.backward_settings(block_d, size, capability)
         preprocess = {"BLOCK_M": s["BLOCK_M"], "BLOCK_D": block_d}
         jobs.append(_job(ATTENTION, "flash_attention_bwd_preprocess_kernel", preprocess, dtype, capability,
                          s["num_warps"], 2))  # fmt: skip

@@ -41,18 +41,19 @@ def test_the_compile_test_covers_every_generation():
 
 @pytest.mark.parametrize("g", GENERATIONS, ids=lambda g: f"sm_{g.capability}")
 @pytest.mark.parametrize("element_size", [2, 4])
-def test_forward_candidates_fit_shared_memory(g, element_size):
+@pytest.mark.parametrize("windowed", [False, True])
+def test_forward_candidates_fit_shared_memory(g, element_size, windowed):
     for block_d in BLOCK_DS:
         for shared_memory in (g.shared_memory, CONSUMER, 48 * 1024):
-            configs = forward_configs(block_d, element_size, g.capability, shared_memory)
+            configs = forward_configs(block_d, element_size, g.capability, shared_memory, windowed)
             assert configs, (block_d, shared_memory)
             for c in configs:
                 tiles = (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"] * c.num_stages) * block_d * element_size
                 assert tiles <= shared_memory or len(configs) == 1, (block_d, shared_memory, c)
         # The generation's own shared memory is the default, and the tables hold distinct tiles.
-        default = forward_configs(block_d, element_size, g.capability)
+        default = forward_configs(block_d, element_size, g.capability, windowed=windowed)
         assert [str(c) for c in default] == [str(c) for c in forward_configs(block_d, element_size, g.capability,
-                                                                               g.shared_memory)]  # fmt: skip
+                                                                               g.shared_memory, windowed)]  # fmt: skip
         assert len({str(c) for c in default}) == len(default)
 
 
@@ -76,12 +77,33 @@ def test_backward_settings_per_generation():
     assert len({str(backward_settings(128, 4, g.capability)) for g in GENERATIONS}) == 1
 
 
-def test_backward_settings_shrink_to_fit_shared_memory():
+def test_windowed_tables_are_the_plain_ones_less_what_spills_there():
+    # A window or soft-capping costs registers: on sm_90 the 128-row tiles at head dim 128 spill
+    # with them (kernels/NOTES.md), so the windowed candidates drop them and keep the rest.
+    def tiles(*args, **kwargs):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in forward_configs(*args, **kwargs)}  # fmt: skip
+
+    plain, windowed = tiles(128, 2, 90), tiles(128, 2, 90, windowed=True)
+    assert windowed == plain - {(128, 64, 8, 2), (128, 128, 8, 2)} and len(windowed) == len(plain) - 2
+    assert tiles(64, 2, 90, windowed=True) == tiles(64, 2, 90)
+    # Every generation: windowed forward tiles come from the plain table or float32's smaller ones.
     for g in GENERATIONS:
+        for key, candidates in g.windowed_forward.items():
+            assert set(candidates) <= set(g.forward[key]) or key[1] == 4, (g.capability, key)
+    assert backward_settings(128, 2, 90, windowed=True) == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8,
+                                                             "num_stages": 2}  # fmt: skip
+    assert backward_settings(128, 2, 90) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    # Head dim 256 with a window: 16 query rows a dQ program on every generation (32 spill).
+    assert {backward_settings(256, 2, g.capability, windowed=True)["BLOCK_M"] for g in GENERATIONS} == {16}
+
+
+def test_backward_settings_shrink_to_fit_shared_memory():
+    for g, windowed in [(g, windowed) for g in GENERATIONS for windowed in (False, True)]:
         for block_d in BLOCK_DS:
             for element_size in (2, 4):
                 for shared_memory in (g.shared_memory, CONSUMER):
-                    s = backward_settings(block_d, element_size, g.capability, shared_memory)
+                    s = backward_settings(block_d, element_size, g.capability, shared_memory, windowed)
                     need = backward_shared_bytes(s["BLOCK_M"], s["BLOCK_N"], s["num_stages"], block_d, element_size)
                     assert need <= shared_memory, (g.capability, block_d, element_size, shared_memory)
 
