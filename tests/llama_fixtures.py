@@ -139,6 +139,18 @@ def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+def token_ids(seq: int, batch: int = 2) -> torch.Tensor:
+    """A fixed (batch, seq) draw of ids below VOCAB_SIZE."""
+    return torch.randint(0, VOCAB_SIZE, (batch, seq), generator=torch.Generator().manual_seed(7))
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """A scratchlm or transformers model's logits for ``ids``, without autograd."""
+    with torch.no_grad():
+        out = model(ids)
+    return getattr(out, "logits", out)
+
+
 # ------------------------------------------------------------------ GGUF, the way llama.cpp writes it
 
 

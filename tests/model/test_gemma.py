@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 from helpers import assert_close
-from llama_fixtures import TINY_LLAMA, VOCAB_SIZE, hf_greedy
+from llama_fixtures import TINY_LLAMA, hf_greedy, logits, token_ids
 
 from scratchlm.model import PretrainedFormatError, export_hf, generate_ids, load_pretrained
 from scratchlm.model.pretrained import read_pretrained_config
@@ -76,16 +76,6 @@ def folders(tmp_path_factory):
     return built
 
 
-def token_ids(seq: int = SEQ, batch: int = 2) -> torch.Tensor:
-    return torch.randint(0, VOCAB_SIZE, (batch, seq), generator=torch.Generator().manual_seed(7))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return getattr(out, "logits", out)
-
-
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_match_transformers(folders, variant, backend):
@@ -93,7 +83,7 @@ def test_logits_match_transformers(folders, variant, backend):
     model, _ = load_pretrained(folder, kernels=backend, device="cpu", tokenizer=False)
     for field, value in VARIANTS[variant][3].items():
         assert getattr(model.config, field) == value, field
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(model, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name=f"{variant} {backend}")
 
 
@@ -131,7 +121,7 @@ def test_export_gives_transformers_the_same_model_in_its_own_family(folders, var
     theirs = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32,
                                                                attn_implementation="eager").eval()  # fmt: skip
     assert theirs.config.layer_types == hf.config.layer_types
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(theirs, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name=f"{variant} exported")
     assert read_pretrained_config(exported) == model.config
 
@@ -189,5 +179,5 @@ def test_linear_rope_scaling_on_a_llama_matches_transformers(tmp_path):
     model, _ = load_pretrained(save_hf_folder(hf, tmp_path / "llama"), kernels="reference", device="cpu",
                                tokenizer=False)  # fmt: skip
     assert model.config.rope_scaling == {"rope_type": "linear", "factor": 2.5}
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(model, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name="llama linear rope")

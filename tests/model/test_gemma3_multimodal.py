@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch as safetensors_torch
 import torch
 from helpers import assert_close
-from llama_fixtures import TINY_LLAMA, TOKENIZER, VOCAB_SIZE, hf_greedy, save_hf_folder
+from llama_fixtures import TINY_LLAMA, TOKENIZER, VOCAB_SIZE, hf_greedy, logits, save_hf_folder, token_ids
 
 from scratchlm.cli import main
 from scratchlm.model import PretrainedFormatError, export_hf, load_pretrained
@@ -82,16 +82,6 @@ def gemma3(tmp_path_factory):
     return model, folder
 
 
-def token_ids(seq: int = SEQ, batch: int = 2) -> torch.Tensor:
-    return torch.randint(0, VOCAB_SIZE, (batch, seq), generator=torch.Generator().manual_seed(7))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return getattr(out, "logits", out)
-
-
 def copy_folder(folder, to):
     to.mkdir()
     for path in folder.iterdir():
@@ -127,7 +117,7 @@ def test_text_logits_match_the_multimodal_model(gemma3, backend):
     for field, value in EXPECTED_FIELDS.items():
         assert getattr(model.config, field) == value, field
     # The Triton interpreter is slow: 20 tokens still run past the window of 8.
-    ids = token_ids(seq=20, batch=1) if backend == "triton" else token_ids()
+    ids = token_ids(seq=20, batch=1) if backend == "triton" else token_ids(SEQ)
     assert_close(logits(model, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name=f"gemma3 {backend}")
 
 
@@ -143,7 +133,7 @@ def test_absent_text_config_fields_take_gemma3_text_config_defaults(gemma3, tmp_
     model, _ = load_pretrained(minimal, kernels="reference", device="cpu", tokenizer=False)
     for field, value in EXPECTED_FIELDS.items():
         assert getattr(model.config, field) == value, field
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(theirs, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name="transformers, minimal config")
     assert_close(logits(model, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name="scratchlm, minimal config")
 
@@ -165,7 +155,7 @@ def test_in_memory_tensor_names_load_too(gemma3, tmp_path):
         renamed, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     model, _ = load_pretrained(renamed, kernels="reference", device="cpu", tokenizer=False)
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(theirs, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name="transformers, renamed")
     assert_close(logits(model, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name="scratchlm, renamed")
 
@@ -213,7 +203,7 @@ def test_export_writes_a_gemma3_text_folder_transformers_loads(gemma3, tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32,
                                                                attn_implementation="eager").eval()  # fmt: skip
     assert type(theirs).__name__ == "Gemma3ForCausalLM"
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(theirs, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name="exported gemma3_text")
     assert read_pretrained_config(exported) == model.config == read_pretrained_config(folder)
 
@@ -228,7 +218,7 @@ def test_a_terse_gemma3_text_config_takes_the_same_defaults(gemma3, tmp_path):
     assert read_pretrained_config(terse) == model.config
     theirs = transformers.Gemma3ForCausalLM.from_pretrained(terse, dtype=torch.float32,
                                                             attn_implementation="eager").eval()  # fmt: skip
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(theirs, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name="transformers, terse gemma3_text")
 
 

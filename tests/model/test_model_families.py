@@ -22,7 +22,9 @@ from llama_fixtures import (
     edit_config,
     hf_greedy,
     hf_model,
+    logits,
     save_hf_folder,
+    token_ids,
     write_gguf,
 )
 
@@ -79,16 +81,6 @@ def folders(tmp_path_factory):
     return built
 
 
-def token_ids(seq: int = SEQ, batch: int = 2) -> torch.Tensor:
-    return torch.randint(0, VOCAB_SIZE, (batch, seq), generator=torch.Generator().manual_seed(7))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return getattr(out, "logits", out)
-
-
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_match_transformers(folders, variant, backend):
@@ -97,7 +89,7 @@ def test_logits_match_transformers(folders, variant, backend):
     assert tokenizer is not None and tokenizer.encode(SAMPLE_TEXT) == TOKENIZER.encode(SAMPLE_TEXT)
     for field, value in VARIANTS[variant][2].items():
         assert getattr(model.config, field) == value, field
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(model, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name=f"{variant} {backend}")
 
 
@@ -139,7 +131,7 @@ def test_greedy_decoding_with_the_kv_cache_equals_transformers_generate(folders,
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_cached_logits_equal_the_uncached_forward_and_sliding_layers_keep_window_minus_one_keys(folders, backend):
     model, _ = load_pretrained(folders["qwen2-window"][1], kernels=backend, device="cpu", tokenizer=False)
-    ids = token_ids()
+    ids = token_ids(SEQ)
     cache = model.new_kv_cache()
     with torch.no_grad():
         pieces = [model(ids[:, :5], kv_cache=cache)]
@@ -153,7 +145,7 @@ def test_cached_logits_equal_the_uncached_forward_and_sliding_layers_keep_window
 def test_document_ids_with_a_window_and_a_cache(folders):
     """Packed documents under a window: the cache drops old keys, and their ids with them."""
     model, _ = load_pretrained(folders["mistral-window-mqa"][1], kernels="reference", device="cpu", tokenizer=False)
-    ids = token_ids(batch=1)
+    ids = token_ids(SEQ, batch=1)
     documents = (torch.arange(SEQ) >= 13).long()[None]  # two documents: 0..12, 13..39
     with torch.no_grad():
         whole = model(ids, document_ids=documents)
@@ -218,7 +210,7 @@ def test_gguf_as_llama_cpp_writes_it_matches_transformers_reading_it(variant, qt
     # A Mistral file is a "llama" file, which transformers reads as Llama (its Mistral GGUF path needs a
     # general.name of exactly "mistral", and then an architecture gguf 0.19 lacks): both attend fully, as llama.cpp does.
     assert theirs.config.model_type == {"mistral": "llama"}.get(model_type, model_type)
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(ours, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL, name=f"{variant} {qtype}")
     if qtype == "F32":
         assert_close(logits(ours, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name=f"{variant} vs the HF model")
@@ -249,7 +241,7 @@ def test_export_gives_transformers_the_same_model_in_its_own_family(folders, var
                                                                attn_implementation="eager").eval()  # fmt: skip
     assert getattr(theirs.config, "layer_types", None) == getattr(hf.config, "layer_types", None)
     assert theirs.config.sliding_window == hf.config.sliding_window
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(theirs, ids), logits(hf, ids), atol=ATOL, rtol=RTOL, name=f"{variant} exported")
     assert read_pretrained_config(exported) == model.config
     names = set(theirs.state_dict())
@@ -265,7 +257,7 @@ def test_a_llama_with_its_own_head_dim_exports_as_llama(tmp_path):
     exported = export_hf(model, TOKENIZER, tmp_path / "export")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     assert theirs.config.model_type == "llama" and theirs.config.head_dim == 32
-    ids = token_ids()
+    ids = token_ids(SEQ)
     assert_close(logits(model, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL, name="llama head_dim 32")
     assert load_pretrained(exported, device="cpu")[0].config == config
 
