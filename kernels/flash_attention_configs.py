@@ -156,24 +156,35 @@ def _generation(capability, gpus, shared_memory, tensor_cores, forward, backward
                       {**WINDOWED_BACKWARD, **(windowed_backward or {})})  # fmt: skip
 
 
+# sm_89 stops some kernels at 128 registers: 64 x 32 (4 warps, 2 stages) at head dim 64 and 64 x 64 (8 warps,
+# 2 stages) at 128 spill 8 and 24 bytes even plain; at head dim 256 float32's 16-row forward tiles spill 16 to
+# 32 bytes and the 16-bit dQ 24 with 32 x 32.
+SM89_FORWARD = {
+    **_without(MMA_SYNC_FORWARD, (64, 2), Tile(64, 32, 4, 2)),
+    **_without(MMA_SYNC_FORWARD, (128, 2), Tile(64, 64, 8, 2)),
+    (256, 4): (Tile(32, 16, 8, 1),),
+}
+
 GENERATIONS = (
     # float32 at head dim 256: A100's dQ spills 16 bytes with 16 x 16 tiles, the others' dK/dV with 16 x 32.
     _generation(80, "A100, A30", 166912, "mma.sync", MMA_SYNC_FORWARD,
                 {**MMA_SYNC_BACKWARD, (256, 4): Tile(16, 32, 8, 1)},
-                _without(MMA_SYNC_FORWARD, (64, 2), Tile(64, 32, 4, 3))),
-    # Head dim 256 on sm_89: float32's 16-row forward tiles spill 16 to 32 bytes, the 16-bit dQ 24 with 32 x 32.
-    _generation(86, "RTX 30, A10, A40, L4, L40, RTX 40 (sm_86, sm_89)", 101376, "mma.sync",
-                {**MMA_SYNC_FORWARD, (256, 4): (Tile(32, 16, 8, 1),)},
+                _without(MMA_SYNC_FORWARD, (64, 2), Tile(64, 32, 4, 2), Tile(64, 32, 4, 3))),
+    _generation(86, "RTX 30, A10, A40, L4, L40, RTX 40 (sm_86, sm_89)", 101376, "mma.sync", SM89_FORWARD,
                 {**MMA_SYNC_BACKWARD, (256, 2): Tile(16, 32, 8, 1)},
-                _without(MMA_SYNC_FORWARD, (64, 2), Tile(64, 32, 4, 3), Tile(64, 64, 4, 3)),
+                _without(SM89_FORWARD, (64, 2), Tile(64, 32, 4, 3), Tile(64, 64, 4, 3)),
                 {(64, 2): Tile(32, 64, 8, 2)}),
     _generation(90, "H100, H200, GH200", 232448, "wgmma", HOPPER_FORWARD, HOPPER_BACKWARD,
-                _without(HOPPER_FORWARD, (128, 2), Tile(128, 64, 8, 2), Tile(128, 128, 8, 2)),
-                {(128, 2): Tile(64, 32, 8, 2)}),
+                {**_without(HOPPER_FORWARD, (64, 2), Tile(64, 128, 4, 3)),
+                 **_without(HOPPER_FORWARD, (128, 2), Tile(128, 64, 8, 2), Tile(128, 128, 8, 2))},
+                {(128, 2): Tile(64, 32, 8, 2), (128, 4): Tile(16, 32, 8, 1)}),
     _generation(100, "B200, GB200, B300", 232448, "tcgen05", BLACKWELL_FORWARD, BLACKWELL_BACKWARD,
                 {**_without(BLACKWELL_FORWARD, (64, 2), Tile(64, 64, 4, 2), Tile(64, 64, 4, 3)),
-                 **_without(BLACKWELL_FORWARD, (128, 2), Tile(64, 64, 8, 3), Tile(64, 128, 8, 3))}),
-    _generation(120, "RTX 50, RTX PRO 6000 Blackwell", 101376, "mma.sync", MMA_SYNC_FORWARD, MMA_SYNC_BACKWARD),
+                 **_without(BLACKWELL_FORWARD, (128, 2), Tile(64, 64, 8, 3), Tile(64, 128, 8, 3))},
+                {(64, 4): Tile(32, 32, 8, 1)}),
+    _generation(120, "RTX 50, RTX PRO 6000 Blackwell", 101376, "mma.sync", MMA_SYNC_FORWARD, MMA_SYNC_BACKWARD,
+                _without(MMA_SYNC_FORWARD, (64, 2), Tile(64, 32, 4, 2)),
+                {(128, 2): Tile(64, 32, 8, 1), (128, 4): Tile(16, 32, 8, 1)}),
 )  # fmt: skip
 # The targets the compile test checks, one per generation (sm_89 stands for sm_86 too: same tables,
 # same shared memory, same instruction set).

@@ -134,18 +134,17 @@ def run_job(job: dict) -> dict:
 
 
 # Attention's variants by what they add to a row's state: documents (per-key bounds), a sliding
-# window with soft-capping (a lower bound per row, a tanh per score), all of it, or none.
+# window with soft-capping (a lower bound per row, a tanh per score; Gemma 2's local layers),
+# soft-capping alone (its global layers), all of it, or none.
 VARIANTS = {
     "plain": {"DOCUMENTS": False, "WINDOW": False, "SOFTCAP": False},
     "documents": {"DOCUMENTS": True, "WINDOW": False, "SOFTCAP": False},
     "window+softcap": {"DOCUMENTS": False, "WINDOW": True, "SOFTCAP": True},
+    "softcap": {"DOCUMENTS": False, "WINDOW": False, "SOFTCAP": True},
     "documents+window+softcap": {"DOCUMENTS": True, "WINDOW": True, "SOFTCAP": True},
 }
-# With --all also the window alone and soft-capping alone.
-MORE_VARIANTS = {
-    "window": {"DOCUMENTS": False, "WINDOW": True, "SOFTCAP": False},
-    "softcap": {"DOCUMENTS": False, "WINDOW": False, "SOFTCAP": True},
-}
+# With --all also the window alone (Mistral).
+MORE_VARIANTS = {"window": {"DOCUMENTS": False, "WINDOW": True, "SOFTCAP": False}}
 # Without --all, the variants whose every forward candidate is compiled (the others: the largest).
 EVERY_CANDIDATE = ("documents", "window+softcap")
 

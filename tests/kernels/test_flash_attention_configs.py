@@ -86,7 +86,7 @@ def test_windowed_tables_are_the_plain_ones_less_what_spills_there():
 
     plain, windowed = tiles(128, 2, 90), tiles(128, 2, 90, windowed=True)
     assert windowed == plain - {(128, 64, 8, 2), (128, 128, 8, 2)} and len(windowed) == len(plain) - 2
-    assert tiles(64, 2, 90, windowed=True) == tiles(64, 2, 90)
+    assert tiles(64, 2, 90, windowed=True) == tiles(64, 2, 90) - {(64, 128, 4, 3)}  # soft-capping alone spills
     # Every generation: windowed forward tiles come from the plain table or float32's smaller ones.
     for g in GENERATIONS:
         for key, candidates in g.windowed_forward.items():

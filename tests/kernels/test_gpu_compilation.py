@@ -8,8 +8,9 @@ of time for sm_80 (A100), sm_89 (L4, RTX 4090; sm_86 runs the same tables),
 sm_90 (H100/H200), sm_100 (B200) and sm_120 (RTX 50), with the launch
 settings the package picks there: every forward config the attention
 autotuner may try and each backward setting, at head dims 64, 128 and 256,
-plain, with documents, with a sliding window and soft-capping, and with all
-three (see compile_kernels.VARIANTS), in bf16, fp16 and float32. This checks compilation only;
+plain, with documents, with a sliding window and soft-capping, with
+soft-capping alone, and with all three (see compile_kernels.VARIANTS), in
+bf16, fp16 and float32. This checks compilation only;
 the CUDA tests check results. It fails when:
 
 * a kernel keeps values in local memory (spills), on any generation;
