@@ -11,13 +11,10 @@ computed as a sigmoid, so the two gates should run at the same GB/s.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
-import torch
 
-from bench_swiglu import measure_gate
-from common import MODES, PROVIDERS, compiled, import_kernel, pick_shapes, require_provider, shape_id
+from bench_swiglu import gate_provider, measure_gate
+from common import MODES, PROVIDERS, pick_shapes, shape_id
 
 # 4096 rows by Gemma 3's d_ff: 270M (2048), 1B (6912), 4B (10240), 12B (15360).
 SHAPES = pick_shapes(
@@ -26,28 +23,9 @@ SHAPES = pick_shapes(
 )
 
 
-def geglu_provider(provider: str) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
-    """(op(a, b), note) for one provider."""
-    from scratchlm.model import functional
-    from scratchlm.model.backends import get_op
-
-    require_provider(provider)
-    if provider == "reference":
-        return functional.geglu, ""
-    if provider == "torch":
-        return get_op("geglu", "torch"), ""
-    if provider == "compile":
-        return compiled(functional.geglu), ""
-    if provider == "triton":
-        return import_kernel("swiglu", "geglu"), ""
-    from liger_kernel.ops.geglu import LigerGELUMulFunction
-
-    return LigerGELUMulFunction.apply, "Liger's GELUMul (tanh approximation)"
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def bench_geglu(benchmark, provider: str, shape: tuple[int, int], mode: str) -> None:
-    op, note = geglu_provider(provider)
+    op, note = gate_provider("geglu", provider)
     measure_gate(benchmark, "geglu", op, note, provider, shape, mode)

@@ -45,25 +45,38 @@ def bytes_moved(rows: int, d_ff: int, element_size: int, mode: str) -> int:
     return 3 * per_tensor if mode == "fwd" else 8 * per_tensor
 
 
-def swiglu_provider(provider: str) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
-    """(op(a, b), note) for one provider."""
-    from scratchlm.model import functional
-    from scratchlm.model.backends import get_op
-
-    require_provider(provider)
-    if provider == "reference":
-        return functional.swiglu, ""
-    if provider == "torch":
-        return get_op("swiglu", "torch"), ""
-    if provider == "compile":
-        return compiled(functional.swiglu), ""
-    if provider == "triton":
-        return import_kernel("swiglu", "swiglu"), ""
+def _liger_swiglu() -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
     from liger_kernel.transformers.functional import liger_swiglu
 
     # Liger's backward writes da and db over a and b; the values drift from one
     # repetition to the next, which changes nothing about the time.
     return liger_swiglu, "backward overwrites its inputs a, b in place"
+
+
+def _liger_geglu() -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
+    from liger_kernel.ops.geglu import LigerGELUMulFunction
+
+    return LigerGELUMulFunction.apply, "Liger's GELUMul (tanh approximation)"
+
+
+LIGER_GATES = {"swiglu": _liger_swiglu, "geglu": _liger_geglu}
+
+
+def gate_provider(op_name: str, provider: str) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
+    """(op(a, b), note) for one gate ("swiglu" or "geglu") and one provider; Triton runs SwiGLU's kernel for both."""
+    from scratchlm.model import functional
+    from scratchlm.model.backends import get_op
+
+    require_provider(provider)
+    if provider == "reference":
+        return getattr(functional, op_name), ""
+    if provider == "torch":
+        return get_op(op_name, "torch"), ""
+    if provider == "compile":
+        return compiled(getattr(functional, op_name)), ""
+    if provider == "triton":
+        return import_kernel("swiglu", op_name), ""
+    return LIGER_GATES[op_name]()
 
 
 def measure_gate(benchmark, op_name: str, op, note: str, provider: str, shape: tuple[int, int], mode: str) -> None:
@@ -97,5 +110,5 @@ def measure_gate(benchmark, op_name: str, op, note: str, provider: str, shape: t
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def bench_swiglu(benchmark, provider: str, shape: tuple[int, int], mode: str) -> None:
-    op, note = swiglu_provider(provider)
+    op, note = gate_provider("swiglu", provider)
     measure_gate(benchmark, "swiglu", op, note, provider, shape, mode)
