@@ -76,8 +76,9 @@ class Generation(NamedTuple):
     windowed_backward: dict[tuple[int, int], Tile]
 
 
-# float32 and head dim 256: the same on every generation (no tensor cores / few tiles fit at all).
-# float32 dots are IEEE multiply-adds: 8 warps, small tiles, one stage (a second spills on sm_89).
+# float32 and head dim 256: shared by the generations (no tensor cores / few tiles fit at all), but
+# where one's own table says otherwise (_generation). float32 dots are IEEE multiply-adds: 8 warps,
+# small tiles, one stage (a second spills on sm_89).
 FLOAT32_FORWARD = {
     (64, 4): (Tile(32, 32, 8, 1), Tile(64, 32, 8, 1)),
     (128, 4): (Tile(16, 32, 8, 1),),
@@ -92,8 +93,8 @@ HEAD_DIM_256_BACKWARD = {(256, 2): Tile(32, 32, 8, 1), (256, 4): Tile(16, 16, 8,
 
 # A sliding window adds a lower bound per row, soft-capping a tanh per score and its slope in the
 # backward: a few registers more, which some tuned tiles lack. With either, float32 and head dim
-# 256 take these smaller tiles on every generation, and each generation drops the 16-bit forward
-# tiles that spill there (its windowed tables in GENERATIONS).
+# 256 take these smaller tiles unless a generation's windowed tables say otherwise, and each
+# generation drops the 16-bit forward tiles that spill there (its windowed tables in GENERATIONS).
 WINDOWED_FORWARD = {(64, 4): (Tile(16, 32, 8, 1),), (128, 4): (Tile(16, 16, 8, 1),)}
 WINDOWED_BACKWARD = {(64, 4): Tile(16, 16, 8, 1), (256, 2): Tile(16, 32, 8, 1)}
 
